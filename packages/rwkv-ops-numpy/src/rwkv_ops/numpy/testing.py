@@ -1,0 +1,98 @@
+"""Helpers every backend's tests and benchmarks share: protocol inputs and error measures.
+
+Inputs follow the benchmark protocol (ANCHORS.md): r, w, k, v, a, b ~ N(0, 1), then
+``w = -softplus(w) - 0.5`` (decay >= 0.545, the model's range), ``a = a / ||a||`` over K,
+``b = -a * sigmoid(b)``, ``s0 = 0.1 * N(0, 1)``. ``decays="full"`` instead spreads the decays over
+(0, 1], down to exactly 0, to probe numerical safety.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import numpy as np
+
+NAMES = ("r", "w", "k", "v", "a", "b")
+
+
+def seed_from_env(default: Optional[int] = None) -> int:
+    """A fresh seed per run (printed by the caller), or RWKV_OPS_TEST_SEED to replay one."""
+    if "RWKV_OPS_TEST_SEED" in os.environ:
+        return int(os.environ["RWKV_OPS_TEST_SEED"])
+    if default is not None:
+        return default
+    return int(np.random.SeedSequence().entropy % (2**31))
+
+
+def make_inputs(B, T, H, K, *, seed, decays="model", initial_state=True, state_batch=None,
+                head_first=False, mask=None):
+    """Random float64 inputs of the protocol.
+
+    Returns a dict with r, w, k, v, a, b ([B, T, H, K], or [B, H, T, K] when head_first),
+    initial_state ([state_batch or B, H, K, K] or None) and mask ([B, T] bool or None).
+    ``mask``: None, "left" (left padding), "right" (right padding) or "random".
+    """
+    rng = np.random.default_rng(seed)
+    x = {n: rng.standard_normal((B, T, H, K)) for n in NAMES}
+    if decays == "model":
+        x["w"] = -np.logaddexp(0.0, x["w"]) - 0.5
+    elif decays == "full":
+        # log-uniform exp(w) over [e^-6, e^6]: decays from ~1 down to e^-403 = 0; a few exact 0s
+        # (w large) and exact 1s (w = -inf).
+        x["w"] = rng.uniform(-6.0, 6.0, size=(B, T, H, K))
+        flat = x["w"].reshape(-1)
+        flat[rng.choice(flat.size, size=max(1, flat.size // 50), replace=False)] = 800.0
+        flat[rng.choice(flat.size, size=max(1, flat.size // 50), replace=False)] = -np.inf
+    else:
+        raise ValueError(f"decays must be 'model' or 'full', got {decays!r}")
+    norm = np.linalg.norm(x["a"], axis=-1, keepdims=True)
+    x["a"] = x["a"] / np.maximum(norm, 1e-12)
+    x["b"] = -x["a"] / (1.0 + np.exp(-x["b"]))
+    if head_first:
+        x = {n: np.ascontiguousarray(np.swapaxes(v, 1, 2)) for n, v in x.items()}
+    x["initial_state"] = None
+    if initial_state:
+        x["initial_state"] = 0.1 * rng.standard_normal((state_batch or B, H, K, K))
+    x["mask"] = None
+    if mask is not None:
+        lengths = rng.integers(max(1, T // 2), T + 1, size=B)
+        lengths[0] = max(1, T - 3) if T > 1 else 1
+        pos = np.arange(T)[None, :]
+        if mask == "right":
+            m = pos < lengths[:, None]
+        elif mask == "left":
+            m = pos >= (T - lengths)[:, None]
+        elif mask == "random":
+            m = rng.random((B, T)) < 0.7
+        else:
+            raise ValueError(f"mask must be None, 'left', 'right' or 'random', got {mask!r}")
+        x["mask"] = m
+    return x
+
+
+def make_cotangents(o_shape, state_shape, *, seed):
+    """Random gradients for o and for a non-zero, non-symmetric final state."""
+    rng = np.random.default_rng(seed + 1)
+    return rng.standard_normal(o_shape), rng.standard_normal(state_shape)
+
+
+def rel_error(x, ref) -> float:
+    """||x - ref|| / ||ref|| in float64; NaN anywhere gives inf (never passes a tolerance)."""
+    x = np.asarray(x, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    if x.shape != ref.shape:
+        raise AssertionError(f"shape {x.shape} != reference shape {ref.shape}")
+    if not np.all(np.isfinite(x)):
+        return float("inf")
+    denom = np.linalg.norm(ref)
+    num = np.linalg.norm(x - ref)
+    if denom == 0.0:
+        return float(num)
+    return float(num / denom)
+
+
+def assert_close(name, x, ref, tol):
+    err = rel_error(x, ref)
+    assert err <= tol, f"{name}: relative error {err:.3e} > tolerance {tol:.1e}"
+    return err
