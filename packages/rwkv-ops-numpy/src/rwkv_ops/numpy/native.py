@@ -15,7 +15,9 @@ The four L x L matrices A_qk, A_qb (inclusive lower triangle) and A_ak, A_ab (st
     S_L = S_0 diag(exp(Lam_L)) + U^T b_bar + V^T k_bar
 
 (a_S = a exp(Lam_{i-1}), r_S = r exp(Lam_i), k_bar = k exp(Lam_L - Lam_j): all factors <= 1). The
-chunks run in parallel except for a scan of S over chunks: two small matrix products per chunk.
+chunks run in parallel except for a scan of S over chunks: a few small matrix products per chunk.
+Everything that does not depend on S_0 is computed for all chunks at once before the scan:
+U = u0 + wa S_0^T and Y = y0 + q_eff S_0^T.
 
 Numerical safety: lambda is clamped at ``-LAMBDA_FLOOR`` (float32: decays below e^-10 = 4.5e-5 act as
 4.5e-5; float64: e^-80), so that the factorised products stay finite. Masked-out triangle entries
@@ -35,6 +37,20 @@ LAMBDA_FLOOR = {np.dtype(np.float32): 10.0, np.dtype(np.float64): 80.0}
 def compute_dtype(*dtypes):
     """float64 when any input is float64, else float32 (bf16 / fp16 inputs compute in float32)."""
     return np.dtype(np.float64) if any(np.dtype(d) == np.float64 for d in dtypes) else np.dtype(np.float32)
+
+
+def inverse_unit_lower(A):
+    """(I - A)^-1 for A strictly lower triangular [..., L, L], L <= 16.
+
+    A is nilpotent (A^16 = 0), so (I - A)^-1 = (I + A)(I + A^2)(I + A^4)(I + A^8): six batched
+    products instead of a serial substitution (np.linalg.solve is ~10x slower on many small systems).
+    """
+    assert A.shape[-1] <= 16
+    eye = np.eye(A.shape[-1], dtype=A.dtype)
+    A2 = A @ A
+    A4 = A2 @ A2
+    A8 = A4 @ A4
+    return ((eye + A) @ (eye + A2)) @ ((eye + A4) @ (eye + A8))
 
 
 def chunked_forward(r, w, k, v, a, b, s0, mask):
@@ -65,8 +81,8 @@ def chunked_forward(r, w, k, v, a, b, s0, mask):
     k = np.where(keep, k, 0).astype(cd)
     a = np.where(keep, a, 0).astype(cd)
 
-    def chunks(x):  # [B, Tp, H, K] -> [B, H, NC, L, K]
-        return x.reshape(B, NC, L, H, K).transpose(0, 3, 1, 2, 4)
+    def chunks(x):  # [B, Tp, H, K] -> [NC, B, H, L, K], contiguous: chunk c is one block
+        return np.ascontiguousarray(x.reshape(B, NC, L, H, K).transpose(1, 0, 3, 2, 4))
 
     r, lam, k, v, a, b = (chunks(x) for x in (r, lam, k, v, a, b))
     lam_in = np.cumsum(lam, axis=-2)          # Lam_i, inclusive
@@ -80,34 +96,33 @@ def chunked_forward(r, w, k, v, a, b, s0, mask):
         b_h = b * np.exp(lam_mid - lam_in)
         incl = np.tril(np.ones((L, L), dtype=bool))
         strict = np.tril(np.ones((L, L), dtype=bool), -1)
-        kt, bt = np.swapaxes(k_h, -1, -2), np.swapaxes(b_h, -1, -2)
-        A_qk = np.where(incl, q_t @ kt, 0)
-        A_qb = np.where(incl, q_t @ bt, 0)
-        A_ak = np.where(strict, a_t @ kt, 0)
-        A_ab = np.where(strict, a_t @ bt, 0)
+        # One product gives all four L x L blocks: [q~; a~] [k^; b^]^T.
+        full = np.concatenate([q_t, a_t], axis=-2) @ np.swapaxes(np.concatenate([k_h, b_h], axis=-2), -1, -2)
+        A_qk = np.where(incl, full[..., :L, :L], 0)
+        A_qb = np.where(incl, full[..., :L, L:], 0)
+        A_ak = np.where(strict, full[..., L:, :L], 0)
+        A_ab = np.where(strict, full[..., L:, L:], 0)
     r_s = r * np.exp(lam_in)
     a_s = a * np.exp(lam_ex)
-    decay_end = np.exp(lam_end)                # [B, H, NC, 1, K]
-    k_bar = k * np.exp(lam_end - lam_in)
-    b_bar = b * np.exp(lam_end - lam_in)
+    decay_end_t = np.swapaxes(np.exp(lam_end), -1, -2)      # [NC, B, H, K, 1]
+    k_bar_t = np.ascontiguousarray(np.swapaxes(k * np.exp(lam_end - lam_in), -1, -2))
+    b_bar_t = np.ascontiguousarray(np.swapaxes(b * np.exp(lam_end - lam_in), -1, -2))
 
-    # (I - A_ab) is unit lower triangular: one solve for both right-hand sides.
-    eye = np.eye(L, dtype=cd)
-    rhs = np.concatenate([A_ak @ v, a_s], axis=-1)
-    sol = np.linalg.solve(eye - A_ab, rhs)
-    u0, wa = sol[..., :K], sol[..., K:]       # U = u0 + wa S_0^T
+    # With St = S^T (K x V): U = u0 + wa St, and Y = A_qk V + A_qb U + r_S St = y0 + q_eff St.
+    sol = inverse_unit_lower(A_ab) @ np.concatenate([A_ak @ v, a_s], axis=-1)
+    u0, wa = sol[..., :K], np.ascontiguousarray(sol[..., K:])
+    via_u = A_qb @ sol
+    y0 = A_qk @ v + via_u[..., :K]
+    q_eff = np.ascontiguousarray(r_s + via_u[..., K:])
+    x_state_t = k_bar_t @ v                    # (V^T k_bar)^T, [NC, B, H, K, V]
 
-    # Scan of the state over chunks; keeps the state entering each chunk.
-    states = np.empty((B, H, NC, K, K), dtype=cd)
-    S = s0.astype(cd, copy=True)
-    x_state = np.swapaxes(v, -1, -2) @ k_bar   # V^T k_bar, [B, H, NC, V, K]
+    # The only sequential part: the state scan over chunks, two small products per chunk.
+    y = np.empty((NC, B, H, L, K), dtype=cd)
+    St = np.ascontiguousarray(np.swapaxes(s0.astype(cd), -1, -2))
     for c in range(NC):
-        states[:, :, c] = S
-        ut = np.swapaxes(u0[:, :, c], -1, -2) + S @ np.swapaxes(wa[:, :, c], -1, -2)
-        S = S * decay_end[:, :, c] + ut @ b_bar[:, :, c] + x_state[:, :, c]
-    st = np.swapaxes(states, -1, -2)
-    u = u0 + wa @ st
-    y = r_s @ st + A_qk @ v + A_qb @ u         # [B, H, NC, L, V]
-    y = y.transpose(0, 2, 3, 1, 4).reshape(B, Tp, H, K)[:, :T]
+        y[c] = y0[c] + q_eff[c] @ St
+        U = u0[c] + wa[c] @ St
+        St = St * decay_end_t[c] + b_bar_t[c] @ U + x_state_t[c]
+    y = y.transpose(1, 0, 3, 2, 4).reshape(B, Tp, H, K)[:, :T]
     y = np.where(m[:, :T, None, None], y, 0)
-    return y, S
+    return y, np.swapaxes(St, -1, -2)

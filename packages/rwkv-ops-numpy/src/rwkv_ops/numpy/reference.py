@@ -32,7 +32,8 @@ def _prepare(r, w, k, v, a, b, initial_state, head_first, mask):
 
 def decay(w):
     """d = exp(-exp(w)), exactly 1 for w = -inf and exactly 0 (not NaN) for very large w."""
-    return np.exp(-np.exp(w))
+    with np.errstate(over="ignore"):
+        return np.exp(-np.exp(w))
 
 
 def decay_derivative(w):

@@ -1,0 +1,256 @@
+"""One small adapter per framework: move NumPy inputs in, run an op with gradients, time it.
+
+Used by ``python -m rwkv_ops`` (the self-check), ``rwkv-ops bench`` and the tests, so that the
+framework-specific glue exists once. Each adapter imports its framework only when created.
+"""
+
+from __future__ import annotations
+
+import abc
+import statistics
+import time
+from typing import Callable, Dict, Optional
+
+import numpy as np
+
+NAMES = ("r", "w", "k", "v", "a", "b")
+
+
+class Adapter(abc.ABC):
+    """Framework glue. ``x`` is a dict of float64 NumPy inputs (see rwkv_ops.numpy.testing);
+    ``dtype`` a dtype name ("float32", "bfloat16", ...)."""
+
+    name = ""
+    has_grad = True
+
+    @abc.abstractmethod
+    def versions(self) -> Dict[str, str]:
+        """Versions of the framework and its GPU stack."""
+
+    @abc.abstractmethod
+    def devices(self) -> list:
+        """Human-readable names of the devices the framework sees."""
+
+    @abc.abstractmethod
+    def run(self, op, x, dtype, grads=False, do=None, dstate=None):
+        """(o, final_state, {name: gradient} or None), all float64 NumPy."""
+
+    @abc.abstractmethod
+    def timer(self, op, x, dtype, grads) -> Callable[[], None]:
+        """A no-argument function running one call (fwd, or fwd+bwd) that waits for the device."""
+
+    def time(self, op, x, dtype, grads, repeats=5) -> float:
+        fn = self.timer(op, x, dtype, grads)
+        fn()  # warm-up: compilation, autotuning, allocation
+        samples = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - start)
+        return statistics.median(samples)
+
+
+class NumpyAdapter(Adapter):
+    name = "numpy"
+    has_grad = False
+
+    def __init__(self):
+        import numpy
+
+        self.np = numpy
+
+    def versions(self):
+        return {"numpy": np.__version__}
+
+    def devices(self):
+        return ["cpu"]
+
+    def run(self, op, x, dtype, grads=False, do=None, dstate=None):
+        args = [x[n].astype(dtype) for n in NAMES]
+        s0 = None if x["initial_state"] is None else x["initial_state"].astype(np.float32)
+        o, s = op(*args, s0, mask=x.get("mask"))
+        return np.asarray(o, np.float64), np.asarray(s, np.float64), None
+
+    def timer(self, op, x, dtype, grads):
+        args = [x[n].astype(dtype) for n in NAMES]
+        s0 = None if x["initial_state"] is None else x["initial_state"].astype(np.float32)
+        return lambda: op(*args, s0)
+
+
+class TorchAdapter(Adapter):
+    name = "torch"
+
+    def __init__(self, device: Optional[str] = None):
+        import torch
+
+        self.torch = torch
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+    def versions(self):
+        out = {"torch": self.torch.__version__}
+        if self.torch.cuda.is_available():
+            out["cuda"] = str(self.torch.version.cuda)
+        try:
+            import triton
+
+            out["triton"] = triton.__version__
+        except ImportError:
+            pass
+        return out
+
+    def devices(self):
+        t = self.torch
+        devs = ["cpu"]
+        if t.cuda.is_available():
+            devs += [f"cuda:{i} {t.cuda.get_device_name(i)}" for i in range(t.cuda.device_count())]
+        return devs
+
+    def _inputs(self, x, dtype, grads):
+        t = self.torch
+        td = getattr(t, dtype)
+        args = [t.tensor(x[n], device=self.device).to(td).requires_grad_(grads) for n in NAMES]
+        s0 = None
+        if x["initial_state"] is not None:
+            s0 = t.tensor(x["initial_state"], dtype=t.float32, device=self.device).requires_grad_(grads)
+        mask = None if x.get("mask") is None else t.tensor(x["mask"], device=self.device)
+        return args, s0, mask
+
+    def run(self, op, x, dtype, grads=False, do=None, dstate=None):
+        t = self.torch
+        args, s0, mask = self._inputs(x, dtype, grads)
+        o, s = op(*args, s0, mask=mask)
+        grad_out = None
+        if grads:
+            leaves = args + ([s0] if s0 is not None else [])
+            outs = [o, s]
+            cots = [t.tensor(do, device=self.device).to(o.dtype), t.tensor(dstate, device=self.device).to(s.dtype)]
+            g = t.autograd.grad(outs, leaves, cots)
+            grad_out = {n: gi.double().cpu().numpy() for n, gi in zip(list(NAMES) + ["initial_state"], g)}
+        return o.detach().double().cpu().numpy(), s.detach().double().cpu().numpy(), grad_out
+
+    def timer(self, op, x, dtype, grads):
+        t = self.torch
+        args, s0, _ = self._inputs(x, dtype, grads)
+        sync = t.cuda.synchronize if self.device.startswith("cuda") else (lambda: None)
+        if not grads:
+            def fn():
+                with t.no_grad():
+                    op(*args, s0)
+                sync()
+            return fn
+        leaves = args + ([s0] if s0 is not None else [])
+
+        def fn():
+            o, s = op(*args, s0)
+            t.autograd.grad([o, s], leaves, [t.ones_like(o), t.ones_like(s)])
+            sync()
+        return fn
+
+
+class JaxAdapter(Adapter):
+    name = "jax"
+
+    def __init__(self):
+        import jax
+        import jax.numpy as jnp
+
+        self.jax, self.jnp = jax, jnp
+
+    def versions(self):
+        import jaxlib
+
+        return {"jax": self.jax.__version__, "jaxlib": jaxlib.__version__}
+
+    def devices(self):
+        return [f"{d.platform}:{d.id} {getattr(d, 'device_kind', '')}".strip() for d in self.jax.devices()]
+
+    def _inputs(self, x, dtype):
+        jnp = self.jnp
+        args = [jnp.asarray(x[n]).astype(dtype) for n in NAMES]
+        s0 = None if x["initial_state"] is None else jnp.asarray(x["initial_state"], jnp.float32)
+        mask = None if x.get("mask") is None else jnp.asarray(x["mask"])
+        return args, s0, mask
+
+    def run(self, op, x, dtype, grads=False, do=None, dstate=None):
+        jax, jnp = self.jax, self.jnp
+        args, s0, mask = self._inputs(x, dtype)
+        leaves = args + ([s0] if s0 is not None else [])
+
+        def f(*leaves):
+            return op(*leaves[:6], leaves[6] if len(leaves) == 7 else None, mask=mask)
+
+        (o, s), vjp = jax.vjp(f, *leaves)
+        grad_out = None
+        if grads:
+            g = vjp((jnp.asarray(do).astype(o.dtype), jnp.asarray(dstate).astype(s.dtype)))
+            grad_out = {n: np.asarray(gi).astype(np.float64)
+                        for n, gi in zip(list(NAMES) + ["initial_state"], g)}
+        return np.asarray(o).astype(np.float64), np.asarray(s).astype(np.float64), grad_out
+
+    def timer(self, op, x, dtype, grads):
+        jax, jnp = self.jax, self.jnp
+        args, s0, _ = self._inputs(x, dtype)
+        if not grads:
+            f = jax.jit(lambda *a: op(*a[:6], a[6]))
+        else:
+            def loss(*a):
+                o, s = op(*a[:6], a[6])
+                return jnp.sum(o.astype(jnp.float32)) + jnp.sum(s)
+
+            f = jax.jit(jax.grad(loss, argnums=tuple(range(7))))
+        return lambda: jax.block_until_ready(f(*args, s0))
+
+
+class TensorflowAdapter(Adapter):
+    name = "tensorflow"
+
+    def __init__(self):
+        import tensorflow as tf
+
+        self.tf = tf
+
+    def versions(self):
+        return {"tensorflow": self.tf.__version__}
+
+    def devices(self):
+        return [d.name for d in self.tf.config.list_logical_devices()]
+
+    def _inputs(self, x, dtype):
+        tf = self.tf
+        td = tf.as_dtype(dtype)
+        args = [tf.cast(tf.constant(x[n]), td) for n in NAMES]
+        s0 = None if x["initial_state"] is None else tf.constant(x["initial_state"], tf.float32)
+        mask = None if x.get("mask") is None else tf.constant(x["mask"])
+        return args, s0, mask
+
+    def run(self, op, x, dtype, grads=False, do=None, dstate=None):
+        tf = self.tf
+        args, s0, mask = self._inputs(x, dtype)
+        leaves = args + ([s0] if s0 is not None else [])
+        with tf.GradientTape() as tape:
+            for leaf in leaves:
+                tape.watch(leaf)
+            o, s = op(*args, s0, mask=mask)
+        grad_out = None
+        if grads:
+            g = tape.gradient([o, s], leaves, output_gradients=[tf.cast(do, o.dtype), tf.cast(dstate, s.dtype)])
+            grad_out = {n: np.asarray(tf.cast(gi, tf.float64)) for n, gi in zip(list(NAMES) + ["initial_state"], g)}
+        return np.asarray(tf.cast(o, tf.float64)), np.asarray(tf.cast(s, tf.float64)), grad_out
+
+    def timer(self, op, x, dtype, grads):
+        tf = self.tf
+        args, s0, _ = self._inputs(x, dtype)
+        if not grads:
+            return lambda: op(*args, s0)[0].numpy()
+
+        def fn():
+            with tf.GradientTape() as tape:
+                for leaf in args + [s0]:
+                    tape.watch(leaf)
+                o, s = op(*args, s0)
+            g = tape.gradient([o, s], args + [s0])
+            g[0].numpy()
+        return fn
+
+
+ADAPTERS = {"numpy": NumpyAdapter, "torch": TorchAdapter, "jax": JaxAdapter, "tensorflow": TensorflowAdapter}
