@@ -8,6 +8,7 @@ returns the worst exit code; `uv run pytest packages/rwkv-ops-jax/tests` runs in
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -24,10 +25,21 @@ def pytest_cmdline_main(config):
     env = dict(os.environ, **{_CHILD: "1"})
     worst = 0
     results = []
+    totals = {"passed": 0, "failed": 0, "skipped": 0, "error": 0}
     for suite in suites:
         print(f"\n===== {suite} (own process) =====", flush=True)
-        code = subprocess.call([sys.executable, "-m", "pytest", suite, *extra], env=env,
-                               cwd=str(config.rootpath))
+        proc = subprocess.Popen([sys.executable, "-m", "pytest", suite, *extra], env=env,
+                                cwd=str(config.rootpath), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, bufsize=1)
+        summary = ""
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            if re.search(r"\d+ (passed|failed|skipped|errors?|deselected)", line) and " in " in line:
+                summary = line
+        code = proc.wait()
+        for count, kind in re.findall(r"(\d+) (passed|failed|skipped|errors?)", summary):
+            totals["error" if kind.startswith("error") else kind] += int(count)
         if code == 5:  # no tests collected in this suite
             code = 0
         results.append((suite, code))
@@ -35,4 +47,6 @@ def pytest_cmdline_main(config):
     print("\n===== suites =====")
     for suite, code in results:
         print(f"{'ok    ' if code == 0 else 'FAILED'} {suite} (exit {code})")
+    failed = totals["failed"] + totals["error"]
+    print(f"total: {totals['passed']} passed, {failed} failed, {totals['skipped']} skipped", flush=True)
     return worst
