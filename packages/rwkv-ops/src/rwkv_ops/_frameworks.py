@@ -39,7 +39,12 @@ class Adapter(abc.ABC):
     def timer(self, op, x, dtype, grads) -> Callable[[], None]:
         """A no-argument function running one call (fwd, or fwd+bwd) that waits for the device."""
 
+    def peak_memory(self, op, x, dtype):
+        """Peak device bytes of one fwd+bwd call, where the framework reports it (else None)."""
+        return None
+
     def time(self, op, x, dtype, grads, repeats=5) -> float:
+        """Median seconds of one call after a warm-up call."""
         fn = self.timer(op, x, dtype, grads)
         fn()  # warm-up: compilation, autotuning, allocation
         samples = []
@@ -139,12 +144,38 @@ class TorchAdapter(Adapter):
                 sync()
             return fn
         leaves = args + ([s0] if s0 is not None else [])
+        gen = t.Generator(device=self.device).manual_seed(0)
+        cots = None
 
         def fn():
+            nonlocal cots
             o, s = op(*args, s0)
-            t.autograd.grad([o, s], leaves, [t.ones_like(o), t.ones_like(s)])
+            if cots is None:  # random, non-symmetric cotangents, as in the protocol
+                cots = [t.randn(o.shape, generator=gen, device=self.device).to(o.dtype),
+                        t.randn(s.shape, generator=gen, device=self.device).to(s.dtype)]
+            t.autograd.grad([o, s], leaves, cots)
             sync()
         return fn
+
+    def time(self, op, x, dtype, grads, repeats=5):
+        if not self.device.startswith("cuda"):
+            return super().time(op, x, dtype, grads, repeats)
+        from triton.testing import do_bench
+
+        # The protocol of docs/benchmarks.md: median of do_bench(warmup=500 ms, rep=1500 ms).
+        return do_bench(self.timer(op, x, dtype, grads), warmup=500, rep=1500, return_mode="median") / 1e3
+
+    def peak_memory(self, op, x, dtype):
+        """Peak bytes allocated over one fwd+bwd call, inputs included (CUDA only, else None)."""
+        if not self.device.startswith("cuda"):
+            return None
+        t = self.torch
+        fn = self.timer(op, x, dtype, True)
+        fn()
+        t.cuda.synchronize()
+        t.cuda.reset_peak_memory_stats()
+        fn()
+        return t.cuda.max_memory_allocated()
 
 
 class JaxAdapter(Adapter):
@@ -199,6 +230,10 @@ class JaxAdapter(Adapter):
 
             f = jax.jit(jax.grad(loss, argnums=tuple(range(7))))
         return lambda: jax.block_until_ready(f(*args, s0))
+
+    def time(self, op, x, dtype, grads, repeats=10):
+        # The protocol for JAX: jit-compiled, median of 10 timed calls after warm-up.
+        return super().time(op, x, dtype, grads, repeats)
 
 
 class TensorflowAdapter(Adapter):
