@@ -1,0 +1,335 @@
+"""PyTorch launcher of the shared Triton kernels (``KERNEL_TYPE="triton"``).
+
+The forward and the backward are ``torch.library`` custom ops (``rwkv_ops::triton_gdr_fwd`` and
+``rwkv_ops::triton_gdr_bwd``) with fake implementations and a registered autograd formula, so
+``torch.compile(fullgraph=True)`` traces them without graph breaks; nothing synchronises with the
+host and every buffer size follows from the shapes, so calls are CUDA-graph capturable.
+
+Passes of one call (B*H sequences of T steps, NC = ceil(T / 16) chunks):
+
+* forward: [segments only] ``chunk_fwd_kernel`` (LOCAL) + ``state_combine_kernel``, then
+  ``chunk_fwd_kernel``, which writes o, the final state and, when a gradient will be needed, the
+  fp32 state entering every chunk.
+* backward: [segments only] ``chunk_bwd_dstate_kernel`` (LOCAL) + ``state_combine_kernel``
+  (reverse), then ``chunk_bwd_dstate_kernel`` (state gradient at every chunk end, and the initial
+  state's gradient), then ``chunk_bwd_kernel`` (all six input gradients, chunk-parallel).
+
+Under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors in Triton's interpreter (tests).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Optional
+
+import torch
+
+from rwkv_ops.common import KernelUnavailableError, TensorInfo, check_head_size, check_inputs, docs
+
+KERNEL_TYPE = "triton"
+SUPPORTED_HEAD_SIZES = (32, 64, 128)
+CHUNK = 16
+
+_FLOAT_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
+                torch.float64: "float64"}
+
+
+def interpret_mode() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def unavailable_reason(head_size: Optional[int] = None) -> tuple:
+    """(why the Triton kernels cannot run here, or None; quiet). Cheap: imports nothing new."""
+    if not interpret_mode() and not torch.cuda.is_available():
+        return "no CUDA GPU is visible to PyTorch", True
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed (pip install triton)", False
+    if head_size is not None:
+        reason = check_head_size(int(head_size), SUPPORTED_HEAD_SIZES, KERNEL_TYPE)
+        if reason is not None:
+            return reason, False
+    return None, False
+
+
+def _kernels():
+    # imported on first use: importing this module must not import Triton
+    from rwkv_ops.torch._triton import chunk_bwd, chunk_fwd, configs
+    return chunk_fwd, chunk_bwd, configs
+
+
+def select_config(K: int, dtype: torch.dtype, T: int, BH: int):
+    """The kernels' launch configuration (the shared ``configs.chunk_config``)."""
+    return _kernels()[2].chunk_config(K, _FLOAT_NAMES.get(dtype, "float32"), T, BH)
+
+
+def _layout(x: torch.Tensor, head_first: bool) -> tuple:
+    """(B, T, H, K) and the element strides (b, t, h) of a contiguous tensor in its layout."""
+    if head_first:
+        B, H, T, K = x.shape
+        return (B, T, H, K), (H * T * K, K, T * K)
+    B, T, H, K = x.shape
+    return (B, T, H, K), (T * H * K, H * K, K)
+
+
+def _compute_precision(*xs) -> str:
+    return "ieee" if any(x.dtype in (torch.float32, torch.float64) for x in xs) else "tf32"
+
+
+# ---------------------------------------------------------------------------------------------
+# forward
+
+
+def _forward_impl(r, w, k, v, a, b, initial_state, mask, head_first, chunks_per_segment, save):
+    chunk_fwd, _, _ = _kernels()
+    (B, T, H, K), (sb, st, sh) = _layout(r, head_first)
+    BH, NC = B * H, max(1, -(-T // CHUNK))
+    cfg = select_config(K, r.dtype, T, BH)
+    prec = _compute_precision(r, w, k, v, a, b)
+    cps = chunks_per_segment
+    n_seg = -(-NC // cps)
+    dev = r.device
+    f32 = torch.float32
+    y = torch.empty(r.shape, dtype=r.dtype, device=dev)
+    final = torch.empty((B, H, K, K), dtype=f32, device=dev)
+    ckpt = torch.empty((BH, NC, K, K) if save else (0,), dtype=f32, device=dev)
+    has_mask = mask is not None
+    m = mask if has_mask else r
+    has_init = initial_state is not None
+    if has_init:
+        init_sb = 0 if initial_state.shape[0] == 1 else H * K * K
+        init, init_sh, init_ss = initial_state, K * K, 0
+    else:
+        init, init_sb, init_sh, init_ss = r, 0, 0, 0
+    seg_m = torch.empty((BH, n_seg, K, K) if (save and n_seg > 1) else (0,), dtype=f32, device=dev)
+    bv = cfg.bv_fwd
+    nv = K // bv
+    if n_seg > 1:
+        loc = torch.empty((BH, n_seg, K, K), dtype=f32, device=dev)
+        trans = seg_m if seg_m.numel() else torch.empty((BH, n_seg, K, K), dtype=f32, device=dev)
+        chunk_fwd.chunk_fwd_kernel[(2 * nv * BH * n_seg,)](
+            r, w, k, v, a, b, m, r,
+            y, y, loc, trans,
+            T, H, BH, NC, cps, sb, st, sh, 0, 0, 0, n_seg * K * K, K * K,
+            K=K, BV=bv, HAS_MASK=has_mask, HAS_INIT=False, LOCAL=True, WRITE_Y=False,
+            SAVE_CKPT=False, WRITE_END=True, PREC=prec,
+            num_warps=cfg.warps_fwd, num_stages=cfg.stages_fwd)
+        starts = torch.empty((BH, n_seg, K, K), dtype=f32, device=dev)
+        chunk_fwd.state_combine_kernel[(nv * BH,)](
+            loc, trans, init, starts, H, BH, n_seg, init_sb, init_sh,
+            K=K, BV=bv, HAS_INIT=has_init, REVERSE=False, num_warps=4)
+        init, init_sb, init_sh, init_ss = starts, H * n_seg * K * K, n_seg * K * K, K * K
+        has_init = True
+    chunk_fwd.chunk_fwd_kernel[(nv * BH * n_seg,)](
+        r, w, k, v, a, b, m, init,
+        y, ckpt if save else y, final, final,
+        T, H, BH, NC, cps, sb, st, sh, init_sb, init_sh, init_ss, K * K, 0,
+        K=K, BV=bv, HAS_MASK=has_mask, HAS_INIT=has_init, LOCAL=False, WRITE_Y=True,
+        SAVE_CKPT=save, WRITE_END=True, PREC=prec,
+        num_warps=cfg.warps_fwd, num_stages=cfg.stages_fwd)
+    return y, final, ckpt, seg_m
+
+
+@torch.library.custom_op("rwkv_ops::triton_gdr_fwd", mutates_args=())
+def triton_gdr_fwd(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   a: torch.Tensor, b: torch.Tensor, initial_state: Optional[torch.Tensor],
+                   mask: Optional[torch.Tensor], head_first: bool, chunks_per_segment: int,
+                   save: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward custom op on contiguous inputs (T >= 1); mask as uint8 [B, T] or None.
+
+    Returns (o, final_state fp32 [B, H, K, K], checkpoints fp32 [B*H, NC, K, K] (empty unless
+    ``save``), segment transitions fp32 [B*H, n_segments, K, K] (empty unless needed)).
+    """
+    return _forward_impl(r, w, k, v, a, b, initial_state, mask, head_first, chunks_per_segment,
+                         save)
+
+
+@triton_gdr_fwd.register_fake
+def _(r, w, k, v, a, b, initial_state, mask, head_first, chunks_per_segment, save):
+    (B, T, H, K), _ = _layout(r, head_first)
+    NC = max(1, -(-T // CHUNK))
+    n_seg = -(-NC // chunks_per_segment)
+    f32 = torch.float32
+    return (r.new_empty(r.shape), r.new_empty((B, H, K, K), dtype=f32),
+            r.new_empty((B * H, NC, K, K) if save else (0,), dtype=f32),
+            r.new_empty((B * H, n_seg, K, K) if (save and n_seg > 1) else (0,), dtype=f32))
+
+
+# ---------------------------------------------------------------------------------------------
+# backward
+
+
+def _backward_impl(r, w, k, v, a, b, initial_state, mask, ckpt, seg_m, do, dfinal, head_first,
+                   chunks_per_segment):
+    chunk_fwd, chunk_bwd, _ = _kernels()
+    (B, T, H, K), (sb, st, sh) = _layout(r, head_first)
+    BH, NC = B * H, max(1, -(-T // CHUNK))
+    cfg = select_config(K, r.dtype, T, BH)
+    prec = _compute_precision(r, w, k, v, a, b)
+    cps = chunks_per_segment
+    n_seg = -(-NC // cps)
+    dev = r.device
+    f32 = torch.float32
+    has_mask = mask is not None
+    m = mask if has_mask else r
+    has_init = dfinal is not None
+    if has_init:
+        init, init_sb, init_sh, init_ss = dfinal, H * K * K, K * K, 0
+    else:
+        init, init_sb, init_sh, init_ss = r, 0, 0, 0
+    bv = cfg.bv_state
+    nv = K // bv
+    if n_seg > 1:
+        gloc = torch.empty((BH, n_seg, K, K), dtype=f32, device=dev)
+        chunk_bwd.chunk_bwd_dstate_kernel[(nv * BH * n_seg,)](
+            r, w, a, b, do, m, r,
+            gloc, gloc,
+            T, H, BH, NC, cps, sb, st, sh, 0, 0, 0, n_seg * K * K, K * K,
+            K=K, BV=bv, HAS_MASK=has_mask, HAS_INIT=False, LOCAL=True, SAVE_CKPT=False,
+            WRITE_END=True, PREC=prec, num_warps=cfg.warps_state, num_stages=cfg.stages_state)
+        gend = torch.empty((BH, n_seg, K, K), dtype=f32, device=dev)
+        chunk_fwd.state_combine_kernel[(nv * BH,)](
+            gloc, seg_m, init, gend, H, BH, n_seg, init_sb, init_sh,
+            K=K, BV=bv, HAS_INIT=has_init, REVERSE=True, num_warps=4)
+        init, init_sb, init_sh, init_ss = gend, H * n_seg * K * K, n_seg * K * K, K * K
+        has_init = True
+    need_ds0 = initial_state is not None
+    gck = torch.empty((BH, NC, K, K), dtype=f32, device=dev)
+    ds0 = torch.empty((B, H, K, K) if need_ds0 else (0,), dtype=f32, device=dev)
+    chunk_bwd.chunk_bwd_dstate_kernel[(nv * BH * n_seg,)](
+        r, w, a, b, do, m, init,
+        gck, ds0 if need_ds0 else gck,
+        T, H, BH, NC, cps, sb, st, sh, init_sb, init_sh, init_ss, K * K, 0,
+        K=K, BV=bv, HAS_MASK=has_mask, HAS_INIT=has_init, LOCAL=False, SAVE_CKPT=True,
+        WRITE_END=need_ds0, PREC=prec, num_warps=cfg.warps_state, num_stages=cfg.stages_state)
+    grads = [torch.empty(x.shape, dtype=x.dtype, device=dev) for x in (r, w, k, v, a, b)]
+    chunk_bwd.chunk_bwd_kernel[(NC * BH,)](
+        r, w, k, v, a, b, do, m, ckpt, gck,
+        *grads,
+        T, H, BH, NC, sb, st, sh,
+        K=K, BV=cfg.bv_bwd, HAS_MASK=has_mask, PREC=prec,
+        num_warps=cfg.warps_bwd, num_stages=cfg.stages_bwd)
+    return (*grads, ds0)
+
+
+@torch.library.custom_op("rwkv_ops::triton_gdr_bwd", mutates_args=())
+def triton_gdr_bwd(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   a: torch.Tensor, b: torch.Tensor, initial_state: Optional[torch.Tensor],
+                   mask: Optional[torch.Tensor], ckpt: torch.Tensor, seg_m: torch.Tensor,
+                   do: torch.Tensor, dfinal: Optional[torch.Tensor], head_first: bool,
+                   chunks_per_segment: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                     torch.Tensor, torch.Tensor, torch.Tensor,
+                                                     torch.Tensor]:
+    """Backward custom op: (dr, dw, dk, dv, da, db, d_initial_state fp32 [B, H, K, K] or empty)."""
+    return _backward_impl(r, w, k, v, a, b, initial_state, mask, ckpt, seg_m, do, dfinal,
+                          head_first, chunks_per_segment)
+
+
+@triton_gdr_bwd.register_fake
+def _(r, w, k, v, a, b, initial_state, mask, ckpt, seg_m, do, dfinal, head_first,
+      chunks_per_segment):
+    (B, T, H, K), _ = _layout(r, head_first)
+    ds0 = r.new_empty((B, H, K, K) if initial_state is not None else (0,), dtype=torch.float32)
+    return (*(x.new_empty(x.shape) for x in (r, w, k, v, a, b)), ds0)
+
+
+def _setup_context(ctx, inputs, output):
+    r, w, k, v, a, b, initial_state, mask, head_first, chunks_per_segment, save = inputs
+    _, _, ckpt, seg_m = output
+    ctx.head_first = head_first
+    ctx.chunks_per_segment = chunks_per_segment
+    ctx.has_init = initial_state is not None
+    ctx.has_mask = mask is not None
+    ctx.save_for_backward(r, w, k, v, a, b, initial_state, mask, ckpt, seg_m)
+
+
+def _backward(ctx, do, dfinal, _dckpt, _dseg):
+    r, w, k, v, a, b, initial_state, mask, ckpt, seg_m = ctx.saved_tensors
+    if do is None:
+        do = torch.zeros_like(r)
+    do = do.contiguous()
+    if dfinal is not None:
+        dfinal = dfinal.contiguous()
+    dr, dw, dk, dv, da, db, ds0 = triton_gdr_bwd(
+        r, w, k, v, a, b, initial_state, mask, ckpt, seg_m, do, dfinal, ctx.head_first,
+        ctx.chunks_per_segment)
+    d_init = None
+    if initial_state is not None:
+        if initial_state.shape[0] == 1 and ds0.shape[0] != 1:
+            ds0 = ds0.sum(0, keepdim=True)
+        d_init = ds0.to(initial_state.dtype)
+    return dr, dw, dk, dv, da, db, d_init, None, None, None, None
+
+
+torch.library.register_autograd("rwkv_ops::triton_gdr_fwd", _backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# public function
+
+
+def _info(x) -> TensorInfo:
+    floating = x.is_floating_point()
+    return TensorInfo(shape=tuple(x.shape), is_floating=floating,
+                      dtype=str(x.dtype).replace("torch.", ""), device=str(x.device),
+                      is_bool_or_integer=not floating and not x.is_complex())
+
+
+def generalized_delta_rule(r, w, k, v, a, b, initial_state=None, output_final_state=True,
+                           head_first=False, *, mask=None):
+    xs = (r, w, k, v, a, b)
+    p = check_inputs(*(_info(x) for x in xs),
+                     None if initial_state is None else _info(initial_state),
+                     None if mask is None else _info(mask), head_first)
+    reason = check_head_size(p.K, SUPPORTED_HEAD_SIZES, KERNEL_TYPE)
+    if reason is None and r.device.type != "cuda" and not interpret_mode():
+        reason = f"the Triton kernels need CUDA tensors, got tensors on {r.device}"
+    if reason is not None:
+        raise KernelUnavailableError(
+            f"rwkv-ops: KERNEL_TYPE='{KERNEL_TYPE}' cannot run here with torch: {reason}.")
+    out_dtype = r.dtype
+    wide = any(x.dtype == torch.float64 for x in xs) or (
+        initial_state is not None and initial_state.dtype == torch.float64)
+    state_dtype = torch.float64 if wide else torch.float32
+    if p.T == 0:
+        o = torch.empty(r.shape, dtype=out_dtype, device=r.device)
+        if initial_state is None:
+            final = torch.zeros((p.B, p.H, p.K, p.K), dtype=state_dtype, device=r.device)
+        else:
+            final = initial_state.to(state_dtype).expand(p.B, p.H, p.K, p.K).clone()
+        return o, (final if output_final_state else None)
+    if wide:
+        # the kernels compute in float32 at most: float64 inputs run in true fp32 ("ieee")
+        xs = tuple(x.to(torch.float32) for x in xs)
+        if initial_state is not None:
+            initial_state = initial_state.to(torch.float32)
+    xs = tuple(x.contiguous() for x in xs)
+    if initial_state is not None:
+        initial_state = initial_state.contiguous()
+    if mask is not None:
+        mask = (mask != 0).to(torch.uint8).contiguous()
+    tracked = [*xs] + ([initial_state] if initial_state is not None else [])
+    save = torch.is_grad_enabled() and any(x.requires_grad for x in tracked)
+    cfg = select_config(p.K, xs[0].dtype, p.T, p.B * p.H)
+    o, final, _, _ = triton_gdr_fwd(*xs, initial_state, mask, head_first,
+                                    cfg.chunks_per_segment, save)
+    if o.dtype != out_dtype:
+        o = o.to(out_dtype)
+    if not output_final_state:
+        return o, None
+    return o, final.to(state_dtype)
+
+
+generalized_delta_rule.__doc__ = docs.GENERALIZED_DELTA_RULE.format(
+    framework="PyTorch, shared Triton kernels; CUDA tensors (CPU only under TRITON_INTERPRET=1)",
+    tensor="torch tensors",
+    example="""    >>> import torch
+    >>> from rwkv_ops.torch.triton_launcher import generalized_delta_rule
+    >>> r, w, k, v, a, b = torch.randn(6, 2, 32, 4, 64, device="cuda", dtype=torch.bfloat16).unbind(0)
+    >>> o, state = generalized_delta_rule(r, w, k, v, a, b)
+    >>> o.shape, state.shape
+    (torch.Size([2, 32, 4, 64]), torch.Size([2, 4, 64, 64]))""",
+)
+
+rwkv7_op = generalized_delta_rule

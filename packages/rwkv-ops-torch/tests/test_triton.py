@@ -1,0 +1,260 @@
+"""The PyTorch Triton path against the float64 reference.
+
+Every test body runs on the GPU when one is visible, and otherwise on CPU tensors in Triton's
+interpreter (conftest sets TRITON_INTERPRET=1), at smaller shapes. Inputs are fresh per run; the
+seed is in every assertion message (RWKV_OPS_TEST_SEED=<seed> replays it).
+
+Tolerances (relative Frobenius error per tensor, vs float64 on the dtype-rounded inputs):
+fp32 1e-5 with the model's decays, 1e-4 with decays down to 0; fp16 2e-3 and bf16 4e-3 (the
+outputs and gradients themselves are rounded to 10 / 7 mantissa bits; products run in tf32).
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+from rwkv_ops.common import KernelUnavailableError
+from rwkv_ops.numpy.reference import (generalized_delta_rule_backward,
+                                      generalized_delta_rule_reference)
+from rwkv_ops.numpy.testing import make_cotangents, make_inputs, rel_error, seed_from_env
+from rwkv_ops.torch import triton_launcher as launcher
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+NAMES = ("r", "w", "k", "v", "a", "b")
+GRAD_NAMES = ("dr", "dw", "dk", "dv", "da", "db", "ds0")
+# The interpreter reports the overflowing products above each chunk's diagonal, which the kernels
+# compute and then select away (never multiply by 0).
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton")
+TOL = {
+    (torch.float32, "model"): 1e-5,
+    (torch.float32, "full"): 1e-4,
+    (torch.float16, "model"): 2e-3,
+    (torch.float16, "full"): 3e-3,
+    (torch.bfloat16, "model"): 4e-3,
+    (torch.bfloat16, "full"): 6e-3,
+    (torch.float64, "model"): 1e-5,
+}
+
+if HAS_CUDA:
+    GRID = [(T, K) for T in (1, 15, 16, 17, 1000, 4096) for K in (32, 64, 128)]
+    DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+else:
+    GRID = [(T, K) for T in (1, 15, 16, 17, 40) for K in (32, 64)]
+    DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _seed(request) -> int:
+    return seed_from_env() + zlib.crc32(request.node.name.encode()) % 1000
+
+
+def run_case(seed, B, T, H, K, dtype=torch.float32, decays="model", mask=None, head_first=False,
+             initial_state=True, state_batch=None, output_final_state=True, dfinal=True):
+    """Kernel forward + backward vs the float64 reference; returns {name: relative error}."""
+    x = make_inputs(B, T, H, K, seed=seed, decays=decays, initial_state=initial_state,
+                    state_batch=state_batch, head_first=head_first, mask=mask)
+    ts = [torch.tensor(x[n], dtype=dtype, device=DEVICE, requires_grad=True) for n in NAMES]
+    s0 = None
+    if x["initial_state"] is not None:
+        s0 = torch.tensor(x["initial_state"], dtype=torch.float32, device=DEVICE,
+                          requires_grad=True)
+    m = None if x["mask"] is None else torch.tensor(x["mask"], device=DEVICE)
+    o, final = launcher.generalized_delta_rule(*ts, s0, output_final_state, head_first, mask=m)
+    rounded = [t.detach().double().cpu().numpy() for t in ts]
+    y_ref, s_ref = generalized_delta_rule_reference(*rounded, x["initial_state"], True, head_first,
+                                                    mask=x["mask"])
+    do, dsT = make_cotangents(o.shape, (B, H, K, K), seed=seed)
+    errors = {"y": rel_error(o.detach().double().cpu().numpy(), y_ref)}
+    assert o.dtype == dtype and o.shape == ts[0].shape
+    if output_final_state:
+        assert final.dtype == torch.float32 and final.shape == (B, H, K, K)
+        errors["state"] = rel_error(final.detach().cpu().numpy(), s_ref)
+    else:
+        assert final is None
+        dfinal = False
+    outs = [o] + ([final] if dfinal else [])
+    cots = [torch.tensor(do, dtype=dtype, device=DEVICE)]
+    if dfinal:
+        cots.append(torch.tensor(dsT, dtype=torch.float32, device=DEVICE))
+    inputs = ts + ([s0] if s0 is not None else [])
+    grads = torch.autograd.grad(outs, inputs, cots)
+    refs = generalized_delta_rule_backward(
+        *rounded, x["initial_state"], do=cots[0].double().cpu().numpy(),
+        dfinal_state=dsT if dfinal else None, head_first=head_first, mask=x["mask"])
+    for name, g, ref in zip(GRAD_NAMES, grads, refs):
+        assert g.dtype == (torch.float32 if name == "ds0" else dtype)
+        errors[name] = rel_error(g.double().cpu().numpy(), ref)
+    return errors
+
+
+def check(errors, tol, seed):
+    worst = max(errors, key=errors.get)
+    listing = " ".join(f"{n}={e:.2e}" for n, e in errors.items())
+    assert errors[worst] <= tol, f"seed={seed}: {worst} error {errors[worst]:.3e} > {tol:.0e} ({listing})"
+
+
+@pytest.mark.parametrize("T,K", GRID)
+def test_matches_reference_fp32(T, K, poison_empty, request):
+    seed = _seed(request)
+    check(run_case(seed, 2, T, 2, K), TOL[torch.float32, "model"], seed)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("decays", ["model", "full"])
+def test_dtypes_and_decays(dtype, decays, poison_empty, request):
+    seed = _seed(request)
+    T = 300 if HAS_CUDA else 33
+    check(run_case(seed, 2, T, 2, 64 if HAS_CUDA else 32, dtype, decays), TOL[dtype, decays], seed)
+
+
+@pytest.mark.parametrize("mask", ["left", "right", "random"])
+def test_mask(mask, poison_empty, request):
+    seed = _seed(request)
+    T = 257 if HAS_CUDA else 40
+    check(run_case(seed, 3, T, 2, 32, mask=mask), TOL[torch.float32, "model"], seed)
+
+
+def test_head_first_broadcast_state(poison_empty, request):
+    seed = _seed(request)
+    errors = run_case(seed, 3, 17, 2, 32, head_first=True, state_batch=1, mask="random")
+    check(errors, TOL[torch.float32, "model"], seed)
+
+
+@pytest.mark.parametrize("initial_state,output_final_state", [(False, True), (False, False),
+                                                              (True, False)])
+def test_optional_state(initial_state, output_final_state, poison_empty, request):
+    seed = _seed(request)
+    errors = run_case(seed, 2, 20, 2, 32, initial_state=initial_state,
+                      output_final_state=output_final_state)
+    check(errors, TOL[torch.float32, "model"], seed)
+
+
+@pytest.mark.parametrize("cps", [1, 2])
+def test_segments(cps, monkeypatch, poison_empty, request):
+    """The segment algebra (per-segment local state + transition, combined), forced on."""
+    real = launcher.select_config
+    monkeypatch.setattr(launcher, "select_config",
+                        lambda *args: real(*args).with_(chunks_per_segment=cps))
+    seed = _seed(request)
+    errors = run_case(seed, 2, 80 if not HAS_CUDA else 1000, 2, 32, mask="random", state_batch=1,
+                      decays="full")
+    check(errors, TOL[torch.float32, "full"], seed)
+
+
+def test_float64_inputs(request):
+    seed = _seed(request)
+    x = make_inputs(1, 20, 2, 32, seed=seed)
+    ts = [torch.tensor(x[n], device=DEVICE) for n in NAMES]
+    s0 = torch.tensor(x["initial_state"], device=DEVICE)
+    o, final = launcher.generalized_delta_rule(*ts, s0)
+    y_ref, s_ref = generalized_delta_rule_reference(*(x[n] for n in NAMES), x["initial_state"])
+    assert o.dtype == torch.float64 and final.dtype == torch.float64
+    check({"y": rel_error(o.cpu().numpy(), y_ref), "state": rel_error(final.cpu().numpy(), s_ref)},
+          TOL[torch.float64, "model"], seed)
+
+
+def test_deterministic(request):
+    seed = _seed(request)
+    x = make_inputs(2, 40, 2, 32, seed=seed)
+    results = []
+    for _ in range(2):
+        ts = [torch.tensor(x[n], dtype=torch.bfloat16, device=DEVICE, requires_grad=True)
+              for n in NAMES]
+        s0 = torch.tensor(x["initial_state"], dtype=torch.float32, device=DEVICE,
+                          requires_grad=True)
+        o, final = launcher.generalized_delta_rule(*ts, s0)
+        grads = torch.autograd.grad((o.float().square().sum() + final.sum()), ts + [s0])
+        results.append([o, final, *grads])
+    for first, second in zip(*results):
+        assert torch.equal(first, second), f"seed={seed}: two runs differ"
+
+
+def test_empty_sequence():
+    s0 = torch.randn(1, 2, 32, 32, device=DEVICE)
+    xs = [torch.randn(2, 0, 2, 32, device=DEVICE) for _ in NAMES]
+    o, final = launcher.generalized_delta_rule(*xs, s0)
+    assert o.shape == (2, 0, 2, 32)
+    assert torch.equal(final, s0.expand(2, 2, 32, 32))
+    o, final = launcher.generalized_delta_rule(*xs)
+    assert torch.equal(final, torch.zeros(2, 2, 32, 32, device=DEVICE))
+
+
+def test_errors():
+    xs = [torch.randn(1, 4, 2, 32, device=DEVICE) for _ in NAMES]
+    with pytest.raises(ValueError, match="`k` has shape"):
+        launcher.generalized_delta_rule(xs[0], xs[1], xs[2][..., :16], *xs[3:])
+    with pytest.raises(ValueError, match="initial_state"):
+        launcher.generalized_delta_rule(*xs, torch.zeros(1, 3, 32, 32, device=DEVICE))
+    with pytest.raises(TypeError):
+        launcher.generalized_delta_rule(*xs[:5], xs[5].to(torch.int32))
+    odd = [torch.randn(1, 4, 2, 48, device=DEVICE) for _ in NAMES]
+    with pytest.raises(KernelUnavailableError, match="32, 64, 128"):
+        launcher.generalized_delta_rule(*odd)
+
+
+def test_unavailable_reason():
+    reason, _ = launcher.unavailable_reason(64)
+    assert reason is None
+    reason, quiet = launcher.unavailable_reason(48)
+    assert "32, 64, 128" in reason and not quiet
+
+
+def test_torch_compile_fullgraph(request):
+    seed = _seed(request)
+    x = make_inputs(2, 20, 2, 32, seed=seed, mask="random")
+    mask = torch.tensor(x["mask"], device=DEVICE)
+
+    def loss(*args):
+        o, final = launcher.generalized_delta_rule(*args, mask=mask)
+        return o.float().square().sum() + (final * final.flip(-1)).sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="inductor" if HAS_CUDA else "aot_eager")
+    ts = [torch.tensor(x[n], dtype=torch.float32, device=DEVICE, requires_grad=True) for n in NAMES]
+    s0 = torch.tensor(x["initial_state"], dtype=torch.float32, device=DEVICE, requires_grad=True)
+    eager = torch.autograd.grad(loss(*ts, s0), ts + [s0])
+    traced = torch.autograd.grad(compiled(*ts, s0), ts + [s0])
+    for a, b in zip(eager, traced):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), f"seed={seed}"
+
+
+def test_opcheck(request):
+    seed = _seed(request)
+    x = make_inputs(1, 17, 1, 32, seed=seed)
+    ts = [torch.tensor(x[n], dtype=torch.float32, device=DEVICE, requires_grad=True) for n in NAMES]
+    s0 = torch.tensor(x["initial_state"], dtype=torch.float32, device=DEVICE, requires_grad=True)
+    args = (*ts, s0, None, False, 1, True)
+    torch.library.opcheck(torch.ops.rwkv_ops.triton_gdr_fwd.default, args,
+                          test_utils=("test_schema", "test_autograd_registration",
+                                      "test_faketensor"))
+
+
+@pytest.mark.gpu
+def test_protocol_error_shape(request):
+    """The benchmark protocol's error shape: B=2, T=256, H=4, K=64 (ANCHORS.md)."""
+    seed = _seed(request)
+    check(run_case(seed, 2, 256, 4, 64, torch.bfloat16), 3e-3, seed)
+    check(run_case(seed, 2, 256, 4, 64, torch.float32), 1e-5, seed)
+
+
+@pytest.mark.gpu
+def test_cuda_graph(request):
+    seed = _seed(request)
+    x = make_inputs(2, 100, 2, 64, seed=seed)
+    ts = [torch.tensor(x[n], dtype=torch.bfloat16, device="cuda") for n in NAMES]
+    s0 = torch.tensor(x["initial_state"], dtype=torch.float32, device="cuda")
+    o_ref, s_ref = launcher.generalized_delta_rule(*ts, s0)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        launcher.generalized_delta_rule(*ts, s0)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        o, s = launcher.generalized_delta_rule(*ts, s0)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(o, o_ref) and torch.equal(s, s_ref), f"seed={seed}"

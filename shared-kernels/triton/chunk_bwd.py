@@ -1,0 +1,261 @@
+"""Triton backward of the RWKV-7 generalized delta rule, in two kernels.
+
+The gradient G of the state (G = dloss/dS at a chunk's end, V x K) obeys a recursion that needs no
+forward state at all::
+
+    dU = A_qb^T dY + b_bar G^T         dX = N^T dU
+    G_prev = G diag(exp(Lam_end)) + dY^T r_s + dX^T a_s
+
+Its rows are independent, so ``chunk_bwd_dstate_kernel`` walks the chunks in reverse with the V rows
+split over programs (like the forward) and stores G at the end of every chunk (fp32). With G and
+the forward's checkpoint S0 of every chunk known, the remaining gradients of a chunk depend on that
+chunk alone: ``chunk_bwd_kernel`` runs one program per (batch, head, chunk), all in parallel, with
+all V rows (a loop over V blocks, summing the K-side partials in registers: no atomics, a fixed
+order, bitwise deterministic).
+
+The segment algebra (s.7) applies to G as well: G_start = G_end M^T + G_loc, with the forward's M.
+"""
+
+import triton
+import triton.language as tl
+
+from .chunk_common import (FLOOR_, L_, chunk_log_decays, load_tile, step_validity,
+                           unit_lower_inverse)
+
+
+@triton.jit
+def chunk_bwd_dstate_kernel(
+    r_ptr, w_ptr, a_ptr, b_ptr, dy_ptr, mask_ptr, init_ptr,
+    gck_ptr, gend_ptr,
+    T, H, BH, NC, CPS,
+    stride_b, stride_t, stride_h,
+    init_sb, init_sh, init_ss,
+    gend_sbh, gend_ss,
+    K: tl.constexpr, BV: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_INIT: tl.constexpr, LOCAL: tl.constexpr,
+    SAVE_CKPT: tl.constexpr, WRITE_END: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """Reverse walk of the state gradient. Grid: (K // BV * BH * n_segments,).
+
+    r, w, a, b, dy: [B, T, H, K] by (stride_b, stride_t, stride_h). init: the gradient at the end of
+    each segment, rows at init + b * init_sb + h * init_sh + segment * init_ss (zero without
+    HAS_INIT). gck: [B*H, NC, K, K] fp32, the gradient at the end of every chunk (SAVE_CKPT).
+    gend: the gradient at the segment's start, at gend + bh * gend_sbh + segment * gend_ss; LOCAL
+    writes it for every segment, otherwise only segment 0 writes it (the initial-state gradient).
+    """
+    NV: tl.constexpr = K // BV
+    pid = tl.program_id(0)
+    vb = pid % NV
+    bh = (pid // NV) % BH
+    seg = pid // (NV * BH)
+    b = bh // H
+    h = bh % H
+
+    rows = tl.arange(0, L_)
+    cols = tl.arange(0, K)
+    vrow = vb * BV + tl.arange(0, BV)
+    incl = rows[:, None] >= rows[None, :]
+    strict = rows[:, None] > rows[None, :]
+    base = b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
+    mp = mask_ptr + b.to(tl.int64) * T
+    tile = vrow[:, None] * K + cols[None, :]
+
+    if HAS_INIT:
+        ip = init_ptr + b.to(tl.int64) * init_sb + h.to(tl.int64) * init_sh + seg.to(tl.int64) * init_ss
+        G = tl.load(ip + tile).to(tl.float32)
+    else:
+        G = tl.zeros([BV, K], dtype=tl.float32)
+
+    c_lo = seg * CPS
+    c_hi = tl.minimum(c_lo + CPS, NC)
+    for i in range(0, c_hi - c_lo):
+        c = c_hi - 1 - i
+        t = c * L_ + rows
+        valid = step_validity(mp, t, T, HAS_MASK)
+        w = load_tile(w_ptr + base, t, T, cols, stride_t)
+        lam_in, lam_ex, lam_mid, lam_end = chunk_log_decays(w, valid)
+        e_in = tl.exp(lam_in - lam_mid[None, :])
+        e_ex = tl.exp(lam_ex - lam_mid[None, :])
+        e_inv = tl.exp(lam_mid[None, :] - lam_in)
+        to_mid = tl.exp(lam_mid)
+        mid_to_end = tl.exp(lam_end - lam_mid)
+        decay_end = tl.exp(lam_end)
+
+        rr = load_tile(r_ptr + base, t, T, cols, stride_t)
+        aa = tl.where(valid[:, None], load_tile(a_ptr + base, t, T, cols, stride_t), 0.0)
+        bb = load_tile(b_ptr + base, t, T, cols, stride_t)
+        dy = tl.where(valid[:, None], load_tile(dy_ptr + base, t, T, vrow, stride_t), 0.0)
+
+        q_t = rr * e_in
+        a_t = aa * e_ex
+        b_h = bb * e_inv
+        r_s = q_t * to_mid[None, :]
+        a_s = a_t * to_mid[None, :]
+        b_bar = b_h * mid_to_end[None, :]
+        A_qb = tl.where(incl, tl.dot(q_t, tl.trans(b_h), input_precision=PREC), 0.0)
+        A_ab = tl.where(strict, tl.dot(a_t, tl.trans(b_h), input_precision=PREC), 0.0)
+        N = unit_lower_inverse(A_ab)
+
+        if SAVE_CKPT:
+            gp = gck_ptr + (bh.to(tl.int64) * NC + c) * K * K
+            tl.store(gp + tile, G)
+
+        dU = tl.dot(tl.trans(A_qb), dy, input_precision=PREC)
+        dU = tl.dot(b_bar, tl.trans(G), dU, input_precision=PREC)
+        dX = tl.dot(tl.trans(N), dU, input_precision=PREC)
+        G = G * decay_end[None, :]
+        G = tl.dot(tl.trans(dy), r_s, G, input_precision=PREC)
+        G = tl.dot(tl.trans(dX), a_s, G, input_precision=PREC)
+
+    if WRITE_END:
+        ep = gend_ptr + bh.to(tl.int64) * gend_sbh + seg.to(tl.int64) * gend_ss + tile
+        if LOCAL:
+            tl.store(ep, G)
+        else:
+            if seg == 0:
+                tl.store(ep, G)
+
+
+@triton.jit
+def chunk_bwd_kernel(
+    r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, mask_ptr, ckpt_ptr, gck_ptr,
+    dr_ptr, dw_ptr, dk_ptr, dv_ptr, da_ptr, db_ptr,
+    T, H, BH, NC,
+    stride_b, stride_t, stride_h,
+    K: tl.constexpr, BV: tl.constexpr,
+    HAS_MASK: tl.constexpr, PREC: tl.constexpr,
+):
+    """Gradients of r, w, k, v, a, b for one (batch, head, chunk). Grid: (NC * BH,).
+
+    Inputs as in the forward; dy like r; ckpt: [B*H, NC, K, K] fp32 state entering each chunk;
+    gck: [B*H, NC, K, K] fp32 state gradient at each chunk's end. Outputs: like their inputs.
+    """
+    NV: tl.constexpr = K // BV
+    pid = tl.program_id(0)
+    c = pid % NC
+    bh = pid // NC
+    b = bh // H
+    h = bh % H
+
+    rows = tl.arange(0, L_)
+    cols = tl.arange(0, K)
+    incl = rows[:, None] >= rows[None, :]
+    strict = rows[:, None] > rows[None, :]
+    base = b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
+    t = c * L_ + rows
+    valid = step_validity(mask_ptr + b.to(tl.int64) * T, t, T, HAS_MASK)
+
+    w = load_tile(w_ptr + base, t, T, cols, stride_t)
+    lam_raw = -tl.exp(w)
+    lam_in, lam_ex, lam_mid, lam_end = chunk_log_decays(w, valid)
+    e_in = tl.exp(lam_in - lam_mid[None, :])
+    e_ex = tl.exp(lam_ex - lam_mid[None, :])
+    e_inv = tl.exp(lam_mid[None, :] - lam_in)
+    to_mid = tl.exp(lam_mid)
+    mid_to_end = tl.exp(lam_end - lam_mid)
+    decay_end = tl.exp(lam_end)
+
+    rr = load_tile(r_ptr + base, t, T, cols, stride_t)
+    kk = tl.where(valid[:, None], load_tile(k_ptr + base, t, T, cols, stride_t), 0.0)
+    aa = tl.where(valid[:, None], load_tile(a_ptr + base, t, T, cols, stride_t), 0.0)
+    bb = load_tile(b_ptr + base, t, T, cols, stride_t)
+
+    q_t = rr * e_in
+    a_t = aa * e_ex
+    k_h = kk * e_inv
+    b_h = bb * e_inv
+    r_s = q_t * to_mid[None, :]
+    a_s = a_t * to_mid[None, :]
+    k_bar = k_h * mid_to_end[None, :]
+    b_bar = b_h * mid_to_end[None, :]
+    A_qk = tl.where(incl, tl.dot(q_t, tl.trans(k_h), input_precision=PREC), 0.0)
+    A_qb = tl.where(incl, tl.dot(q_t, tl.trans(b_h), input_precision=PREC), 0.0)
+    A_ak = tl.where(strict, tl.dot(a_t, tl.trans(k_h), input_precision=PREC), 0.0)
+    A_ab = tl.where(strict, tl.dot(a_t, tl.trans(b_h), input_precision=PREC), 0.0)
+    N = unit_lower_inverse(A_ab)
+
+    # K-side partial sums over all V rows
+    dA_qk = tl.zeros([L_, L_], dtype=tl.float32)
+    dA_qb = tl.zeros([L_, L_], dtype=tl.float32)
+    dA_ak = tl.zeros([L_, L_], dtype=tl.float32)
+    dA_ab = tl.zeros([L_, L_], dtype=tl.float32)
+    dr_s = tl.zeros([L_, K], dtype=tl.float32)
+    da_s = tl.zeros([L_, K], dtype=tl.float32)
+    dk_bar = tl.zeros([L_, K], dtype=tl.float32)
+    db_bar = tl.zeros([L_, K], dtype=tl.float32)
+    d_end = tl.zeros([K], dtype=tl.float32)
+    st_base = (bh.to(tl.int64) * NC + c) * K * K
+    for vb in range(0, NV):
+        vcol = vb * BV + tl.arange(0, BV)
+        tile = vcol[:, None] * K + cols[None, :]
+        vv = load_tile(v_ptr + base, t, T, vcol, stride_t)
+        dy = tl.where(valid[:, None], load_tile(dy_ptr + base, t, T, vcol, stride_t), 0.0)
+        S0 = tl.load(ckpt_ptr + st_base + tile)
+        G = tl.load(gck_ptr + st_base + tile)
+
+        X = tl.dot(A_ak, vv, input_precision=PREC)
+        X = tl.dot(a_s, tl.trans(S0), X, input_precision=PREC)
+        U = tl.dot(N, X, input_precision=PREC)
+        dU = tl.dot(tl.trans(A_qb), dy, input_precision=PREC)
+        dU = tl.dot(b_bar, tl.trans(G), dU, input_precision=PREC)
+        dX = tl.dot(tl.trans(N), dU, input_precision=PREC)
+
+        dv = tl.dot(tl.trans(A_qk), dy, input_precision=PREC)
+        dv = tl.dot(tl.trans(A_ak), dX, dv, input_precision=PREC)
+        dv = tl.dot(k_bar, tl.trans(G), dv, input_precision=PREC)
+        dv = tl.where(valid[:, None], dv, 0.0)
+        tl.store(dv_ptr + base + t[:, None] * stride_t + vcol[None, :],
+                 dv.to(dv_ptr.dtype.element_ty), mask=(t < T)[:, None])
+
+        dA_qk = tl.dot(dy, tl.trans(vv), dA_qk, input_precision=PREC)
+        dA_qb = tl.dot(dy, tl.trans(U), dA_qb, input_precision=PREC)
+        dA_ak = tl.dot(dX, tl.trans(vv), dA_ak, input_precision=PREC)
+        dA_ab = tl.dot(dX, tl.trans(U), dA_ab, input_precision=PREC)
+        dr_s = tl.dot(dy, S0, dr_s, input_precision=PREC)
+        da_s = tl.dot(dX, S0, da_s, input_precision=PREC)
+        dk_bar = tl.dot(vv, G, dk_bar, input_precision=PREC)
+        db_bar = tl.dot(U, G, db_bar, input_precision=PREC)
+        d_end += tl.sum(S0 * G, axis=0)
+
+    dA_qk = tl.where(incl, dA_qk, 0.0)
+    dA_qb = tl.where(incl, dA_qb, 0.0)
+    dA_ak = tl.where(strict, dA_ak, 0.0)
+    dA_ab = tl.where(strict, dA_ab, 0.0)
+    dq_t = tl.dot(dA_qk, k_h, input_precision=PREC)
+    dq_t = tl.dot(dA_qb, b_h, dq_t, input_precision=PREC)
+    dk_h = tl.dot(tl.trans(dA_qk), q_t, input_precision=PREC)
+    dk_h = tl.dot(tl.trans(dA_ak), a_t, dk_h, input_precision=PREC)
+    da_t = tl.dot(dA_ak, k_h, input_precision=PREC)
+    da_t = tl.dot(dA_ab, b_h, da_t, input_precision=PREC)
+    db_h = tl.dot(tl.trans(dA_qb), q_t, input_precision=PREC)
+    db_h = tl.dot(tl.trans(dA_ab), a_t, db_h, input_precision=PREC)
+
+    # d/dLam of every factor; the anchor Lam_mid cancels exactly (each pair product is free of it)
+    k_bar_t = dk_bar * k_bar + db_bar * b_bar
+    d_lin = dq_t * q_t + dr_s * r_s - dk_h * k_h - db_h * b_h - k_bar_t
+    d_lex = da_t * a_t + da_s * a_s
+    d_lend = tl.sum(k_bar_t, axis=0) + d_end * decay_end
+    # dlam_t = sum_{i >= t} d_lin_i + sum_{i > t} d_lex_i + d_lend
+    d_lam = tl.cumsum(d_lin, axis=0, reverse=True) + tl.cumsum(d_lex, axis=0, reverse=True) - d_lex
+    d_lam = d_lam + d_lend[None, :]
+    keep = valid[:, None]
+    # dlam/dw = lam (lambda = -exp(w)). Where the floor clamps lambda, the forward used the decay
+    # e^-FLOOR instead of d; dloss/dd is nearly the same at both, so chain it through the true
+    # dd/dw = lam * d: d_lam / e^-FLOOR * lam * d = d_lam * lam * exp(lam + FLOOR) (-> 0, and
+    # exactly 0 rather than -inf * 0 for huge w).
+    dlam_dw = tl.where(lam_raw >= -FLOOR_, lam_raw,
+                       tl.where(lam_raw > -100.0, lam_raw * tl.exp(lam_raw + FLOOR_), 0.0))
+    dw = tl.where(keep, d_lam * dlam_dw, 0.0)
+    dr = tl.where(keep, (dq_t + dr_s * to_mid[None, :]) * e_in, 0.0)
+    da = tl.where(keep, (da_t + da_s * to_mid[None, :]) * e_ex, 0.0)
+    dk = tl.where(keep, (dk_h + dk_bar * mid_to_end[None, :]) * e_inv, 0.0)
+    db = tl.where(keep, (db_h + db_bar * mid_to_end[None, :]) * e_inv, 0.0)
+
+    out = base + t[:, None] * stride_t + cols[None, :]
+    inb = (t < T)[:, None]
+    tl.store(dr_ptr + out, dr.to(dr_ptr.dtype.element_ty), mask=inb)
+    tl.store(dw_ptr + out, dw.to(dw_ptr.dtype.element_ty), mask=inb)
+    tl.store(dk_ptr + out, dk.to(dk_ptr.dtype.element_ty), mask=inb)
+    tl.store(da_ptr + out, da.to(da_ptr.dtype.element_ty), mask=inb)
+    tl.store(db_ptr + out, db.to(db_ptr.dtype.element_ty), mask=inb)

@@ -1,0 +1,70 @@
+"""Pieces every chunk kernel shares: tile loads, step validity, the chunk's decay factors, the
+unit-lower-triangular inverse.
+
+The algebra is that of ``rwkv_ops.numpy.native`` (chunks of CHUNK = 16 steps, every pairwise
+decay factorised around the chunk's middle step, lambda clamped at -LAMBDA_FLOOR), written for
+one (batch, head, chunk) tile. Framework-free: only ``triton`` and ``triton.language``.
+"""
+
+import triton
+import triton.language as tl
+
+CHUNK = 16
+# |lambda| bound (float32): CHUNK / 2 * LAMBDA_FLOOR = 80 < log(FLT_MAX) = 88.7, so every
+# mid-anchored factor exp(+-(Lam_i - Lam_mid)) is finite. Same constant as the native paths.
+LAMBDA_FLOOR = 10.0
+
+L_ = tl.constexpr(CHUNK)
+MID_ = tl.constexpr(CHUNK // 2 - 1)
+FLOOR_ = tl.constexpr(LAMBDA_FLOOR)
+
+
+@triton.jit
+def load_tile(ptr, t, T, cols, stride_t):
+    """[CHUNK, N] fp32 tile of rows t (rows at or past T read as 0)."""
+    return tl.load(ptr + t[:, None] * stride_t + cols[None, :], mask=(t < T)[:, None],
+                   other=0.0).to(tl.float32)
+
+
+@triton.jit
+def step_validity(mask_ptr, t, T, HAS_MASK: tl.constexpr):
+    """[CHUNK] bool: the step exists (t < T) and is not padding."""
+    valid = t < T
+    if HAS_MASK:
+        m = tl.load(mask_ptr + t, mask=valid, other=0)
+        valid = valid & (m != 0)
+    return valid
+
+
+@triton.jit
+def chunk_log_decays(w, valid):
+    """Cumulative log decays of one chunk from w [CHUNK, K].
+
+    Returns lam_in (Lam_i, inclusive), lam_ex (Lam_{i-1}), lam_mid (Lam at the anchor row, [K]),
+    lam_end (Lam at the chunk's last row, [K]). Invalid steps are identity steps (lambda = 0).
+    """
+    lam = tl.maximum(-tl.exp(w), -FLOOR_)
+    lam = tl.where(valid[:, None], lam, 0.0)
+    lam_in = tl.cumsum(lam, axis=0)
+    lam_ex = lam_in - lam
+    rows = tl.arange(0, L_)
+    lam_mid = tl.sum(tl.where(rows[:, None] == MID_, lam_in, 0.0), axis=0)
+    lam_end = tl.sum(tl.where(rows[:, None] == L_ - 1, lam_in, 0.0), axis=0)
+    return lam_in, lam_ex, lam_mid, lam_end
+
+
+@triton.jit
+def unit_lower_inverse(A):
+    """(I - A)^-1 for a strictly lower triangular [CHUNK, CHUNK] A (fp32, ieee products).
+
+    A^16 = 0, so the Neumann series ends and factors: (I+A)(I+A^2)(I+A^4)(I+A^8). Six small
+    products that run in parallel instead of a 15-step dependent substitution.
+    """
+    rows = tl.arange(0, L_)
+    eye = tl.where(rows[:, None] == rows[None, :], 1.0, 0.0)
+    A2 = tl.dot(A, A, input_precision="ieee")
+    A4 = tl.dot(A2, A2, input_precision="ieee")
+    A8 = tl.dot(A4, A4, input_precision="ieee")
+    P1 = tl.dot(eye + A, eye + A2, input_precision="ieee")
+    P2 = tl.dot(eye + A4, eye + A8, input_precision="ieee")
+    return tl.dot(P1, P2, input_precision="ieee")

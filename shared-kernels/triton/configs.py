@@ -1,0 +1,65 @@
+"""Launch configuration of the chunk kernels: one plain function of (K, dtype, T, B*H).
+
+Both launchers (PyTorch and JAX) call :func:`chunk_config`, so they run the same kernels with the
+same tiles and the same segment split, and give bitwise-equal results. No ``triton.autotune``:
+the choice is made from shapes alone (CUDA-graph and jit friendly, no benchmarking at first call).
+"""
+
+from dataclasses import dataclass, replace
+
+CHUNK = 16
+# The serial passes (forward, state gradient) want at least this many programs in flight; with
+# fewer (batch, head) pairs than that, the sequence is cut into segments (ALGORITHM.md s.7).
+SERIAL_PROGRAMS = 1024
+# A segment holds at least this many chunks: shorter ones spend more on the extra passes than they
+# win in parallelism.
+MIN_CHUNKS_PER_SEGMENT = 32
+
+
+@dataclass(frozen=True)
+class ChunkConfig:
+    """Tiles and launch options of one call.
+
+    precision: ``input_precision`` of the tensor-core products ("tf32" for bf16/fp16 inputs, "ieee"
+    for fp32: true fp32). bv_fwd / bv_state: value rows per program of the forward and of the
+    state-gradient walk; bv_bwd: value rows per step of the chunk-parallel gradient kernel's loop.
+    chunks_per_segment: chunks per segment of the serial passes (all of them: no segments).
+    """
+
+    precision: str
+    bv_fwd: int
+    bv_state: int
+    bv_bwd: int
+    chunks_per_segment: int
+    warps_fwd: int = 4
+    warps_state: int = 4
+    warps_bwd: int = 4
+    stages_fwd: int = 1
+    stages_state: int = 1
+    stages_bwd: int = 1
+
+    def with_(self, **changes) -> "ChunkConfig":
+        return replace(self, **changes)
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def chunk_config(K: int, dtype: str, T: int, BH: int) -> ChunkConfig:
+    """The configuration for head size K, input dtype name ("bfloat16", "float16", "float32"),
+    sequence length T and B*H sequences."""
+    precision = "ieee" if dtype in ("float32", "float64") else "tf32"
+    bv = 16 if K <= 64 else 32
+    n_chunks = max(1, cdiv(T, CHUNK))
+    programs = BH * (K // bv)
+    n_seg = 1
+    if programs < SERIAL_PROGRAMS and n_chunks >= 2 * MIN_CHUNKS_PER_SEGMENT:
+        n_seg = min(cdiv(SERIAL_PROGRAMS, programs), n_chunks // MIN_CHUNKS_PER_SEGMENT)
+    return ChunkConfig(
+        precision=precision,
+        bv_fwd=bv,
+        bv_state=bv,
+        bv_bwd=min(K, 64),
+        chunks_per_segment=cdiv(n_chunks, n_seg),
+    )
