@@ -23,7 +23,7 @@ from .chunk_common import (FLOOR_, L_, chunk_log_decays, load_tile, step_validit
                            unit_lower_inverse)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "H", "BH", "NC", "CPS"])
 def chunk_bwd_dstate_kernel(
     r_ptr, w_ptr, a_ptr, b_ptr, dy_ptr, mask_ptr, init_ptr,
     gck_ptr, gend_ptr,
@@ -117,7 +117,7 @@ def chunk_bwd_dstate_kernel(
                 tl.store(ep, G)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "H", "BH", "NC"])
 def chunk_bwd_kernel(
     r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, mask_ptr, ckpt_ptr, gck_ptr,
     dr_ptr, dw_ptr, dk_ptr, dv_ptr, da_ptr, db_ptr,

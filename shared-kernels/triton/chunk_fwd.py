@@ -29,7 +29,7 @@ import triton.language as tl
 from .chunk_common import L_, chunk_log_decays, load_tile, step_validity, unit_lower_inverse
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "H", "BH", "NC", "CPS"])
 def chunk_fwd_kernel(
     r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, mask_ptr, init_ptr,
     y_ptr, ckpt_ptr, send_ptr, mend_ptr,
@@ -161,7 +161,7 @@ def chunk_fwd_kernel(
                 tl.store(send_ptr + ep, S)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "BH", "NSEG"])
 def state_combine_kernel(
     loc_ptr, m_ptr, init_ptr,
     out_ptr,

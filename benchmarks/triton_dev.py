@@ -1,0 +1,190 @@
+"""Development timing of the Triton kernels through the PyTorch launcher (needs a CUDA GPU).
+
+Protocol of ANCHORS.md: bf16 inputs, S = (B=8, T=4096, H=64, K=64), L = (B=1, T=65536, H=32,
+K=64); fwd under no_grad with the final state; fwd+bwd = forward then autograd.grad of (o, final
+state) w.r.t. the six inputs and s0 with random cotangents; median of triton.testing.do_bench.
+
+Prints: the S / L table (ms) and S peak memory; the worst relative error at the error shape
+(B=2, T=256, H=4, K=64) per tensor for bf16 and fp32 inputs; a per-kernel time breakdown (torch
+profiler) with the bytes each kernel must move and the bandwidth that implies. ``--sweep`` also
+times a few alternative launch configurations.
+
+    python benchmarks/triton_dev.py [--sweep] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from collections import defaultdict
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import triton
+
+from rwkv_ops.numpy.reference import (generalized_delta_rule_backward,
+                                      generalized_delta_rule_reference)
+from rwkv_ops.numpy.testing import make_cotangents, make_inputs, rel_error
+from rwkv_ops.torch import triton_launcher as launcher
+
+SHAPES = {"S": (8, 4096, 64, 64), "L": (1, 65536, 32, 64)}
+NAMES = ("r", "w", "k", "v", "a", "b")
+
+
+def protocol_inputs(B, T, H, K, dtype=torch.bfloat16, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = [torch.randn(B, T, H, K, device="cuda", generator=g) for _ in NAMES]
+    r, w, k, v, a, b = x
+    w = -F.softplus(w) - 0.5
+    a = a / a.norm(dim=-1, keepdim=True)
+    b = -a * torch.sigmoid(b)
+    s0 = 0.1 * torch.randn(B, H, K, K, device="cuda", generator=g)
+    return [t.to(dtype).contiguous() for t in (r, w, k, v, a, b)], s0
+
+
+def bench(fn, quick):
+    if quick:
+        return triton.testing.do_bench(fn, warmup=100, rep=400, return_mode="median")
+    return triton.testing.do_bench(fn, warmup=500, rep=1500, return_mode="median")
+
+
+def time_shape(name, quick):
+    B, T, H, K = SHAPES[name]
+    xs, s0 = protocol_inputs(B, T, H, K)
+    with torch.no_grad():
+        fwd = bench(lambda: launcher.generalized_delta_rule(*xs, s0), quick)
+    leaves = [x.detach().requires_grad_() for x in xs] + [s0.detach().requires_grad_()]
+    dy = torch.randn(B, T, H, K, device="cuda", dtype=torch.bfloat16)
+    ds = torch.randn(B, H, K, K, device="cuda")
+
+    def step():
+        o, final = launcher.generalized_delta_rule(*leaves[:6], leaves[6])
+        return torch.autograd.grad((o, final), leaves, (dy, ds))
+
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+    both = bench(step, quick)
+    return fwd, both, peak, step
+
+
+def errors_at_error_shape(dtype, seed=1234):
+    B, T, H, K = 2, 256, 4, 64
+    x = make_inputs(B, T, H, K, seed=seed)
+    ts = [torch.tensor(x[n], dtype=dtype, device="cuda", requires_grad=True) for n in NAMES]
+    s0 = torch.tensor(x["initial_state"], dtype=torch.float32, device="cuda", requires_grad=True)
+    o, final = launcher.generalized_delta_rule(*ts, s0)
+    do, ds = make_cotangents(o.shape, final.shape, seed=seed)
+    do_t = torch.tensor(do, dtype=dtype, device="cuda")
+    grads = torch.autograd.grad((o, final), ts + [s0], (do_t, torch.tensor(ds, device="cuda",
+                                                                              dtype=torch.float32)))
+    rounded = [t.detach().double().cpu().numpy() for t in ts]
+    y_ref, s_ref = generalized_delta_rule_reference(*rounded, x["initial_state"])
+    refs = generalized_delta_rule_backward(*rounded, x["initial_state"],
+                                           do=do_t.double().cpu().numpy(), dfinal_state=ds)
+    errs = {"y": rel_error(o.detach().double().cpu().numpy(), y_ref),
+            "state": rel_error(final.detach().cpu().numpy(), s_ref)}
+    for n, g, ref in zip(("dr", "dw", "dk", "dv", "da", "db", "ds0"), grads, refs):
+        errs[n] = rel_error(g.double().cpu().numpy(), ref)
+    return errs
+
+
+def kernel_bytes(B, T, H, K, n_seg):
+    """Bytes each kernel must move at least (bf16 I/O, fp32 checkpoints), by kernel name."""
+    tok = B * T * H * K * 2          # one bf16 [B, T, H, K] tensor
+    ck = B * H * math.ceil(T / 16) * K * K * 4
+    seg = B * H * n_seg * K * K * 4
+    return {
+        "chunk_fwd_kernel": 6 * tok + tok + ck,
+        "chunk_bwd_dstate_kernel": 5 * tok + ck,
+        "chunk_bwd_kernel": 7 * tok + 2 * ck + 6 * tok,
+        "state_combine_kernel": 3 * seg,
+    }
+
+
+def breakdown(name, step, n=5):
+    B, T, H, K = SHAPES[name]
+    cfg = launcher.select_config(K, torch.bfloat16, T, B * H)
+    n_seg = math.ceil(math.ceil(T / 16) / cfg.chunks_per_segment)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            step()
+        torch.cuda.synchronize()
+    times = defaultdict(float)
+    counts = defaultdict(int)
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            times[ev.name] += ev.time_range.elapsed_us() / 1e3 / n
+            counts[ev.name] += 1
+    need = kernel_bytes(B, T, H, K, n_seg)
+    print(f"  per-kernel (shape {name}, fwd+bwd, {n_seg} segment(s), config {cfg}):")
+    for kname, ms in sorted(times.items(), key=lambda kv: -kv[1]):
+        short = kname.split("(")[0][:60]
+        gb = need.get(short)
+        bw = f"{gb / 1e9:6.2f} GB min, {gb / ms / 1e6:7.0f} GB/s" if gb and counts[kname] // n == 1 else ""
+        print(f"    {short:60s} {ms:8.3f} ms  x{counts[kname] // n}  {bw}")
+
+
+def run_table(quick, label):
+    rows = {}
+    for name in SHAPES:
+        t0 = time.time()
+        fwd, both, peak, step = time_shape(name, quick)
+        rows[name] = (fwd, both, peak, step)
+        print(f"  [{label}] {name}: fwd {fwd:7.3f} ms  fwd+bwd {both:7.3f} ms  peak {peak:5.2f} GiB"
+              f"  ({time.time() - t0:.0f}s)", flush=True)
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sweep", action="store_true", help="also time alternative configs")
+    parser.add_argument("--quick", action="store_true", help="shorter do_bench windows")
+    parser.add_argument("--no-errors", action="store_true")
+    args = parser.parse_args()
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+          f"triton {triton.__version__}")
+
+    if not args.no_errors:
+        for dtype in (torch.bfloat16, torch.float32):
+            errs = errors_at_error_shape(dtype)
+            worst = max(errs, key=errs.get)
+            print(f"error {str(dtype):15s} worst {worst}={errs[worst]:.2e}  "
+                  + " ".join(f"{k}={v:.1e}" for k, v in errs.items()), flush=True)
+
+    rows = run_table(args.quick, "default")
+    print("\n| shape | fwd ms | fwd+bwd ms | peak GiB |\n|---|---|---|---|")
+    for name, (fwd, both, peak, _) in rows.items():
+        print(f"| {name} | {fwd:.3f} | {both:.3f} | {peak:.2f} |")
+    for name, (_, _, _, step) in rows.items():
+        breakdown(name, step)
+
+    if args.sweep:
+        real = launcher.select_config
+        variants = {
+            "bv32": dict(bv_fwd=32, bv_state=32),
+            "bv32-w8": dict(bv_fwd=32, bv_state=32, warps_fwd=8, warps_state=8),
+            "bv64-w8": dict(bv_fwd=64, bv_state=64, warps_fwd=8, warps_state=8),
+            "bwd-w8": dict(warps_bwd=8),
+            "bwd-bv32": dict(bv_bwd=32),
+            "stages2": dict(stages_fwd=2, stages_state=2, stages_bwd=2),
+            "cps128": dict(chunks_per_segment=128),
+            "cps64-bv32": dict(chunks_per_segment=64, bv_fwd=32, bv_state=32),
+        }
+        for label, change in variants.items():
+            launcher.select_config = lambda *a, _c=change: real(*a).with_(**_c)
+            try:
+                run_table(True, label)
+            except Exception as error:  # a config that does not compile is a result too
+                print(f"  [{label}] failed: {type(error).__name__}: {str(error)[:200]}")
+        launcher.select_config = real
+
+
+if __name__ == "__main__":
+    main()
