@@ -251,6 +251,23 @@ def test_empty_sequence(head_first, state):
         check("dinitial_state", tape.gradient(loss, s0), expected_grad, 1e-6)
 
 
+def test_eager_calls_with_varying_shapes_share_one_trace():
+    """The eager wrapper generalises its trace: after a few shapes, a new one runs without tracing."""
+    from rwkv_ops.tensorflow.native import chunked_forward_function
+
+    shapes = [(2, 5, 2, 8), (3, 21, 2, 8), (1, 40, 3, 16), (2, 9, 1, 4), (3, 50, 2, 12)]
+    for i, (B, T, H, K) in enumerate(shapes):
+        x = make_inputs(B, T, H, K, seed=SEED + i, mask="left")
+        traces = chunked_forward_function.experimental_get_tracing_count()
+        o, s = generalized_delta_rule(*(tf.constant(x[n], tf.float32) for n in NAMES),
+                                      x["initial_state"].astype(np.float32), mask=x["mask"])
+        ref_o, ref_s = generalized_delta_rule_reference(*(x[n] for n in NAMES), x["initial_state"],
+                                                        mask=x["mask"])
+        check(f"o {B, T, H, K}", o, ref_o, TOL["model"])
+        check(f"final_state {B, T, H, K}", s, ref_s, TOL["model"])
+    assert chunked_forward_function.experimental_get_tracing_count() == traces
+
+
 def test_mask_of_integers_and_floats_means_the_same():
     B, T, H, K = 2, 19, 1, 8
     x = make_inputs(B, T, H, K, seed=SEED, mask="random")

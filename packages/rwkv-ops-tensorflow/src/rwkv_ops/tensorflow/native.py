@@ -8,12 +8,12 @@ solve gives U = (I - A_ab)^-1 (A_ak V + a_S S_0^T). Only the state is carried fr
 
 Differences from the NumPy template, all for TensorFlow's sake:
 
-* The chunk-to-chunk carry is written as the affine map ``S <- S M_c + X_c`` with
-  ``M_c = diag(exp(Lam_L)) + W_c^T b_bar`` and ``X_c = U0_c^T b_bar + V^T k_bar``, computed for all
-  chunks before the scan, so each scan step is one batched matrix product.
-* That scan has a hand-written gradient (``_state_scan``): it keeps exactly one state per chunk, the
-  one entering it (which the outputs need anyway), and runs the reverse scan
-  ``G <- G M_c^T + dS_c``. Letting autodiff differentiate ``tf.scan`` would store a second copy.
+* The chunk-to-chunk carry ``S <- S diag(exp(Lam_L)) + (S wa^T) b_bar + X_c`` has its S-free part
+  ``X_c = U0_c^T b_bar + V^T k_bar`` formed for all chunks before the scan. The scan has a
+  hand-written gradient (``_state_scan``): it keeps exactly one state per chunk, the one entering it
+  (which the outputs need anyway), runs the reverse scan ``G <- G diag(exp(Lam_L)) + (G b_bar^T) wa
+  + dS_c`` and then forms the chunk-level gradients in parallel. Letting autodiff differentiate
+  ``tf.scan`` would store a second copy of every state.
 * Chunk tensors are laid out [NC, B, H, L, K] so that the scan walks the leading axis with no
   transposes, and the batch size may be unknown while tracing (``tf.function`` with a None batch).
 
@@ -66,29 +66,40 @@ def log_decay(w):
 
 
 @tf.custom_gradient
-def _state_scan(M, X, s0):
-    """Carry the state over chunks: S_{c+1} = S_c M_c + X_c.
+def _state_scan(wa, b_bar, decay_end, X, s0):
+    """Carry the state over chunks: S_{c+1} = S_c diag(decay_end_c) + (S_c wa_c^T) b_bar_c + X_c.
 
     Args:
-        M, X: [NC, B, H, K, K] chunk transitions and inputs.
+        wa, b_bar: [NC, B, H, L, K]; decay_end: [NC, B, H, 1, K]; X: [NC, B, H, K, K].
         s0: [B, H, K, K] state entering chunk 0.
 
     Returns:
         states [NC, B, H, K, K] (the state entering each chunk) and the final state [B, H, K, K].
     """
-    after = tf.scan(lambda S, mx: tf.matmul(S, mx[0]) + mx[1], (M, X), initializer=s0)
+    def step(S, c):
+        wa_c, b_bar_c, decay_c, X_c = c
+        return S * decay_c + tf.matmul(tf.matmul(S, wa_c, transpose_b=True), b_bar_c) + X_c
+
+    after = tf.scan(step, (wa, b_bar, decay_end, X), initializer=s0)
     states = tf.concat([s0[None], after[:-1]], axis=0)
     final = after[-1]
 
     def grad(d_states, d_final):
         d_states = tf.zeros_like(states) if d_states is None else d_states
         d_final = tf.zeros_like(final) if d_final is None else d_final
-        # G_c = dL/dS_c, walking chunks in reverse: G_c = G_{c+1} M_c^T + (direct use of S_c).
-        g_in = tf.scan(lambda G, md: tf.matmul(G, md[0], transpose_b=True) + md[1],
-                       (M, d_states), initializer=d_final, reverse=True)
+
+        def step_back(G, c):
+            # G_c = dL/dS_c: the carry's transpose applied to G_{c+1}, plus S_c's direct uses.
+            wa_c, b_bar_c, decay_c, d_state_c = c
+            return G * decay_c + tf.matmul(tf.matmul(G, b_bar_c, transpose_b=True), wa_c) + d_state_c
+
+        g_in = tf.scan(step_back, (wa, b_bar, decay_end, d_states), initializer=d_final, reverse=True)
         g_out = tf.concat([g_in[1:], d_final[None]], axis=0)   # G_{c+1}, the gradient leaving chunk c
-        dM = tf.matmul(states, g_out, transpose_a=True)
-        return dM, g_out, g_in[0]
+        # Everything but the reverse scan is parallel over chunks.
+        d_decay_end = tf.reduce_sum(states * g_out, axis=-2, keepdims=True)
+        d_b_bar = tf.matmul(tf.matmul(states, wa, transpose_b=True), g_out, transpose_a=True)
+        d_wa = tf.matmul(tf.matmul(g_out, b_bar, transpose_b=True), states, transpose_a=True)
+        return d_wa, d_b_bar, d_decay_end, g_out, g_in[0]
 
     return (states, final), grad
 
@@ -97,8 +108,9 @@ def chunked_forward(r, w, k, v, a, b, s0, mask):
     """The chunked forward on [B, T, H, K] tensors of the compute dtype.
 
     Args:
-        r, w, k, v, a, b: [B, T, H, K], already in the compute dtype; T, H and K static, B may be
-            unknown while tracing.
+        r, w, k, v, a, b: [B, T, H, K], already in the compute dtype. Static sizes give a static
+            graph (what XLA needs); unknown ones are read at run time (the eager wrapper's
+            shape-generic trace).
         s0: [B, H, K, K] state (compute dtype).
         mask: [B, T] bool or None.
 
@@ -106,13 +118,12 @@ def chunked_forward(r, w, k, v, a, b, s0, mask):
         y [B, T, H, K] and the final state [B, H, K, K], both in the compute dtype.
     """
     cd = r.dtype
-    _, T, H, K = r.shape
-    B = tf.shape(r)[0]
+    B, T, H, K = (r.shape[i] if r.shape[i] is not None else tf.shape(r)[i] for i in range(4))
     L = CHUNK
     NC = -(-T // L)
     Tp = NC * L
     m = tf.ones(tf.stack([B, T]), dtype=tf.bool) if mask is None else tf.cast(mask, tf.bool)
-    if Tp != T:
+    if not isinstance(T, int) or Tp != T:
         pad = [[0, 0], [0, Tp - T], [0, 0], [0, 0]]
         r, w, k, v, a, b = (tf.pad(x, pad) for x in (r, w, k, v, a, b))
         m = tf.pad(m, [[0, 0], [0, Tp - T]])
@@ -155,10 +166,10 @@ def chunked_forward(r, w, k, v, a, b, s0, mask):
     sol = tf.linalg.triangular_solve(eye - A_ab, rhs, lower=True)
     u0, wa = sol[..., :K], sol[..., K:]       # U = u0 + wa S_0^T
 
-    # S_L = S_0 diag(exp(Lam_L)) + U^T b_bar + V^T k_bar, with U = u0 + wa S_0^T, is affine in S_0.
-    M = tf.eye(K, dtype=cd) * decay_end + tf.matmul(wa, b_bar, transpose_a=True)
+    # S_L = S_0 diag(exp(Lam_L)) + U^T b_bar + V^T k_bar with U = u0 + wa S_0^T: the S_0-free part
+    # X is formed for all chunks at once, the scan adds S_0 diag(exp(Lam_L)) + (S_0 wa^T) b_bar.
     X = tf.matmul(tf.concat([u0, v], axis=-2), tf.concat([b_bar, k_bar], axis=-2), transpose_a=True)
-    states, S = _state_scan(M, X, s0)
+    states, S = _state_scan(wa, b_bar, decay_end, X, s0)
     u = u0 + tf.matmul(wa, states, transpose_b=True)
     y = (tf.matmul(r_s, states, transpose_b=True)
          + tf.matmul(tf.concat([A_qk, A_qb], axis=-1), tf.concat([v, u], axis=-2)))
@@ -168,5 +179,6 @@ def chunked_forward(r, w, k, v, a, b, s0, mask):
 
 
 # Eager callers get this traced copy: op-by-op dispatch of the ~60 ops above costs more than the
-# arithmetic at small sizes. It retraces per shape/dtype (T, H, K must be static anyway).
-chunked_forward_function = tf.function(chunked_forward)
+# arithmetic at small sizes. reduce_retracing lets it fall back to one shape-generic trace once
+# shapes vary (decoding with a growing T would otherwise pay a fresh trace, ~0.5 s, per length).
+chunked_forward_function = tf.function(chunked_forward, reduce_retracing=True)
