@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import tensorflow as tf
 
 from rwkv_ops.common import TensorInfo, check_inputs, choose_kernel_type, docs
@@ -54,7 +53,7 @@ def _validate(xs, initial_state, mask, head_first):
     originals = [*xs, initial_state, mask]
     tensors = [None if x is None else tf.convert_to_tensor(x) for x in originals]
     devices = [_device_of(x) for x in originals]
-    # Arguments without a device of their own (numpy arrays, graph tensors) go wherever r's does.
+    # Arguments without a device of their own (numpy arrays, graph tensors) follow the first that has one.
     default = next((d for d in devices if d), "cpu")
     batch = _known_batch(tensors[:6], tensors[6], tensors[7])
     infos = [None if t is None else tensor_info(t, d or default, batch)
