@@ -1,0 +1,56 @@
+"""Inference-only entry point of rwkv_ops.numpy (NumPy keeps nothing for a backward anyway).
+
+One function for a server: a padded batch (optional ``mask``), packed sequences (``cu_seqlens``),
+or a single step (T = 1: the direct decode update, no chunking).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from rwkv_ops.common.serving import check_inference_options
+from rwkv_ops.numpy.api import generalized_delta_rule
+from rwkv_ops.numpy.decode import rwkv7_op_rnn
+from rwkv_ops.numpy.varlen import generalized_delta_rule_varlen
+
+
+def generalized_delta_rule_inference(r, w, k, v, a, b, initial_state=None, output_final_state=True,
+                                     head_first=False, *, mask=None, cu_seqlens=None):
+    """Forward-only generalized delta rule: the results of ``generalized_delta_rule``.
+
+    Args:
+        r, w, k, v, a, b: [B, T, H, K] (head_first: [B, H, T, K]); with ``cu_seqlens``, packed
+            [1, total_T, H, K].
+        initial_state: optional [B, H, K, K] or [1, H, K, K]; with ``cu_seqlens``, [N, H, K, K].
+        output_final_state: when False the second result is None.
+        head_first: layout of the inputs and of o (not with ``cu_seqlens``).
+        mask: optional [B, T] (0 = padding); not with ``cu_seqlens``.
+        cu_seqlens: optional [N + 1] sequence boundaries of packed inputs (see
+            ``generalized_delta_rule_varlen``).
+
+    Returns:
+        (o, final_state) as ``generalized_delta_rule`` (final_state [N, H, K, K] with cu_seqlens).
+
+    Example::
+
+        >>> import numpy as np
+        >>> from rwkv_ops.numpy.inference import generalized_delta_rule_inference
+        >>> r, w, k, v, a, b = np.random.randn(6, 2, 32, 4, 64).astype(np.float32)
+        >>> o, s = generalized_delta_rule_inference(r, -np.exp(w), k, v, a, b)
+        >>> o.shape, s.shape
+        ((2, 32, 4, 64), (2, 4, 64, 64))
+    """
+    check_inference_options(head_first, mask is not None, cu_seqlens is not None)
+    if cu_seqlens is not None:
+        return generalized_delta_rule_varlen(r, w, k, v, a, b, cu_seqlens, initial_state,
+                                             output_final_state)
+    shape = np.shape(r)
+    T = shape[2 if head_first else 1] if len(shape) == 4 else None
+    if T == 1 and mask is None:
+        if initial_state is None:
+            B, H, K = (shape[0], shape[1], shape[3]) if head_first else (shape[0], shape[2], shape[3])
+            initial_state = np.zeros((B, H, K, K), np.float32)
+        o, state = rwkv7_op_rnn(r, w, k, v, a, b, initial_state, head_first)
+        return o, (state if output_final_state else None)
+    return generalized_delta_rule(r, w, k, v, a, b, initial_state, output_final_state, head_first,
+                                  mask=mask)

@@ -1,0 +1,87 @@
+"""Variable-length batches for PyTorch: N sequences packed along T, boundaries in ``cu_seqlens``.
+
+The native approach of every backend: gather the packed [1, total_T, H, K] inputs into a
+right-padded [N, max_len, H, K] batch with a mask, run the dense op (``rwkv_ops.torch.api``: the
+Triton kernels on CUDA, native elsewhere; padded steps leave the state unchanged and receive no
+gradient), and gather the real steps' outputs back into the packed layout. Both directions are
+gathers, so autograd's backward is a scatter-add and gradients reach every input and the states.
+
+The boundaries are read on the host (one device-to-host copy when ``cu_seqlens`` is a CUDA tensor):
+the padded batch's shape depends on them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rwkv_ops.common.serving import VarlenProblem, check_varlen_inputs
+from rwkv_ops.torch.api import generalized_delta_rule, tensor_info
+
+
+def host_cu_seqlens(cu_seqlens) -> tuple:
+    """(TensorInfo, values as Python ints) of cu_seqlens (a tensor, list, tuple or NumPy array)."""
+    cu = cu_seqlens if isinstance(cu_seqlens, torch.Tensor) else torch.as_tensor(cu_seqlens)
+    info = tensor_info(cu)
+    # the device of the boundaries does not matter: they are only read on the host
+    info = type(info)(shape=info.shape, is_floating=info.is_floating, dtype=info.dtype,
+                      device="host", is_bool_or_integer=info.is_bool_or_integer)
+    return info, cu.reshape(-1).tolist()
+
+
+def padding_indices(p: VarlenProblem, device):
+    """Index tensors of the gather in both directions, on ``device``.
+
+    Returns (src [N, max_len] int64: packed step of each padded slot, 0 for padding; mask
+    [N, max_len] bool; dst [total_T] int64: the flat padded slot n * max_len + t of each packed
+    step).
+    """
+    starts = torch.tensor(p.starts, dtype=torch.int64)
+    lengths = torch.tensor(p.lengths, dtype=torch.int64)
+    t = torch.arange(p.max_len, dtype=torch.int64)
+    mask = t[None, :] < lengths[:, None]
+    src = torch.where(mask, starts[:, None] + t[None, :], 0)
+    seq = torch.repeat_interleave(torch.arange(p.N, dtype=torch.int64), lengths)
+    pos = torch.arange(p.total_T, dtype=torch.int64) - torch.repeat_interleave(starts, lengths)
+    dst = seq * p.max_len + pos
+    return src.to(device), mask.to(device), dst.to(device)
+
+
+def generalized_delta_rule_varlen(r, w, k, v, a, b, cu_seqlens, initial_state=None,
+                                  output_final_state=True):
+    """The generalized delta rule on N sequences of any lengths, packed along T (PyTorch).
+
+    Differentiable with respect to r, w, k, v, a, b and initial_state.
+
+    Args:
+        r, w, k, v, a, b: [1, total_T, H, K] packed inputs, floating dtypes.
+        cu_seqlens: [N + 1] integers (tensor on any device, list, tuple or NumPy array),
+            0 = cu_seqlens[0] <= ... <= cu_seqlens[N] = total_T; sequence n is steps
+            cu_seqlens[n] .. cu_seqlens[n + 1] - 1.
+        initial_state: optional [N, H, K, K], one state per sequence (zeros when None).
+        output_final_state: when False the second result is None.
+
+    Returns:
+        (o, final_state): o [1, total_T, H, K] in r's dtype; final_state [N, H, K, K] float32
+        (float64 for float64 inputs) or None.
+
+    Example::
+
+        >>> import torch
+        >>> from rwkv_ops.torch.varlen import generalized_delta_rule_varlen
+        >>> r, w, k, v, a, b = torch.randn(6, 1, 54, 4, 64).unbind(0)
+        >>> o, s = generalized_delta_rule_varlen(r, w, k, v, a, b, [0, 5, 21, 54])
+        >>> o.shape, s.shape
+        (torch.Size([1, 54, 4, 64]), torch.Size([3, 4, 64, 64]))
+    """
+    xs = (r, w, k, v, a, b)
+    cu_info, cu_values = host_cu_seqlens(cu_seqlens)
+    p = check_varlen_inputs(*(tensor_info(x) for x in xs), cu_info, cu_values,
+                            None if initial_state is None else tensor_info(initial_state))
+    src, mask, dst = padding_indices(p, r.device)
+    keep = mask[..., None, None]
+    # padding slots read step 0 and are then zeroed: nothing of them reaches the result or the
+    # gradient of step 0
+    padded = [torch.where(keep, x[0][src], 0) for x in xs]
+    o_pad, final = generalized_delta_rule(*padded, initial_state, output_final_state, mask=mask)
+    o = o_pad.reshape(p.N * p.max_len, p.H, p.K)[dst]
+    return o.unsqueeze(0), final
