@@ -1,0 +1,66 @@
+"""Inference-only entry point of rwkv_ops.jax: forward results, no gradient through it.
+
+One function for a server: a padded batch (optional ``mask``), packed sequences (``cu_seqlens``,
+concrete), or a single step (T = 1, no mask: the decode update of ``rwkv_ops.jax.decode``, its
+Triton kernel on a GPU). The inputs pass through ``jax.lax.stop_gradient``: under ``grad`` their
+tangents are symbolic zeros, so the Triton launcher's ``custom_vjp`` runs its plain forward, which
+keeps no state checkpoints.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rwkv_ops.common.serving import check_inference_options
+from rwkv_ops.jax.api import as_arrays, generalized_delta_rule
+from rwkv_ops.jax.decode import rwkv7_op_rnn
+from rwkv_ops.jax.varlen import generalized_delta_rule_varlen
+
+
+def generalized_delta_rule_inference(r, w, k, v, a, b, initial_state=None, output_final_state=True,
+                                     head_first=False, *, mask=None, cu_seqlens=None):
+    """Forward-only generalized delta rule: the results of ``generalized_delta_rule``.
+
+    Args:
+        r, w, k, v, a, b: [B, T, H, K] (head_first: [B, H, T, K]); with ``cu_seqlens``, packed
+            [1, total_T, H, K].
+        initial_state: optional [B, H, K, K] or [1, H, K, K]; with ``cu_seqlens``, [N, H, K, K].
+        output_final_state: when False the second result is None.
+        head_first: layout of the inputs and of o (not with ``cu_seqlens``).
+        mask: optional [B, T] (0 = padding); not with ``cu_seqlens``.
+        cu_seqlens: optional [N + 1] concrete sequence boundaries of packed inputs (see
+            ``rwkv_ops.jax.varlen.generalized_delta_rule_varlen``).
+
+    Returns:
+        (o, final_state) as ``generalized_delta_rule`` (final_state [N, H, K, K] with cu_seqlens);
+        their gradient with respect to every input is zero.
+
+    Example::
+
+        >>> import jax
+        >>> from rwkv_ops.jax.inference import generalized_delta_rule_inference
+        >>> r, w, k, v, a, b = jax.random.normal(jax.random.key(0), (6, 2, 32, 4, 64))
+        >>> o, s = jax.jit(generalized_delta_rule_inference)(r, w, k, v, a, b)
+        >>> o.shape, s.shape
+        ((2, 32, 4, 64), (2, 4, 64, 64))
+    """
+    check_inference_options(head_first, mask is not None, cu_seqlens is not None)
+    r, w, k, v, a, b, initial_state, mask = as_arrays(r, w, k, v, a, b, initial_state, mask)
+    r, w, k, v, a, b = (jax.lax.stop_gradient(x) for x in (r, w, k, v, a, b))
+    if initial_state is not None:
+        initial_state = jax.lax.stop_gradient(initial_state)
+    if cu_seqlens is not None:
+        return generalized_delta_rule_varlen(r, w, k, v, a, b, cu_seqlens, initial_state,
+                                             output_final_state)
+    shape = tuple(np.shape(r))
+    if len(shape) == 4 and shape[2 if head_first else 1] == 1 and mask is None:
+        if initial_state is None:
+            B, H, K = shape[0], shape[1 if head_first else 2], shape[3]
+            wide = any(jnp.dtype(x.dtype) == jnp.float64 for x in (r, w, k, v, a, b))
+            initial_state = jnp.zeros((B, H, K, K), jnp.float64 if wide else jnp.float32)
+        o, state = rwkv7_op_rnn(r, w, k, v, a, b, initial_state, head_first)
+        return o, (state if output_final_state else None)
+    return generalized_delta_rule(r, w, k, v, a, b, initial_state, output_final_state, head_first,
+                                  mask=mask)
