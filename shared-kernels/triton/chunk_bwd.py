@@ -1,13 +1,12 @@
 """Triton backward of the RWKV-7 generalized delta rule, in two kernels.
 
 The gradient G of the state (G = dloss/dS at a chunk's end, V x K) obeys a recursion that needs no
-forward state at all::
+forward state at all, only the forward prep kernel's tiles (chunk_fwd.py)::
 
-    dU = A_qb^T dY + b_bar G^T         dX = N^T dU
-    G_prev = G diag(exp(Lam_end)) + dY^T r_s + dX^T a_s
+    G_prev = G diag(dec) + (G b_bar^T) W + dY^T R2        (= G M_c^T + dY^T R2)
 
-Its rows are independent, so ``chunk_bwd_dstate_kernel`` walks the chunks in reverse with the V rows
-split over programs (like the forward) and stores G at the end of every chunk (fp32). With G and
+Its rows are independent, so ``chunk_scan_bwd_kernel`` walks the chunks in reverse with the V rows
+split over programs (like the forward scan) and stores G at the end of every chunk (fp32). With G and
 the forward's checkpoint S0 of every chunk known, the remaining gradients of a chunk depend on that
 chunk alone: ``chunk_bwd_kernel`` runs one program per (batch, head, chunk), all in parallel, with
 all V rows (a loop over V blocks, summing the K-side partials in registers: no atomics, a fixed
@@ -19,30 +18,31 @@ The segment algebra (s.7) applies to G as well: G_start = G_end M^T + G_loc, wit
 import triton
 import triton.language as tl
 
-from .chunk_common import (FLOOR_, L_, chunk_log_decays, load_tile, step_validity,
+from .chunk_common import (FLOOR_, L_, chunk_log_decays, load_tile, step_validity, tf32,
                            unit_lower_inverse)
 
 
 @triton.jit(do_not_specialize=["T", "H", "BH", "NC", "CPS"])
-def chunk_bwd_dstate_kernel(
-    r_ptr, w_ptr, a_ptr, b_ptr, dy_ptr, mask_ptr, init_ptr,
+def chunk_scan_bwd_kernel(
+    dy_ptr, wt_ptr, bt_ptr, r2t_ptr, dect_ptr, init_ptr,
     gck_ptr, gend_ptr,
     T, H, BH, NC, CPS,
     stride_b, stride_t, stride_h,
     init_sb, init_sh, init_ss,
     gend_sbh, gend_ss,
     K: tl.constexpr, BV: tl.constexpr,
-    HAS_MASK: tl.constexpr, HAS_INIT: tl.constexpr, LOCAL: tl.constexpr,
-    SAVE_CKPT: tl.constexpr, WRITE_END: tl.constexpr,
-    PREC: tl.constexpr,
+    HAS_INIT: tl.constexpr, LOCAL: tl.constexpr, SAVE_CKPT: tl.constexpr,
+    WRITE_END: tl.constexpr, PREC: tl.constexpr,
 ):
-    """Reverse walk of the state gradient. Grid: (K // BV * BH * n_segments,).
+    """Reverse scan of the state gradient over one segment. Grid: (K // BV * BH * n_segments,).
 
-    r, w, a, b, dy: [B, T, H, K] by (stride_b, stride_t, stride_h). init: the gradient at the end of
-    each segment, rows at init + b * init_sb + h * init_sh + segment * init_ss (zero without
-    HAS_INIT). gck: [B*H, NC, K, K] fp32, the gradient at the end of every chunk (SAVE_CKPT).
-    gend: the gradient at the segment's start, at gend + bh * gend_sbh + segment * gend_ss; LOCAL
-    writes it for every segment, otherwise only segment 0 writes it (the initial-state gradient).
+    dy: [B, T, H, K] by the strides. wt, bt, r2t, dect: the forward prep kernel's W, b_bar, R2
+    and dec tiles (R2 is 0 at padded / masked steps, so their dy is ignored). init: the gradient at
+    the end of each segment, rows at init + b * init_sb + h * init_sh + segment * init_ss (zero
+    without HAS_INIT). gck: [B*H, NC, K, K] fp32, the gradient at the end of every chunk
+    (SAVE_CKPT). gend: the gradient at the segment's start, at gend + bh * gend_sbh +
+    segment * gend_ss; LOCAL writes it for every segment, otherwise only segment 0 (the
+    initial-state gradient).
     """
     NV: tl.constexpr = K // BV
     pid = tl.program_id(0)
@@ -55,15 +55,14 @@ def chunk_bwd_dstate_kernel(
     rows = tl.arange(0, L_)
     cols = tl.arange(0, K)
     vrow = vb * BV + tl.arange(0, BV)
-    incl = rows[:, None] >= rows[None, :]
-    strict = rows[:, None] > rows[None, :]
+    state_tile = vrow[:, None] * K + cols[None, :]
+    ktile = rows[:, None] * K + cols[None, :]
     base = b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
-    mp = mask_ptr + b.to(tl.int64) * T
-    tile = vrow[:, None] * K + cols[None, :]
+    vt_off = base + vrow[:, None] + rows[None, :] * stride_t
 
     if HAS_INIT:
         ip = init_ptr + b.to(tl.int64) * init_sb + h.to(tl.int64) * init_sh + seg.to(tl.int64) * init_ss
-        G = tl.load(ip + tile).to(tl.float32)
+        G = tl.load(ip + state_tile).to(tl.float32)
     else:
         G = tl.zeros([BV, K], dtype=tl.float32)
 
@@ -71,45 +70,24 @@ def chunk_bwd_dstate_kernel(
     c_hi = tl.minimum(c_lo + CPS, NC)
     for i in range(0, c_hi - c_lo):
         c = c_hi - 1 - i
-        t = c * L_ + rows
-        valid = step_validity(mp, t, T, HAS_MASK)
-        w = load_tile(w_ptr + base, t, T, cols, stride_t)
-        lam_in, lam_ex, lam_mid, lam_end = chunk_log_decays(w, valid)
-        e_in = tl.exp(lam_in - lam_mid[None, :])
-        e_ex = tl.exp(lam_ex - lam_mid[None, :])
-        e_inv = tl.exp(lam_mid[None, :] - lam_in)
-        to_mid = tl.exp(lam_mid)
-        mid_to_end = tl.exp(lam_end - lam_mid)
-        decay_end = tl.exp(lam_end)
-
-        rr = load_tile(r_ptr + base, t, T, cols, stride_t)
-        aa = tl.where(valid[:, None], load_tile(a_ptr + base, t, T, cols, stride_t), 0.0)
-        bb = load_tile(b_ptr + base, t, T, cols, stride_t)
-        dy = tl.where(valid[:, None], load_tile(dy_ptr + base, t, T, vrow, stride_t), 0.0)
-
-        q_t = rr * e_in
-        a_t = aa * e_ex
-        b_h = bb * e_inv
-        r_s = q_t * to_mid[None, :]
-        a_s = a_t * to_mid[None, :]
-        b_bar = b_h * mid_to_end[None, :]
-        A_qb = tl.where(incl, tl.dot(q_t, tl.trans(b_h), input_precision=PREC), 0.0)
-        A_ab = tl.where(strict, tl.dot(a_t, tl.trans(b_h), input_precision=PREC), 0.0)
-        N = unit_lower_inverse(A_ab)
-
+        t0 = c * L_
+        inb = (t0 + rows) < T
+        cbase = (bh.to(tl.int64) * NC + c) * L_ * K
+        Wc = tl.load(wt_ptr + cbase + ktile)
+        Bc = tl.load(bt_ptr + cbase + ktile)
+        R2 = tl.load(r2t_ptr + cbase + ktile)
+        dec = tl.load(dect_ptr + (bh.to(tl.int64) * NC + c) * K + cols)
+        dYt = tl.load(dy_ptr + vt_off + t0 * stride_t, mask=inb[None, :], other=0.0).to(tl.float32)
         if SAVE_CKPT:
-            gp = gck_ptr + (bh.to(tl.int64) * NC + c) * K * K
-            tl.store(gp + tile, G)
-
-        dU = tl.dot(tl.trans(A_qb), dy, input_precision=PREC)
-        dU = tl.dot(b_bar, tl.trans(G), dU, input_precision=PREC)
-        dX = tl.dot(tl.trans(N), dU, input_precision=PREC)
-        G = G * decay_end[None, :]
-        G = tl.dot(tl.trans(dy), r_s, G, input_precision=PREC)
-        G = tl.dot(tl.trans(dX), a_s, G, input_precision=PREC)
+            tl.store(gck_ptr + (bh.to(tl.int64) * NC + c) * K * K + state_tile, G)
+        # G_prev = G M_c^T + dY^T R2, with M_c^T = diag(dec) + b_bar^T W
+        X2 = tl.dot(tf32(G, PREC), tl.trans(Bc), input_precision=PREC)
+        G = G * dec[None, :]
+        G = tl.dot(tf32(dYt, PREC), R2, G, input_precision=PREC)
+        G = tl.dot(tf32(X2, PREC), Wc, G, input_precision=PREC)
 
     if WRITE_END:
-        ep = gend_ptr + bh.to(tl.int64) * gend_sbh + seg.to(tl.int64) * gend_ss + tile
+        ep = gend_ptr + bh.to(tl.int64) * gend_sbh + seg.to(tl.int64) * gend_ss + state_tile
         if LOCAL:
             tl.store(ep, G)
         else:
@@ -124,12 +102,15 @@ def chunk_bwd_kernel(
     T, H, BH, NC,
     stride_b, stride_t, stride_h,
     K: tl.constexpr, BV: tl.constexpr,
-    HAS_MASK: tl.constexpr, PREC: tl.constexpr,
+    HAS_MASK: tl.constexpr, PREC: tl.constexpr, PREC_PAIR: tl.constexpr,
 ):
     """Gradients of r, w, k, v, a, b for one (batch, head, chunk). Grid: (NC * BH,).
 
     Inputs as in the forward; dy like r; ckpt: [B*H, NC, K, K] fp32 state entering each chunk;
     gck: [B*H, NC, K, K] fp32 state gradient at each chunk's end. Outputs: like their inputs.
+    PREC_PAIR: precision of the products that turn the L x L gradients into per-factor gradients.
+    dw sums them with opposite signs (telescoping over the chunk), so with strong decays their
+    rounding would not cancel: "tf32x3" (or "ieee") there keeps dw at the others' accuracy.
     """
     NV: tl.constexpr = K // BV
     pid = tl.program_id(0)
@@ -169,11 +150,21 @@ def chunk_bwd_kernel(
     a_s = a_t * to_mid[None, :]
     k_bar = k_h * mid_to_end[None, :]
     b_bar = b_h * mid_to_end[None, :]
-    A_qk = tl.where(incl, tl.dot(q_t, tl.trans(k_h), input_precision=PREC), 0.0)
-    A_qb = tl.where(incl, tl.dot(q_t, tl.trans(b_h), input_precision=PREC), 0.0)
-    A_ak = tl.where(strict, tl.dot(a_t, tl.trans(k_h), input_precision=PREC), 0.0)
-    A_ab = tl.where(strict, tl.dot(a_t, tl.trans(b_h), input_precision=PREC), 0.0)
-    N = unit_lower_inverse(A_ab)
+    q_r = tf32(q_t, PREC)
+    a_r = tf32(a_t, PREC)
+    k_r = tf32(k_h, PREC)
+    b_r = tf32(b_h, PREC)
+    A_qk = tl.where(incl, tl.dot(q_r, tl.trans(k_r), input_precision=PREC), 0.0)
+    A_qb = tl.where(incl, tl.dot(q_r, tl.trans(b_r), input_precision=PREC), 0.0)
+    A_ak = tl.where(strict, tl.dot(a_r, tl.trans(k_r), input_precision=PREC), 0.0)
+    A_ab = tl.where(strict, tl.dot(a_r, tl.trans(b_r), input_precision=PREC), 0.0)
+    N = tf32(unit_lower_inverse(A_ab), PREC)
+    A_qk_r = tf32(A_qk, PREC)
+    A_qb_r = tf32(A_qb, PREC)
+    A_ak_r = tf32(A_ak, PREC)
+    a_s_r = tf32(a_s, PREC)
+    k_bar_r = tf32(k_bar, PREC)
+    b_bar_r = tf32(b_bar, PREC)
 
     # K-side partial sums over all V rows
     dA_qk = tl.zeros([L_, L_], dtype=tl.float32)
@@ -191,19 +182,23 @@ def chunk_bwd_kernel(
         tile = vcol[:, None] * K + cols[None, :]
         vv = load_tile(v_ptr + base, t, T, vcol, stride_t)
         dy = tl.where(valid[:, None], load_tile(dy_ptr + base, t, T, vcol, stride_t), 0.0)
-        S0 = tl.load(ckpt_ptr + st_base + tile)
+        S0_f = tl.load(ckpt_ptr + st_base + tile)
+        S0 = tf32(S0_f, PREC)
         G = tl.load(gck_ptr + st_base + tile)
+        G_r = tf32(G, PREC)
+        vv = tf32(vv, PREC)
+        dy = tf32(dy, PREC)
 
-        X = tl.dot(A_ak, vv, input_precision=PREC)
-        X = tl.dot(a_s, tl.trans(S0), X, input_precision=PREC)
-        U = tl.dot(N, X, input_precision=PREC)
-        dU = tl.dot(tl.trans(A_qb), dy, input_precision=PREC)
-        dU = tl.dot(b_bar, tl.trans(G), dU, input_precision=PREC)
-        dX = tl.dot(tl.trans(N), dU, input_precision=PREC)
+        X = tl.dot(A_ak_r, vv, input_precision=PREC)
+        X = tl.dot(a_s_r, tl.trans(S0), X, input_precision=PREC)
+        U = tf32(tl.dot(N, tf32(X, PREC), input_precision=PREC), PREC)
+        dU = tl.dot(tl.trans(A_qb_r), dy, input_precision=PREC)
+        dU = tl.dot(b_bar_r, tl.trans(G_r), dU, input_precision=PREC)
+        dX = tf32(tl.dot(tl.trans(N), tf32(dU, PREC), input_precision=PREC), PREC)
 
-        dv = tl.dot(tl.trans(A_qk), dy, input_precision=PREC)
-        dv = tl.dot(tl.trans(A_ak), dX, dv, input_precision=PREC)
-        dv = tl.dot(k_bar, tl.trans(G), dv, input_precision=PREC)
+        dv = tl.dot(tl.trans(A_qk_r), dy, input_precision=PREC)
+        dv = tl.dot(tl.trans(A_ak_r), dX, dv, input_precision=PREC)
+        dv = tl.dot(k_bar_r, tl.trans(G_r), dv, input_precision=PREC)
         dv = tl.where(valid[:, None], dv, 0.0)
         tl.store(dv_ptr + base + t[:, None] * stride_t + vcol[None, :],
                  dv.to(dv_ptr.dtype.element_ty), mask=(t < T)[:, None])
@@ -214,22 +209,22 @@ def chunk_bwd_kernel(
         dA_ab = tl.dot(dX, tl.trans(U), dA_ab, input_precision=PREC)
         dr_s = tl.dot(dy, S0, dr_s, input_precision=PREC)
         da_s = tl.dot(dX, S0, da_s, input_precision=PREC)
-        dk_bar = tl.dot(vv, G, dk_bar, input_precision=PREC)
-        db_bar = tl.dot(U, G, db_bar, input_precision=PREC)
-        d_end += tl.sum(S0 * G, axis=0)
+        dk_bar = tl.dot(vv, G_r, dk_bar, input_precision=PREC)
+        db_bar = tl.dot(U, G_r, db_bar, input_precision=PREC)
+        d_end += tl.sum(S0_f * G, axis=0)
 
     dA_qk = tl.where(incl, dA_qk, 0.0)
     dA_qb = tl.where(incl, dA_qb, 0.0)
     dA_ak = tl.where(strict, dA_ak, 0.0)
     dA_ab = tl.where(strict, dA_ab, 0.0)
-    dq_t = tl.dot(dA_qk, k_h, input_precision=PREC)
-    dq_t = tl.dot(dA_qb, b_h, dq_t, input_precision=PREC)
-    dk_h = tl.dot(tl.trans(dA_qk), q_t, input_precision=PREC)
-    dk_h = tl.dot(tl.trans(dA_ak), a_t, dk_h, input_precision=PREC)
-    da_t = tl.dot(dA_ak, k_h, input_precision=PREC)
-    da_t = tl.dot(dA_ab, b_h, da_t, input_precision=PREC)
-    db_h = tl.dot(tl.trans(dA_qb), q_t, input_precision=PREC)
-    db_h = tl.dot(tl.trans(dA_ab), a_t, db_h, input_precision=PREC)
+    dq_t = tl.dot(dA_qk, k_h, input_precision=PREC_PAIR)
+    dq_t = tl.dot(dA_qb, b_h, dq_t, input_precision=PREC_PAIR)
+    dk_h = tl.dot(tl.trans(dA_qk), q_t, input_precision=PREC_PAIR)
+    dk_h = tl.dot(tl.trans(dA_ak), a_t, dk_h, input_precision=PREC_PAIR)
+    da_t = tl.dot(dA_ak, k_h, input_precision=PREC_PAIR)
+    da_t = tl.dot(dA_ab, b_h, da_t, input_precision=PREC_PAIR)
+    db_h = tl.dot(tl.trans(dA_qb), q_t, input_precision=PREC_PAIR)
+    db_h = tl.dot(tl.trans(dA_ab), a_t, db_h, input_precision=PREC_PAIR)
 
     # d/dLam of every factor; the anchor Lam_mid cancels exactly (each pair product is free of it)
     k_bar_t = dk_bar * k_bar + db_bar * b_bar

@@ -54,6 +54,45 @@ def chunk_log_decays(w, valid):
 
 
 @triton.jit
+def chunk_log_decays3(w, valid):
+    """chunk_log_decays for G chunks at once: w [G, CHUNK, K], valid [G, CHUNK]; anchors [G, K]."""
+    lam = tl.maximum(-tl.exp(w), -FLOOR_)
+    lam = tl.where(valid[:, :, None], lam, 0.0)
+    lam_in = tl.cumsum(lam, axis=1)
+    lam_ex = lam_in - lam
+    rows = tl.arange(0, L_)[None, :, None]
+    lam_mid = tl.sum(tl.where(rows == MID_, lam_in, 0.0), axis=1)
+    lam_end = tl.sum(tl.where(rows == L_ - 1, lam_in, 0.0), axis=1)
+    return lam_in, lam_ex, lam_mid, lam_end
+
+
+@triton.jit
+def tf32(x, PREC: tl.constexpr):
+    """Round an fp32 tile to the nearest tf32 value when PREC is "tf32".
+
+    The tensor cores read tf32 operands by dropping the low 13 mantissa bits (truncation, a biased
+    error twice as large as rounding); rounding first makes those bits zero, so they drop exactly.
+    """
+    if PREC == "tf32":
+        bits = x.to(tl.uint32, bitcast=True)
+        x = ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+    return x
+
+
+@triton.jit
+def unit_lower_inverse3(A):
+    """unit_lower_inverse for G chunks at once: A [G, CHUNK, CHUNK] (batched ieee products)."""
+    rows = tl.arange(0, L_)
+    eye = tl.where(rows[:, None] == rows[None, :], 1.0, 0.0)[None, :, :]
+    A2 = tl.dot(A, A, input_precision="ieee")
+    A4 = tl.dot(A2, A2, input_precision="ieee")
+    A8 = tl.dot(A4, A4, input_precision="ieee")
+    P1 = tl.dot(eye + A, eye + A2, input_precision="ieee")
+    P2 = tl.dot(eye + A4, eye + A8, input_precision="ieee")
+    return tl.dot(P1, P2, input_precision="ieee")
+
+
+@triton.jit
 def unit_lower_inverse(A):
     """(I - A)^-1 for a strictly lower triangular [CHUNK, CHUNK] A (fp32, ieee products).
 

@@ -1,55 +1,155 @@
-"""Triton forward of the RWKV-7 generalized delta rule (chunked, WY form; ALGORITHM.md s.2, s.7).
+"""Triton forward of the RWKV-7 generalized delta rule (chunked WY form; ALGORITHM.md s.2, s.7).
 
-One program owns BV value rows of the state S (V x K) of one (batch, head) over one segment of
-chunks, and walks the segment's chunks in order. Rows of S are independent once the chunk's K-side
-L x L matrices are known, so every program recomputes those (cheap tensor-core work) and the V
-split multiplies the independent work per (batch, head) by K / BV.
+Per chunk of L = 16 steps (the algebra of ``rwkv_ops.numpy.native``), with S0 the state entering it
+and N = (I - A_ab)^-1, the chunk acts on the state through five K-side tiles that do not depend on
+S at all::
 
-Per chunk (L = 16 steps), with S0 the rows entering the chunk::
+    W  = N a_s                    Ak = N A_ak
+    Kc = k_bar + Ak^T b_bar       R2 = r_s + A_qb W          Qc = A_qk + A_qb Ak
+    S_L = S0 diag(dec) + (S0 W^T) b_bar + V^T Kc             dec = exp(Lam_end)
+    Y   = R2 S0^T + Qc V
 
-    U = N (A_ak V + a_s S0^T)             N = (I - A_ab)^-1, rows u_i = S_{i-1} a_i
-    Y = r_s S0^T + A_qk V + A_qb U
-    S_L = S0 diag(exp(Lam_end)) + V^T k_bar + U^T b_bar
+So the forward is two kernels:
 
-``chunk_fwd_kernel`` runs in two modes:
+* ``chunk_prep_kernel``: every chunk in parallel (G chunks per program, one per warp, as batched
+  [G, 16, .] products) computes W, b_bar, Kc, R2, Qc and dec into fp32 buffers. This is all the
+  exponential, triangular-solve and L x L work, done once per chunk.
+* ``chunk_scan_fwd_kernel``: the serial part, reduced to five small products per chunk. A program
+  owns BV value rows of S for one segment of chunks (rows of S are independent). It writes o, the
+  final state and, for the backward, the fp32 state entering every chunk.
 
-* ``LOCAL=False``: the ordinary forward from a given initial state (one per segment); writes y,
-  optionally the fp32 state entering every chunk (checkpoints for the backward) and the final state.
-* ``LOCAL=True``: the first pass of the segment algebra: for every segment, the state reached from
-  zero (``S_loc``, rows 0..K-1, program blocks 0..NV-1) and the segment's transition matrix
-  ``M = G_1 ... G_n`` (from S = I with v = 0, program blocks NV..2NV-1), so that
-  ``S_out = S_in M + S_loc``. ``state_combine_kernel`` then chains the segments.
+For few (batch, head) pairs the sequence is cut into segments (s.7): a LOCAL scan gives every
+segment's state from zero (rows 0..K-1) and its transition M (from S = I with v = 0, rows K..2K-1),
+``state_combine_kernel`` chains them, and the ordinary scan runs each segment from its true start.
 
 Kernel signature order (shared with JAX): input pointers, output pointers, then scalars/constexprs.
+Buffers of the K-side tiles: [B*H, NC, 16, K] (W, b_bar, Kc, R2), [B*H, NC, 16, 16] (Qc) and
+[B*H, NC, K] (dec), fp32, contiguous.
 """
 
 import triton
 import triton.language as tl
 
-from .chunk_common import L_, chunk_log_decays, load_tile, step_validity, unit_lower_inverse
+from .chunk_common import L_, chunk_log_decays3, tf32, unit_lower_inverse3
+
+
+@triton.jit(do_not_specialize=["T", "H", "BH", "NC"])
+def chunk_prep_kernel(
+    r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, mask_ptr,
+    wo_ptr, bo_ptr, kco_ptr, r2o_ptr, qco_ptr, deco_ptr,
+    T, H, BH, NC,
+    stride_b, stride_t, stride_h,
+    K: tl.constexpr, G: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr,
+):
+    """K-side tiles of G consecutive chunks of one (batch, head). Grid: (ceil(NC / G) * BH,).
+
+    r, w, k, a, b: [B, T, H, K] by (stride_b, stride_t, stride_h), unit stride over K.
+    mask: [B, T] (0 = padding) when HAS_MASK. Outputs as in the module docstring; rows of R2 and Qc
+    at padded or masked steps are 0 (so are their outputs, and their dy never reaches the state).
+    In tf32 mode the tiles are stored rounded to tf32 (they are only ever product operands).
+    """
+    n_blk = tl.cdiv(NC, G)
+    cb = tl.program_id(0) % n_blk
+    bh = tl.program_id(0) // n_blk
+    b = bh // H
+    h = bh % H
+    gi = tl.arange(0, G)
+    rows = tl.arange(0, L_)
+    cols = tl.arange(0, K)
+    c = cb * G + gi                                          # [G]
+    t = c[:, None] * L_ + rows[None, :]                      # [G, L]
+    inb = t < T
+    valid = inb
+    if HAS_MASK:
+        m = tl.load(mask_ptr + b.to(tl.int64) * T + t, mask=inb, other=0)
+        valid = inb & (m != 0)
+    base = b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
+    offs = base + t[:, :, None] * stride_t + cols[None, None, :]
+    ld = inb[:, :, None]
+    keep = valid[:, :, None]
+
+    w = tl.load(w_ptr + offs, mask=ld, other=0.0).to(tl.float32)
+    lam_in, lam_ex, lam_mid, lam_end = chunk_log_decays3(w, valid)
+    mid = lam_mid[:, None, :]
+    e_in = tl.exp(lam_in - mid)
+    e_ex = tl.exp(lam_ex - mid)
+    e_inv = tl.exp(mid - lam_in)
+    to_mid = tl.exp(lam_mid)[:, None, :]
+    mid_to_end = tl.exp(lam_end - lam_mid)[:, None, :]
+    dec = tl.exp(lam_end)
+
+    rr = tl.load(r_ptr + offs, mask=ld, other=0.0).to(tl.float32)
+    kk = tl.where(keep, tl.load(k_ptr + offs, mask=ld, other=0.0).to(tl.float32), 0.0)
+    aa = tl.where(keep, tl.load(a_ptr + offs, mask=ld, other=0.0).to(tl.float32), 0.0)
+    bb = tl.load(b_ptr + offs, mask=ld, other=0.0).to(tl.float32)
+
+    q_t = rr * e_in
+    a_t = aa * e_ex
+    k_h = kk * e_inv
+    b_h = bb * e_inv
+    r_s = q_t * to_mid
+    a_s = a_t * to_mid
+    k_bar = k_h * mid_to_end
+    b_bar = b_h * mid_to_end
+
+    incl = (rows[:, None] >= rows[None, :])[None, :, :]
+    strict = (rows[:, None] > rows[None, :])[None, :, :]
+    q_r = tf32(q_t, PREC)
+    a_r = tf32(a_t, PREC)
+    kT = tl.trans(tf32(k_h, PREC), 0, 2, 1)
+    bT = tl.trans(tf32(b_h, PREC), 0, 2, 1)
+    # pair products carry exactly the decay between their steps; entries above the diagonal may
+    # overflow and are selected away, never multiplied by 0
+    A_qk = tl.where(incl, tl.dot(q_r, kT, input_precision=PREC), 0.0)
+    A_qb = tl.where(incl, tl.dot(q_r, bT, input_precision=PREC), 0.0)
+    A_ak = tl.where(strict, tl.dot(a_r, kT, input_precision=PREC), 0.0)
+    A_ab = tl.where(strict, tl.dot(a_r, bT, input_precision=PREC), 0.0)
+    N = unit_lower_inverse3(A_ab)
+
+    N_r = tf32(N, PREC)
+    W = tl.dot(N_r, tf32(a_s, PREC), input_precision=PREC)
+    Ak = tl.dot(N_r, tf32(A_ak, PREC), input_precision=PREC)
+    Kc = tl.dot(tl.trans(tf32(Ak, PREC), 0, 2, 1), tf32(b_bar, PREC), k_bar, input_precision=PREC)
+    A_qb_r = tf32(A_qb, PREC)
+    R2 = tl.dot(A_qb_r, tf32(W, PREC), r_s, input_precision=PREC)
+    Qc = tl.dot(A_qb_r, tf32(Ak, PREC), A_qk, input_precision=PREC)
+    R2 = tl.where(keep, R2, 0.0)
+    Qc = tl.where(keep, Qc, 0.0)
+
+    ok = (c < NC)[:, None, None]
+    tiles = ((bh.to(tl.int64) * NC + c[:, None, None]) * L_ + rows[None, :, None]) * K + cols[None, None, :]
+    tl.store(wo_ptr + tiles, tf32(W, PREC), mask=ok)
+    tl.store(bo_ptr + tiles, tf32(b_bar, PREC), mask=ok)
+    tl.store(kco_ptr + tiles, tf32(Kc, PREC), mask=ok)
+    tl.store(r2o_ptr + tiles, tf32(R2, PREC), mask=ok)
+    sq = ((bh.to(tl.int64) * NC + c[:, None, None]) * L_ + rows[None, :, None]) * L_ + rows[None, None, :]
+    tl.store(qco_ptr + sq, tf32(Qc, PREC), mask=ok)
+    tl.store(deco_ptr + (bh.to(tl.int64) * NC + c[:, None]) * K + cols[None, :], dec,
+             mask=(c < NC)[:, None])
 
 
 @triton.jit(do_not_specialize=["T", "H", "BH", "NC", "CPS"])
-def chunk_fwd_kernel(
-    r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, mask_ptr, init_ptr,
+def chunk_scan_fwd_kernel(
+    v_ptr, wt_ptr, bt_ptr, kct_ptr, r2t_ptr, qct_ptr, dect_ptr, init_ptr,
     y_ptr, ckpt_ptr, send_ptr, mend_ptr,
     T, H, BH, NC, CPS,
     stride_b, stride_t, stride_h,
     init_sb, init_sh, init_ss,
     send_sbh, send_ss,
     K: tl.constexpr, BV: tl.constexpr,
-    HAS_MASK: tl.constexpr, HAS_INIT: tl.constexpr, LOCAL: tl.constexpr,
+    HAS_INIT: tl.constexpr, LOCAL: tl.constexpr,
     WRITE_Y: tl.constexpr, SAVE_CKPT: tl.constexpr, WRITE_END: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """Grid: (n_blocks * BH * n_segments,), n_blocks = K // BV (2 K // BV when LOCAL).
+    """Serial scan of the state over one segment of chunks. Grid: (n_blocks * BH * n_segments,),
+    n_blocks = K // BV (2 K // BV when LOCAL: the second half computes M's rows).
 
-    r..b: [B, T, H, K] addressed by (stride_b, stride_t, stride_h), unit stride over K.
-    mask: [B, T] (0 = padding) when HAS_MASK. init: rows of the state entering each segment at
-    init + b * init_sb + h * init_sh + segment * init_ss (fp32 or any float; [K, K] row-major).
-    y: like r. ckpt: [B*H, NC, K, K] fp32 (state entering each chunk) when SAVE_CKPT.
-    send / mend: the end state (and in LOCAL mode the transition M) at
-    ptr + bh * send_sbh + segment * send_ss, [K, K] fp32.
+    v: [B, T, H, K] by the strides. wt, bt, kct, r2t, qct, dect: the prep kernel's tiles.
+    init: the state entering each segment at init + b * init_sb + h * init_sh + segment * init_ss
+    ([K, K] row-major, any float dtype; zero without HAS_INIT). y: like v. ckpt: [B*H, NC, K, K]
+    fp32, the state entering every chunk (SAVE_CKPT). send / mend: end state (LOCAL: and M) at
+    ptr + bh * send_sbh + segment * send_ss; without LOCAL only the last segment writes.
+    The V-side tiles are handled transposed ([BV, 16]), so every product has the BV rows as M.
     """
     NV: tl.constexpr = K // BV
     NB: tl.constexpr = 2 * NV if LOCAL else NV
@@ -65,27 +165,19 @@ def chunk_fwd_kernel(
     rows = tl.arange(0, L_)
     cols = tl.arange(0, K)
     vrow = vb * BV + tl.arange(0, BV)
-    vcol = vb * BV + tl.arange(0, BV)
-    incl = rows[:, None] >= rows[None, :]
-    strict = rows[:, None] > rows[None, :]
-
+    state_tile = vrow[:, None] * K + cols[None, :]
+    ktile = rows[:, None] * K + cols[None, :]
+    qtile = rows[:, None] * L_ + rows[None, :]
     base = b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
-    rp = r_ptr + base
-    wp = w_ptr + base
-    kp = k_ptr + base
-    vp = v_ptr + base
-    ap = a_ptr + base
-    bp = b_ptr + base
-    mp = mask_ptr + b.to(tl.int64) * T
-    tile = vrow[:, None] * K + cols[None, :]
+    vt_off = base + vrow[:, None] + rows[None, :] * stride_t            # [BV, L] view of v / y
 
     if HAS_INIT:
         ip = init_ptr + b.to(tl.int64) * init_sb + h.to(tl.int64) * init_sh + seg.to(tl.int64) * init_ss
-        S = tl.load(ip + tile).to(tl.float32)
+        S = tl.load(ip + state_tile).to(tl.float32)
     else:
         S = tl.zeros([BV, K], dtype=tl.float32)
     if LOCAL:
-        # blocks of M start from the identity's rows; blocks of S_loc from zero
+        # the blocks of M start from the identity's rows; those of S_loc from zero
         eye = tl.where(vrow[:, None] == cols[None, :], 1.0, 0.0)
         S = tl.where(is_m, eye, tl.zeros([BV, K], dtype=tl.float32))
     v_scale = tl.where(is_m, 0.0, 1.0)
@@ -93,63 +185,33 @@ def chunk_fwd_kernel(
     c_lo = seg * CPS
     c_hi = tl.minimum(c_lo + CPS, NC)
     for c in range(c_lo, c_hi):
-        t = c * L_ + rows
-        valid = step_validity(mp, t, T, HAS_MASK)
-        w = load_tile(wp, t, T, cols, stride_t)
-        lam_in, lam_ex, lam_mid, lam_end = chunk_log_decays(w, valid)
-        e_in = tl.exp(lam_in - lam_mid[None, :])
-        e_ex = tl.exp(lam_ex - lam_mid[None, :])
-        e_inv = tl.exp(lam_mid[None, :] - lam_in)
-        to_mid = tl.exp(lam_mid)
-        mid_to_end = tl.exp(lam_end - lam_mid)
-        decay_end = tl.exp(lam_end)
-
-        kk = tl.where(valid[:, None], load_tile(kp, t, T, cols, stride_t), 0.0)
-        aa = tl.where(valid[:, None], load_tile(ap, t, T, cols, stride_t), 0.0)
-        bb = load_tile(bp, t, T, cols, stride_t)
-        vv = load_tile(vp, t, T, vcol, stride_t)
+        t0 = c * L_
+        inb = (t0 + rows) < T
+        cbase = (bh.to(tl.int64) * NC + c) * L_ * K
+        Wc = tl.load(wt_ptr + cbase + ktile)
+        Bc = tl.load(bt_ptr + cbase + ktile)
+        Kc = tl.load(kct_ptr + cbase + ktile)
+        dec = tl.load(dect_ptr + (bh.to(tl.int64) * NC + c) * K + cols)
+        Vt = tl.load(v_ptr + vt_off + t0 * stride_t, mask=inb[None, :], other=0.0).to(tl.float32)
         if LOCAL:
-            vv = vv * v_scale
-
-        a_t = aa * e_ex
-        k_h = kk * e_inv
-        b_h = bb * e_inv
-        a_s = a_t * to_mid[None, :]
-        k_bar = k_h * mid_to_end[None, :]
-        b_bar = b_h * mid_to_end[None, :]
-        # pair products carry exactly the decay between their steps; entries above the diagonal
-        # may overflow and are selected away, never multiplied by 0
-        A_ak = tl.where(strict, tl.dot(a_t, tl.trans(k_h), input_precision=PREC), 0.0)
-        A_ab = tl.where(strict, tl.dot(a_t, tl.trans(b_h), input_precision=PREC), 0.0)
-        N = unit_lower_inverse(A_ab)
+            Vt = Vt * v_scale
 
         if SAVE_CKPT:
-            cp = ckpt_ptr + (bh.to(tl.int64) * NC + c) * K * K
-            tl.store(cp + tile, S)
-
-        X = tl.dot(A_ak, vv, input_precision=PREC)
-        X = tl.dot(a_s, tl.trans(S), X, input_precision=PREC)
-        U = tl.dot(N, X, input_precision=PREC)
-
+            tl.store(ckpt_ptr + (bh.to(tl.int64) * NC + c) * K * K + state_tile, S)
+        S_r = tf32(S, PREC)
         if WRITE_Y:
-            rr = load_tile(rp, t, T, cols, stride_t)
-            q_t = rr * e_in
-            r_s = q_t * to_mid[None, :]
-            A_qk = tl.where(incl, tl.dot(q_t, tl.trans(k_h), input_precision=PREC), 0.0)
-            A_qb = tl.where(incl, tl.dot(q_t, tl.trans(b_h), input_precision=PREC), 0.0)
-            Y = tl.dot(r_s, tl.trans(S), input_precision=PREC)
-            Y = tl.dot(A_qk, vv, Y, input_precision=PREC)
-            Y = tl.dot(A_qb, U, Y, input_precision=PREC)
-            Y = tl.where(valid[:, None], Y, 0.0)
-            yp = y_ptr + base + t[:, None] * stride_t + vcol[None, :]
-            tl.store(yp, Y.to(y_ptr.dtype.element_ty), mask=(t < T)[:, None])
-
-        S = S * decay_end[None, :]
-        S = tl.dot(tl.trans(vv), k_bar, S, input_precision=PREC)
-        S = tl.dot(tl.trans(U), b_bar, S, input_precision=PREC)
+            R2 = tl.load(r2t_ptr + cbase + ktile)
+            Qc = tl.load(qct_ptr + (bh.to(tl.int64) * NC + c) * L_ * L_ + qtile)
+            Yt = tl.dot(S_r, tl.trans(R2), input_precision=PREC)
+            Yt = tl.dot(Vt, tl.trans(Qc), Yt, input_precision=PREC)
+            tl.store(y_ptr + vt_off + t0 * stride_t, Yt.to(y_ptr.dtype.element_ty), mask=inb[None, :])
+        X1 = tl.dot(S_r, tl.trans(Wc), input_precision=PREC)
+        S = S * dec[None, :]
+        S = tl.dot(Vt, Kc, S, input_precision=PREC)
+        S = tl.dot(tf32(X1, PREC), Bc, S, input_precision=PREC)
 
     if WRITE_END:
-        ep = bh.to(tl.int64) * send_sbh + seg.to(tl.int64) * send_ss + tile
+        ep = bh.to(tl.int64) * send_sbh + seg.to(tl.int64) * send_ss + state_tile
         if LOCAL:
             if is_m:
                 tl.store(mend_ptr + ep, S)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 CHUNK = 16
 # The serial passes (forward, state gradient) want at least this many programs in flight; with
 # fewer (batch, head) pairs than that, the sequence is cut into segments (ALGORITHM.md s.7).
-SERIAL_PROGRAMS = 1024
+SERIAL_PROGRAMS = 512
 # A segment holds at least this many chunks: shorter ones spend more on the extra passes than they
 # win in parallelism.
 MIN_CHUNKS_PER_SEGMENT = 32
@@ -21,9 +21,10 @@ class ChunkConfig:
     """Tiles and launch options of one call.
 
     precision: ``input_precision`` of the tensor-core products ("tf32" for bf16/fp16 inputs, "ieee"
-    for fp32: true fp32). bv_fwd / bv_state: value rows per program of the forward and of the
-    state-gradient walk; bv_bwd: value rows per step of the chunk-parallel gradient kernel's loop.
-    chunks_per_segment: chunks per segment of the serial passes (all of them: no segments).
+    for fp32: true fp32). bv_fwd / bv_state: value rows per program of the forward scan and of
+    the state-gradient scan; bv_bwd: value rows per step of the chunk-parallel gradient kernel's
+    loop. chunks_per_segment: chunks per segment of the serial passes (all of them: no segments).
+    prep_chunks: chunks per program of the prep kernel (one per warp with warps_prep of them).
     """
 
     precision: str
@@ -31,6 +32,8 @@ class ChunkConfig:
     bv_state: int
     bv_bwd: int
     chunks_per_segment: int
+    prep_chunks: int = 4
+    warps_prep: int = 4
     warps_fwd: int = 4
     warps_state: int = 4
     warps_bwd: int = 4
@@ -50,7 +53,7 @@ def chunk_config(K: int, dtype: str, T: int, BH: int) -> ChunkConfig:
     """The configuration for head size K, input dtype name ("bfloat16", "float16", "float32"),
     sequence length T and B*H sequences."""
     precision = "ieee" if dtype in ("float32", "float64") else "tf32"
-    bv = 16 if K <= 64 else 32
+    bv = min(K, 64)
     n_chunks = max(1, cdiv(T, CHUNK))
     programs = BH * (K // bv)
     n_seg = 1

@@ -7,11 +7,12 @@ host and every buffer size follows from the shapes, so calls are CUDA-graph capt
 
 Passes of one call (B*H sequences of T steps, NC = ceil(T / 16) chunks):
 
-* forward: [segments only] ``chunk_fwd_kernel`` (LOCAL) + ``state_combine_kernel``, then
-  ``chunk_fwd_kernel``, which writes o, the final state and, when a gradient will be needed, the
-  fp32 state entering every chunk.
-* backward: [segments only] ``chunk_bwd_dstate_kernel`` (LOCAL) + ``state_combine_kernel``
-  (reverse), then ``chunk_bwd_dstate_kernel`` (state gradient at every chunk end, and the initial
+* forward: ``chunk_prep_kernel`` (chunk-parallel K-side tiles), [segments only]
+  ``chunk_scan_fwd_kernel`` (LOCAL) + ``state_combine_kernel``, then ``chunk_scan_fwd_kernel``,
+  which writes o, the final state and, when a gradient will be needed, the fp32 state entering
+  every chunk (the prep tiles W, b_bar, R2, dec are kept for the backward too).
+* backward: [segments only] ``chunk_scan_bwd_kernel`` (LOCAL) + ``state_combine_kernel``
+  (reverse), then ``chunk_scan_bwd_kernel`` (state gradient at every chunk end, and the initial
   state's gradient), then ``chunk_bwd_kernel`` (all six input gradients, chunk-parallel).
 
 Under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors in Triton's interpreter (tests).
@@ -91,11 +92,23 @@ def _forward_impl(r, w, k, v, a, b, initial_state, mask, head_first, chunks_per_
     n_seg = -(-NC // cps)
     dev = r.device
     f32 = torch.float32
+    has_mask = mask is not None
+    m = mask if has_mask else r
+
+    tiles = [torch.empty((BH, NC, CHUNK, K), dtype=f32, device=dev) for _ in range(4)]
+    wt, bt, kct, r2t = tiles
+    qct = torch.empty((BH, NC, CHUNK, CHUNK), dtype=f32, device=dev)
+    dect = torch.empty((BH, NC, K), dtype=f32, device=dev)
+    G = cfg.prep_chunks
+    chunk_fwd.chunk_prep_kernel[(-(-NC // G) * BH,)](
+        r, w, k, a, b, m,
+        wt, bt, kct, r2t, qct, dect,
+        T, H, BH, NC, sb, st, sh,
+        K=K, G=G, HAS_MASK=has_mask, PREC=prec, num_warps=cfg.warps_prep)
+
     y = torch.empty(r.shape, dtype=r.dtype, device=dev)
     final = torch.empty((B, H, K, K), dtype=f32, device=dev)
     ckpt = torch.empty((BH, NC, K, K) if save else (0,), dtype=f32, device=dev)
-    has_mask = mask is not None
-    m = mask if has_mask else r
     has_init = initial_state is not None
     if has_init:
         init_sb = 0 if initial_state.shape[0] == 1 else H * K * K
@@ -105,63 +118,75 @@ def _forward_impl(r, w, k, v, a, b, initial_state, mask, head_first, chunks_per_
     seg_m = torch.empty((BH, n_seg, K, K) if (save and n_seg > 1) else (0,), dtype=f32, device=dev)
     bv = cfg.bv_fwd
     nv = K // bv
+    scan = chunk_fwd.chunk_scan_fwd_kernel
     if n_seg > 1:
         loc = torch.empty((BH, n_seg, K, K), dtype=f32, device=dev)
         trans = seg_m if seg_m.numel() else torch.empty((BH, n_seg, K, K), dtype=f32, device=dev)
-        chunk_fwd.chunk_fwd_kernel[(2 * nv * BH * n_seg,)](
-            r, w, k, v, a, b, m, r,
+        scan[(2 * nv * BH * n_seg,)](
+            v, wt, bt, kct, r2t, qct, dect, r,
             y, y, loc, trans,
             T, H, BH, NC, cps, sb, st, sh, 0, 0, 0, n_seg * K * K, K * K,
-            K=K, BV=bv, HAS_MASK=has_mask, HAS_INIT=False, LOCAL=True, WRITE_Y=False,
-            SAVE_CKPT=False, WRITE_END=True, PREC=prec,
-            num_warps=cfg.warps_fwd, num_stages=cfg.stages_fwd)
+            K=K, BV=bv, HAS_INIT=False, LOCAL=True, WRITE_Y=False, SAVE_CKPT=False,
+            WRITE_END=True, PREC=prec, num_warps=cfg.warps_fwd, num_stages=cfg.stages_fwd)
         starts = torch.empty((BH, n_seg, K, K), dtype=f32, device=dev)
         chunk_fwd.state_combine_kernel[(nv * BH,)](
             loc, trans, init, starts, H, BH, n_seg, init_sb, init_sh,
             K=K, BV=bv, HAS_INIT=has_init, REVERSE=False, num_warps=4)
         init, init_sb, init_sh, init_ss = starts, H * n_seg * K * K, n_seg * K * K, K * K
         has_init = True
-    chunk_fwd.chunk_fwd_kernel[(nv * BH * n_seg,)](
-        r, w, k, v, a, b, m, init,
+    scan[(nv * BH * n_seg,)](
+        v, wt, bt, kct, r2t, qct, dect, init,
         y, ckpt if save else y, final, final,
         T, H, BH, NC, cps, sb, st, sh, init_sb, init_sh, init_ss, K * K, 0,
-        K=K, BV=bv, HAS_MASK=has_mask, HAS_INIT=has_init, LOCAL=False, WRITE_Y=True,
-        SAVE_CKPT=save, WRITE_END=True, PREC=prec,
-        num_warps=cfg.warps_fwd, num_stages=cfg.stages_fwd)
-    return y, final, ckpt, seg_m
+        K=K, BV=bv, HAS_INIT=has_init, LOCAL=False, WRITE_Y=True, SAVE_CKPT=save,
+        WRITE_END=True, PREC=prec, num_warps=cfg.warps_fwd, num_stages=cfg.stages_fwd)
+    if not save:
+        wt, bt, r2t, dect = (torch.empty((0,), dtype=f32, device=dev) for _ in range(4))
+    return y, final, ckpt, seg_m, wt, bt, r2t, dect
+
+
+def _forward_fake(r, w, k, v, a, b, initial_state, mask, head_first, chunks_per_segment, save):
+    (B, T, H, K), _ = _layout(r, head_first)
+    NC = max(1, -(-T // CHUNK))
+    n_seg = -(-NC // chunks_per_segment)
+    f32 = torch.float32
+
+    def kept(*shape):
+        return r.new_empty(shape if save else (0,), dtype=f32)
+
+    return (r.new_empty(r.shape), r.new_empty((B, H, K, K), dtype=f32),
+            kept(B * H, NC, K, K),
+            r.new_empty((B * H, n_seg, K, K) if (save and n_seg > 1) else (0,), dtype=f32),
+            kept(B * H, NC, CHUNK, K), kept(B * H, NC, CHUNK, K), kept(B * H, NC, CHUNK, K),
+            kept(B * H, NC, K))
 
 
 @torch.library.custom_op("rwkv_ops::triton_gdr_fwd", mutates_args=())
 def triton_gdr_fwd(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    a: torch.Tensor, b: torch.Tensor, initial_state: Optional[torch.Tensor],
                    mask: Optional[torch.Tensor], head_first: bool, chunks_per_segment: int,
-                   save: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                   save: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                        torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward custom op on contiguous inputs (T >= 1); mask as uint8 [B, T] or None.
 
-    Returns (o, final_state fp32 [B, H, K, K], checkpoints fp32 [B*H, NC, K, K] (empty unless
-    ``save``), segment transitions fp32 [B*H, n_segments, K, K] (empty unless needed)).
+    Returns (o, final_state fp32 [B, H, K, K], then what the backward needs, each empty unless
+    ``save``: checkpoints fp32 [B*H, NC, K, K] (state entering every chunk), segment transitions
+    fp32 [B*H, n_segments, K, K] (empty without segments), and the prep tiles W, b_bar, R2
+    [B*H, NC, 16, K] and dec [B*H, NC, K], fp32).
     """
     return _forward_impl(r, w, k, v, a, b, initial_state, mask, head_first, chunks_per_segment,
                          save)
 
 
-@triton_gdr_fwd.register_fake
-def _(r, w, k, v, a, b, initial_state, mask, head_first, chunks_per_segment, save):
-    (B, T, H, K), _ = _layout(r, head_first)
-    NC = max(1, -(-T // CHUNK))
-    n_seg = -(-NC // chunks_per_segment)
-    f32 = torch.float32
-    return (r.new_empty(r.shape), r.new_empty((B, H, K, K), dtype=f32),
-            r.new_empty((B * H, NC, K, K) if save else (0,), dtype=f32),
-            r.new_empty((B * H, n_seg, K, K) if (save and n_seg > 1) else (0,), dtype=f32))
+triton_gdr_fwd.register_fake(_forward_fake)
 
 
 # ---------------------------------------------------------------------------------------------
 # backward
 
 
-def _backward_impl(r, w, k, v, a, b, initial_state, mask, ckpt, seg_m, do, dfinal, head_first,
-                   chunks_per_segment):
+def _backward_impl(r, w, k, v, a, b, initial_state, mask, ckpt, seg_m, wt, bt, r2t, dect, do,
+                   dfinal, head_first, chunks_per_segment):
     chunk_fwd, chunk_bwd, _ = _kernels()
     (B, T, H, K), (sb, st, sh) = _layout(r, head_first)
     BH, NC = B * H, max(1, -(-T // CHUNK))
@@ -180,14 +205,15 @@ def _backward_impl(r, w, k, v, a, b, initial_state, mask, ckpt, seg_m, do, dfina
         init, init_sb, init_sh, init_ss = r, 0, 0, 0
     bv = cfg.bv_state
     nv = K // bv
+    scan = chunk_bwd.chunk_scan_bwd_kernel
     if n_seg > 1:
         gloc = torch.empty((BH, n_seg, K, K), dtype=f32, device=dev)
-        chunk_bwd.chunk_bwd_dstate_kernel[(nv * BH * n_seg,)](
-            r, w, a, b, do, m, r,
+        scan[(nv * BH * n_seg,)](
+            do, wt, bt, r2t, dect, r,
             gloc, gloc,
             T, H, BH, NC, cps, sb, st, sh, 0, 0, 0, n_seg * K * K, K * K,
-            K=K, BV=bv, HAS_MASK=has_mask, HAS_INIT=False, LOCAL=True, SAVE_CKPT=False,
-            WRITE_END=True, PREC=prec, num_warps=cfg.warps_state, num_stages=cfg.stages_state)
+            K=K, BV=bv, HAS_INIT=False, LOCAL=True, SAVE_CKPT=False, WRITE_END=True,
+            PREC=prec, num_warps=cfg.warps_state, num_stages=cfg.stages_state)
         gend = torch.empty((BH, n_seg, K, K), dtype=f32, device=dev)
         chunk_fwd.state_combine_kernel[(nv * BH,)](
             gloc, seg_m, init, gend, H, BH, n_seg, init_sb, init_sh,
@@ -197,18 +223,19 @@ def _backward_impl(r, w, k, v, a, b, initial_state, mask, ckpt, seg_m, do, dfina
     need_ds0 = initial_state is not None
     gck = torch.empty((BH, NC, K, K), dtype=f32, device=dev)
     ds0 = torch.empty((B, H, K, K) if need_ds0 else (0,), dtype=f32, device=dev)
-    chunk_bwd.chunk_bwd_dstate_kernel[(nv * BH * n_seg,)](
-        r, w, a, b, do, m, init,
+    scan[(nv * BH * n_seg,)](
+        do, wt, bt, r2t, dect, init,
         gck, ds0 if need_ds0 else gck,
         T, H, BH, NC, cps, sb, st, sh, init_sb, init_sh, init_ss, K * K, 0,
-        K=K, BV=bv, HAS_MASK=has_mask, HAS_INIT=has_init, LOCAL=False, SAVE_CKPT=True,
-        WRITE_END=need_ds0, PREC=prec, num_warps=cfg.warps_state, num_stages=cfg.stages_state)
+        K=K, BV=bv, HAS_INIT=has_init, LOCAL=False, SAVE_CKPT=True, WRITE_END=need_ds0,
+        PREC=prec, num_warps=cfg.warps_state, num_stages=cfg.stages_state)
     grads = [torch.empty(x.shape, dtype=x.dtype, device=dev) for x in (r, w, k, v, a, b)]
     chunk_bwd.chunk_bwd_kernel[(NC * BH,)](
         r, w, k, v, a, b, do, m, ckpt, gck,
         *grads,
         T, H, BH, NC, sb, st, sh,
         K=K, BV=cfg.bv_bwd, HAS_MASK=has_mask, PREC=prec,
+        PREC_PAIR="ieee" if prec == "ieee" else "tf32x3",
         num_warps=cfg.warps_bwd, num_stages=cfg.stages_bwd)
     return (*grads, ds0)
 
@@ -217,18 +244,19 @@ def _backward_impl(r, w, k, v, a, b, initial_state, mask, ckpt, seg_m, do, dfina
 def triton_gdr_bwd(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    a: torch.Tensor, b: torch.Tensor, initial_state: Optional[torch.Tensor],
                    mask: Optional[torch.Tensor], ckpt: torch.Tensor, seg_m: torch.Tensor,
+                   wt: torch.Tensor, bt: torch.Tensor, r2t: torch.Tensor, dect: torch.Tensor,
                    do: torch.Tensor, dfinal: Optional[torch.Tensor], head_first: bool,
                    chunks_per_segment: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                      torch.Tensor, torch.Tensor, torch.Tensor,
                                                      torch.Tensor]:
     """Backward custom op: (dr, dw, dk, dv, da, db, d_initial_state fp32 [B, H, K, K] or empty)."""
-    return _backward_impl(r, w, k, v, a, b, initial_state, mask, ckpt, seg_m, do, dfinal,
-                          head_first, chunks_per_segment)
+    return _backward_impl(r, w, k, v, a, b, initial_state, mask, ckpt, seg_m, wt, bt, r2t, dect,
+                          do, dfinal, head_first, chunks_per_segment)
 
 
 @triton_gdr_bwd.register_fake
-def _(r, w, k, v, a, b, initial_state, mask, ckpt, seg_m, do, dfinal, head_first,
-      chunks_per_segment):
+def _(r, w, k, v, a, b, initial_state, mask, ckpt, seg_m, wt, bt, r2t, dect, do, dfinal,
+      head_first, chunks_per_segment):
     (B, T, H, K), _ = _layout(r, head_first)
     ds0 = r.new_empty((B, H, K, K) if initial_state is not None else (0,), dtype=torch.float32)
     return (*(x.new_empty(x.shape) for x in (r, w, k, v, a, b)), ds0)
@@ -236,24 +264,21 @@ def _(r, w, k, v, a, b, initial_state, mask, ckpt, seg_m, do, dfinal, head_first
 
 def _setup_context(ctx, inputs, output):
     r, w, k, v, a, b, initial_state, mask, head_first, chunks_per_segment, save = inputs
-    _, _, ckpt, seg_m = output
     ctx.head_first = head_first
     ctx.chunks_per_segment = chunks_per_segment
-    ctx.has_init = initial_state is not None
-    ctx.has_mask = mask is not None
-    ctx.save_for_backward(r, w, k, v, a, b, initial_state, mask, ckpt, seg_m)
+    ctx.save_for_backward(r, w, k, v, a, b, initial_state, mask, *output[2:])
 
 
-def _backward(ctx, do, dfinal, _dckpt, _dseg):
-    r, w, k, v, a, b, initial_state, mask, ckpt, seg_m = ctx.saved_tensors
+def _backward(ctx, do, dfinal, *_unused):
+    r, w, k, v, a, b, initial_state, mask, ckpt, seg_m, wt, bt, r2t, dect = ctx.saved_tensors
     if do is None:
         do = torch.zeros_like(r)
     do = do.contiguous()
     if dfinal is not None:
         dfinal = dfinal.contiguous()
     dr, dw, dk, dv, da, db, ds0 = triton_gdr_bwd(
-        r, w, k, v, a, b, initial_state, mask, ckpt, seg_m, do, dfinal, ctx.head_first,
-        ctx.chunks_per_segment)
+        r, w, k, v, a, b, initial_state, mask, ckpt, seg_m, wt, bt, r2t, dect, do, dfinal,
+        ctx.head_first, ctx.chunks_per_segment)
     d_init = None
     if initial_state is not None:
         if initial_state.shape[0] == 1 and ds0.shape[0] != 1:
@@ -312,8 +337,8 @@ def generalized_delta_rule(r, w, k, v, a, b, initial_state=None, output_final_st
     tracked = [*xs] + ([initial_state] if initial_state is not None else [])
     save = torch.is_grad_enabled() and any(x.requires_grad for x in tracked)
     cfg = select_config(p.K, xs[0].dtype, p.T, p.B * p.H)
-    o, final, _, _ = triton_gdr_fwd(*xs, initial_state, mask, head_first,
-                                    cfg.chunks_per_segment, save)
+    o, final, *_ = triton_gdr_fwd(*xs, initial_state, mask, head_first, cfg.chunks_per_segment,
+                                  save)
     if o.dtype != out_dtype:
         o = o.to(out_dtype)
     if not output_final_state:
