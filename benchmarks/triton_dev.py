@@ -66,10 +66,9 @@ def time_shape(name, quick):
     step()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
     step()
     torch.cuda.synchronize()
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+    peak = torch.cuda.max_memory_allocated() / 2**30  # absolute, inputs included
     both = bench(step, quick)
     return fwd, both, peak, step
 
@@ -96,22 +95,24 @@ def errors_at_error_shape(dtype, seed=1234):
 
 
 def kernel_bytes(B, T, H, K, n_seg):
-    """Bytes each kernel must move at least (bf16 I/O, fp32 checkpoints), by kernel name."""
+    """Bytes each kernel must move at least (bf16 I/O, fp32 tiles and checkpoints), by name."""
     tok = B * T * H * K * 2          # one bf16 [B, T, H, K] tensor
-    ck = B * H * math.ceil(T / 16) * K * K * 4
-    seg = B * H * n_seg * K * K * 4
+    nc = math.ceil(T / 16)
+    ck = B * H * nc * K * K * 4      # one fp32 state per chunk
+    tile = B * H * nc * 16 * K * 4   # one fp32 [16, K] tile per chunk
+    qc = B * H * nc * 16 * 16 * 4
     return {
-        "chunk_fwd_kernel": 6 * tok + tok + ck,
-        "chunk_bwd_dstate_kernel": 5 * tok + ck,
+        "chunk_prep_kernel": 5 * tok + 4 * tile + qc,
+        "chunk_scan_fwd_kernel": tok + 4 * tile + qc + tok + ck,
+        "chunk_scan_bwd_kernel": tok + 3 * tile + ck,
         "chunk_bwd_kernel": 7 * tok + 2 * ck + 6 * tok,
-        "state_combine_kernel": 3 * seg,
     }
 
 
-def breakdown(name, step, n=5):
-    B, T, H, K = SHAPES[name]
-    cfg = launcher.select_config(K, torch.bfloat16, T, B * H)
-    n_seg = math.ceil(math.ceil(T / 16) / cfg.chunks_per_segment)
+def kernel_times(step, n=3):
+    """Mean CUDA time per call of each kernel over n calls of step (torch profiler)."""
+    step()
+    torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(n):
             step()
@@ -120,15 +121,23 @@ def breakdown(name, step, n=5):
     counts = defaultdict(int)
     for ev in prof.events():
         if ev.device_type == torch.autograd.DeviceType.CUDA:
-            times[ev.name] += ev.time_range.elapsed_us() / 1e3 / n
-            counts[ev.name] += 1
+            name = ev.name.split("(")[0][:48]
+            times[name] += ev.time_range.elapsed_us() / 1e3 / n
+            counts[name] += 1
+    return times, {k: v // n for k, v in counts.items()}
+
+
+def breakdown(name, step):
+    B, T, H, K = SHAPES[name]
+    cfg = launcher.select_config(K, torch.bfloat16, T, B * H)
+    n_seg = math.ceil(math.ceil(T / 16) / cfg.chunks_per_segment)
+    times, counts = kernel_times(step)
     need = kernel_bytes(B, T, H, K, n_seg)
-    print(f"  per-kernel (shape {name}, fwd+bwd, {n_seg} segment(s), config {cfg}):")
+    print(f"  per-kernel (shape {name}, fwd+bwd, {n_seg} segment(s), {cfg}):")
     for kname, ms in sorted(times.items(), key=lambda kv: -kv[1]):
-        short = kname.split("(")[0][:60]
-        gb = need.get(short)
-        bw = f"{gb / 1e9:6.2f} GB min, {gb / ms / 1e6:7.0f} GB/s" if gb and counts[kname] // n == 1 else ""
-        print(f"    {short:60s} {ms:8.3f} ms  x{counts[kname] // n}  {bw}")
+        gb = need.get(kname)
+        bw = f"{gb / 1e9:6.2f} GB min, {gb / ms / 1e6:7.0f} GB/s" if gb and counts[kname] == 1 else ""
+        print(f"    {kname:48s} {ms:8.3f} ms  x{counts[kname]}  {bw}")
 
 
 def run_table(quick, label):
@@ -168,21 +177,30 @@ def main():
     if args.sweep:
         real = launcher.select_config
         variants = {
-            "bv32": dict(bv_fwd=32, bv_state=32),
-            "bv32-w8": dict(bv_fwd=32, bv_state=32, warps_fwd=8, warps_state=8),
-            "bv64-w8": dict(bv_fwd=64, bv_state=64, warps_fwd=8, warps_state=8),
+            "prep-g2w2": dict(prep_chunks=2, warps_prep=2),
+            "prep-g4w4": dict(prep_chunks=4, warps_prep=4),
+            "scan-bv32w2": dict(bv_fwd=32, warps_fwd=2, bv_state=32, warps_state=2),
+            "scan-stages2": dict(stages_fwd=2, stages_state=2),
             "bwd-w8": dict(warps_bwd=8),
             "bwd-bv32": dict(bv_bwd=32),
-            "stages2": dict(stages_fwd=2, stages_state=2, stages_bwd=2),
+            "inv-ieee": dict(precision_inverse="ieee"),
+            "cps64": dict(chunks_per_segment=64),
             "cps128": dict(chunks_per_segment=128),
-            "cps64-bv32": dict(chunks_per_segment=64, bv_fwd=32, bv_state=32),
         }
         for label, change in variants.items():
             launcher.select_config = lambda *a, _c=change: real(*a).with_(**_c)
-            try:
-                run_table(True, label)
-            except Exception as error:  # a config that does not compile is a result too
-                print(f"  [{label}] failed: {type(error).__name__}: {str(error)[:200]}")
+            for name in SHAPES:
+                try:
+                    B, T, H, K = SHAPES[name]
+                    _, _, _, step = rows[name]
+                    times, counts = kernel_times(step)
+                    listing = "  ".join(f"{k.replace('_kernel', '')}={v:.3f}x{counts[k]}"
+                                        for k, v in sorted(times.items(), key=lambda kv: -kv[1])
+                                        if v > 0.02)
+                    print(f"  [{label}] {name}: total {sum(times.values()):7.3f} ms | {listing}",
+                          flush=True)
+                except Exception as error:  # a config that does not compile is a result too
+                    print(f"  [{label}] {name} failed: {type(error).__name__}: {str(error)[:300]}")
         launcher.select_config = real
 
 

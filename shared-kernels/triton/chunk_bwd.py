@@ -102,7 +102,7 @@ def chunk_bwd_kernel(
     T, H, BH, NC,
     stride_b, stride_t, stride_h,
     K: tl.constexpr, BV: tl.constexpr,
-    HAS_MASK: tl.constexpr, PREC: tl.constexpr, PREC_PAIR: tl.constexpr,
+    HAS_MASK: tl.constexpr, PREC: tl.constexpr, PREC_PAIR: tl.constexpr, PREC_INV: tl.constexpr,
 ):
     """Gradients of r, w, k, v, a, b for one (batch, head, chunk). Grid: (NC * BH,).
 
@@ -158,7 +158,7 @@ def chunk_bwd_kernel(
     A_qb = tl.where(incl, tl.dot(q_r, tl.trans(b_r), input_precision=PREC), 0.0)
     A_ak = tl.where(strict, tl.dot(a_r, tl.trans(k_r), input_precision=PREC), 0.0)
     A_ab = tl.where(strict, tl.dot(a_r, tl.trans(b_r), input_precision=PREC), 0.0)
-    N = tf32(unit_lower_inverse(A_ab), PREC)
+    N = tf32(unit_lower_inverse(A_ab, PREC_INV), PREC)
     A_qk_r = tf32(A_qk, PREC)
     A_qb_r = tf32(A_qb, PREC)
     A_ak_r = tf32(A_ak, PREC)

@@ -40,6 +40,7 @@ def chunk_prep_kernel(
     T, H, BH, NC,
     stride_b, stride_t, stride_h,
     K: tl.constexpr, G: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr,
+    PREC_INV: tl.constexpr,
 ):
     """K-side tiles of G consecutive chunks of one (batch, head). Grid: (ceil(NC / G) * BH,).
 
@@ -63,69 +64,65 @@ def chunk_prep_kernel(
     if HAS_MASK:
         m = tl.load(mask_ptr + b.to(tl.int64) * T + t, mask=inb, other=0)
         valid = inb & (m != 0)
-    base = b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
-    offs = base + t[:, :, None] * stride_t + cols[None, None, :]
+    # 64-bit base of this block, 32-bit offsets inside it
+    t0 = (cb * G * L_).to(tl.int64)
+    base = b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h + t0 * stride_t
+    offs = ((gi[:, None, None] * L_ + rows[None, :, None]) * stride_t + cols[None, None, :])
     ld = inb[:, :, None]
     keep = valid[:, :, None]
-
-    w = tl.load(w_ptr + offs, mask=ld, other=0.0).to(tl.float32)
-    lam_in, lam_ex, lam_mid, lam_end = chunk_log_decays3(w, valid)
-    mid = lam_mid[:, None, :]
-    e_in = tl.exp(lam_in - mid)
-    e_ex = tl.exp(lam_ex - mid)
-    e_inv = tl.exp(mid - lam_in)
-    to_mid = tl.exp(lam_mid)[:, None, :]
-    mid_to_end = tl.exp(lam_end - lam_mid)[:, None, :]
-    dec = tl.exp(lam_end)
-
-    rr = tl.load(r_ptr + offs, mask=ld, other=0.0).to(tl.float32)
-    kk = tl.where(keep, tl.load(k_ptr + offs, mask=ld, other=0.0).to(tl.float32), 0.0)
-    aa = tl.where(keep, tl.load(a_ptr + offs, mask=ld, other=0.0).to(tl.float32), 0.0)
-    bb = tl.load(b_ptr + offs, mask=ld, other=0.0).to(tl.float32)
-
-    q_t = rr * e_in
-    a_t = aa * e_ex
-    k_h = kk * e_inv
-    b_h = bb * e_inv
-    r_s = q_t * to_mid
-    a_s = a_t * to_mid
-    k_bar = k_h * mid_to_end
-    b_bar = b_h * mid_to_end
-
+    ok = (c < NC)[:, None, None]
+    out0 = (bh.to(tl.int64) * NC + cb * G) * L_ * K
+    tiles = (gi[:, None, None] * L_ + rows[None, :, None]) * K + cols[None, None, :]
     incl = (rows[:, None] >= rows[None, :])[None, :, :]
     strict = (rows[:, None] > rows[None, :])[None, :, :]
+
+    w = tl.load(w_ptr + base + offs, mask=ld, other=0.0).to(tl.float32)
+    lam_in, lam_ex, lam_mid, lam_end = chunk_log_decays3(w, valid)
+    mid = lam_mid[:, None, :]
+    to_mid = tl.exp(lam_mid)[:, None, :]
+    mid_to_end = tl.exp(lam_end - lam_mid)[:, None, :]
+    tl.store(deco_ptr + (bh.to(tl.int64) * NC + c[:, None]) * K + cols[None, :], tl.exp(lam_end),
+             mask=(c < NC)[:, None])
+
+    # k_hat, b_hat = x exp(Lam_mid - Lam_i); a~ = a exp(Lam_{i-1} - Lam_mid); q~ = r exp(Lam_i - Lam_mid)
+    e_inv = tl.exp(mid - lam_in)
+    kk = tl.where(keep, tl.load(k_ptr + base + offs, mask=ld, other=0.0).to(tl.float32), 0.0)
+    k_h = kk * e_inv
+    bb = tl.load(b_ptr + base + offs, mask=ld, other=0.0).to(tl.float32)
+    b_h = bb * e_inv
+    b_bar = tf32(b_h * mid_to_end, PREC)
+    tl.store(bo_ptr + out0 + tiles, b_bar, mask=ok)
+    rr = tl.load(r_ptr + base + offs, mask=ld, other=0.0).to(tl.float32)
+    q_t = rr * tl.exp(lam_in - mid)
+    aa = tl.where(keep, tl.load(a_ptr + base + offs, mask=ld, other=0.0).to(tl.float32), 0.0)
+    a_t = aa * tl.exp(lam_ex - mid)
+
     q_r = tf32(q_t, PREC)
     a_r = tf32(a_t, PREC)
     kT = tl.trans(tf32(k_h, PREC), 0, 2, 1)
     bT = tl.trans(tf32(b_h, PREC), 0, 2, 1)
     # pair products carry exactly the decay between their steps; entries above the diagonal may
     # overflow and are selected away, never multiplied by 0
-    A_qk = tl.where(incl, tl.dot(q_r, kT, input_precision=PREC), 0.0)
-    A_qb = tl.where(incl, tl.dot(q_r, bT, input_precision=PREC), 0.0)
-    A_ak = tl.where(strict, tl.dot(a_r, kT, input_precision=PREC), 0.0)
     A_ab = tl.where(strict, tl.dot(a_r, bT, input_precision=PREC), 0.0)
-    N = unit_lower_inverse3(A_ab)
+    A_ak = tl.where(strict, tl.dot(a_r, kT, input_precision=PREC), 0.0)
+    A_qb = tl.where(incl, tl.dot(q_r, bT, input_precision=PREC), 0.0)
+    A_qk = tl.where(incl, tl.dot(q_r, kT, input_precision=PREC), 0.0)
+    N = tf32(unit_lower_inverse3(A_ab, PREC_INV), PREC)
 
-    N_r = tf32(N, PREC)
-    W = tl.dot(N_r, tf32(a_s, PREC), input_precision=PREC)
-    Ak = tl.dot(N_r, tf32(A_ak, PREC), input_precision=PREC)
-    Kc = tl.dot(tl.trans(tf32(Ak, PREC), 0, 2, 1), tf32(b_bar, PREC), k_bar, input_precision=PREC)
+    W = tl.dot(N, tf32(a_t * to_mid, PREC), input_precision=PREC)
+    W_r = tf32(W, PREC)
+    tl.store(wo_ptr + out0 + tiles, W_r, mask=ok)
+    Ak = tf32(tl.dot(N, tf32(A_ak, PREC), input_precision=PREC), PREC)
+    Kc = tl.dot(tl.trans(Ak, 0, 2, 1), b_bar, k_h * mid_to_end, input_precision=PREC)
+    tl.store(kco_ptr + out0 + tiles, tf32(Kc, PREC), mask=ok)
     A_qb_r = tf32(A_qb, PREC)
-    R2 = tl.dot(A_qb_r, tf32(W, PREC), r_s, input_precision=PREC)
-    Qc = tl.dot(A_qb_r, tf32(Ak, PREC), A_qk, input_precision=PREC)
+    R2 = tl.dot(A_qb_r, W_r, q_t * to_mid, input_precision=PREC)
     R2 = tl.where(keep, R2, 0.0)
+    tl.store(r2o_ptr + out0 + tiles, tf32(R2, PREC), mask=ok)
+    Qc = tl.dot(A_qb_r, Ak, A_qk, input_precision=PREC)
     Qc = tl.where(keep, Qc, 0.0)
-
-    ok = (c < NC)[:, None, None]
-    tiles = ((bh.to(tl.int64) * NC + c[:, None, None]) * L_ + rows[None, :, None]) * K + cols[None, None, :]
-    tl.store(wo_ptr + tiles, tf32(W, PREC), mask=ok)
-    tl.store(bo_ptr + tiles, tf32(b_bar, PREC), mask=ok)
-    tl.store(kco_ptr + tiles, tf32(Kc, PREC), mask=ok)
-    tl.store(r2o_ptr + tiles, tf32(R2, PREC), mask=ok)
-    sq = ((bh.to(tl.int64) * NC + c[:, None, None]) * L_ + rows[None, :, None]) * L_ + rows[None, None, :]
-    tl.store(qco_ptr + sq, tf32(Qc, PREC), mask=ok)
-    tl.store(deco_ptr + (bh.to(tl.int64) * NC + c[:, None]) * K + cols[None, :], dec,
-             mask=(c < NC)[:, None])
+    sq = (gi[:, None, None] * L_ + rows[None, :, None]) * L_ + rows[None, None, :]
+    tl.store(qco_ptr + (bh.to(tl.int64) * NC + cb * G) * L_ * L_ + sq, tf32(Qc, PREC), mask=ok)
 
 
 @triton.jit(do_not_specialize=["T", "H", "BH", "NC", "CPS"])

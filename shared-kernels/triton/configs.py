@@ -25,6 +25,7 @@ class ChunkConfig:
     the state-gradient scan; bv_bwd: value rows per step of the chunk-parallel gradient kernel's
     loop. chunks_per_segment: chunks per segment of the serial passes (all of them: no segments).
     prep_chunks: chunks per program of the prep kernel (one per warp with warps_prep of them).
+    precision_inverse: products of the (I - A_ab)^-1 series for bf16/fp16 inputs (fp32: ieee).
     """
 
     precision: str
@@ -33,6 +34,7 @@ class ChunkConfig:
     bv_bwd: int
     chunks_per_segment: int
     prep_chunks: int = 4
+    precision_inverse: str = "tf32"
     warps_prep: int = 4
     warps_fwd: int = 4
     warps_state: int = 4

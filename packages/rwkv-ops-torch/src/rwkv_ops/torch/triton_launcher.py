@@ -104,7 +104,8 @@ def _forward_impl(r, w, k, v, a, b, initial_state, mask, head_first, chunks_per_
         r, w, k, a, b, m,
         wt, bt, kct, r2t, qct, dect,
         T, H, BH, NC, sb, st, sh,
-        K=K, G=G, HAS_MASK=has_mask, PREC=prec, num_warps=cfg.warps_prep)
+        K=K, G=G, HAS_MASK=has_mask, PREC=prec,
+        PREC_INV="ieee" if prec == "ieee" else cfg.precision_inverse, num_warps=cfg.warps_prep)
 
     y = torch.empty(r.shape, dtype=r.dtype, device=dev)
     final = torch.empty((B, H, K, K), dtype=f32, device=dev)
@@ -236,6 +237,7 @@ def _backward_impl(r, w, k, v, a, b, initial_state, mask, ckpt, seg_m, wt, bt, r
         T, H, BH, NC, sb, st, sh,
         K=K, BV=cfg.bv_bwd, HAS_MASK=has_mask, PREC=prec,
         PREC_PAIR="ieee" if prec == "ieee" else "tf32x3",
+        PREC_INV="ieee" if prec == "ieee" else cfg.precision_inverse,
         num_warps=cfg.warps_bwd, num_stages=cfg.stages_bwd)
     return (*grads, ds0)
 
