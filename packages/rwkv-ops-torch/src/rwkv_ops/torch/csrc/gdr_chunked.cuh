@@ -32,6 +32,11 @@
 #define GDR_PRAGMA(x)
 #endif
 
+// Largest head size whose backward keeps the chunk checkpoint in shared memory (a tuning knob).
+#ifndef GDR_S0_IN_SMEM_MAX_K
+#define GDR_S0_IN_SMEM_MAX_K 64
+#endif
+
 namespace gdr {
 
 constexpr int L = 16;            // chunk length
@@ -39,6 +44,9 @@ constexpr int MID = L / 2 - 1;   // anchor step of the factorised decays
 // lambda = -exp(w) is clamped at -LAMBDA_FLOOR so that no factor exp(+-sum of 8 lambdas) leaves the
 // float32 range (exp(80) = 5.5e34). Decays below exp(-10) = 4.5e-5 act as 4.5e-5.
 constexpr float LAMBDA_FLOOR = 10.0f;
+// In shared memory lambda and its cumulative sums are kept in log2 units (lambda * log2(e)), so that
+// every decay factor is one exp2f.
+constexpr float LOG2E = 1.4426950408889634f;
 
 template <int K>
 struct Dims {
@@ -52,7 +60,7 @@ struct Dims {
   static constexpr int UPDATE_ROWS = K / 16;   // state rows per thread in rank_update
   // The backward keeps the chunk's checkpoint in shared memory up to K = 64; at K = 128 it reads it
   // from global memory (L1/L2), so that the block fits in the 163 KB of an A100.
-  static constexpr bool S0_IN_SMEM = K <= 64;
+  static constexpr bool S0_IN_SMEM = K <= GDR_S0_IN_SMEM_MAX_K;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -98,34 +106,47 @@ GDR_FN void store_value(float* p, float x) { *p = x; }
 // rows 4 * (tid / K) .. +3 of an [L][K] result (NT = 4K threads cover L = 16 rows).
 
 // The four chunk-local L x L products C_xy[i][j] = sum_n X_x[i][n] Y_y[j][n], lower triangle only:
-// C00, C01 keep j <= i, C10, C11 keep j < i. Entries above the diagonal are written as 0 without
-// being computed (their factorised products may overflow; a select never makes inf * 0 = NaN).
+// C00, C01 keep j <= i, C10, C11 keep j < i. The L(L+1)/2 pairs j <= i are packed onto consecutive
+// threads (no idle lanes); entries above the diagonal are never computed (their factorised products
+// may overflow) and stay 0 from zero_upper (a select, never inf * 0 = NaN).
 template <int K>
 GDR_FN void pair_products(int tid, const float* X0, const float* X1, const float* Y0,
                           const float* Y1, float* C00, float* C01, float* C10, float* C11) {
   using D = Dims<K>;
-  for (int p = tid; p < L * L; p += D::NT) {
-    const int i = p / L, j = p % L;
+  for (int p = tid; p < L * (L + 1) / 2; p += D::NT) {
+    int i = static_cast<int>((sqrtf(8.f * p + 1.f) - 1.f) * 0.5f);
+    if ((i + 1) * (i + 2) / 2 <= p) ++i;
+    if (i * (i + 1) / 2 > p) --i;
+    const int j = p - i * (i + 1) / 2;
     float c00 = 0.f, c01 = 0.f, c10 = 0.f, c11 = 0.f;
-    if (j <= i) {
-      const float* x0 = X0 + i * D::SK;
-      const float* x1 = X1 + i * D::SK;
-      const float* y0 = Y0 + j * D::SK;
-      const float* y1 = Y1 + j * D::SK;
-      GDR_PRAGMA(unroll 4)
-      for (int n = 0; n < K; n += 4) {
-        const f4 a0 = ld4(x0 + n), a1 = ld4(x1 + n), b0 = ld4(y0 + n), b1 = ld4(y1 + n);
-        c00 = fma4(c00, a0, b0);
-        c01 = fma4(c01, a0, b1);
-        c10 = fma4(c10, a1, b0);
-        c11 = fma4(c11, a1, b1);
-      }
+    const float* x0 = X0 + i * D::SK;
+    const float* x1 = X1 + i * D::SK;
+    const float* y0 = Y0 + j * D::SK;
+    const float* y1 = Y1 + j * D::SK;
+    GDR_PRAGMA(unroll 4)
+    for (int n = 0; n < K; n += 4) {
+      const f4 a0 = ld4(x0 + n), a1 = ld4(x1 + n), b0 = ld4(y0 + n), b1 = ld4(y1 + n);
+      c00 = fma4(c00, a0, b0);
+      c01 = fma4(c01, a0, b1);
+      c10 = fma4(c10, a1, b0);
+      c11 = fma4(c11, a1, b1);
     }
     const int o = i * D::SL + j;
     C00[o] = c00;
     C01[o] = c01;
     C10[o] = j < i ? c10 : 0.f;
     C11[o] = j < i ? c11 : 0.f;
+  }
+}
+
+// Zeroes the strict upper triangle of `count` consecutive L x L matrices starting at M (once per
+// block: pair_products never writes there).
+template <int K>
+GDR_FN void zero_upper(int tid, float* M, int count) {
+  using D = Dims<K>;
+  for (int e = tid; e < count * L * L; e += D::NT) {
+    const int m = e / (L * L), i = (e / L) % L, j = e % L;
+    if (j > i) M[m * D::LL + i * D::SL + j] = 0.f;
   }
 }
 
@@ -166,7 +187,8 @@ GDR_FN void rows_times_m(int tid, const float* const (&X)[NX], const float* M, i
 }
 
 // acc[r] += sum_j A[i0 + r][j] X[j][col]   (TRANS = false), or
-// acc[r] += sum_j A[j][i0 + r] X[j][col]   (TRANS = true); A is L x L, X is [L][K].
+// acc[r] += sum_j A[j][i0 + r] X[j][col]   (TRANS = true); A is L x L lower triangular (only
+// j <= i0 + 3, resp. j >= i0, can be non-zero; i0 is uniform across a warp), X is [L][K].
 template <int K, bool TRANS>
 GDR_FN void lmul(int tid, const float* A, const float* X, float (&acc)[4]) {
   using D = Dims<K>;
@@ -174,6 +196,7 @@ GDR_FN void lmul(int tid, const float* A, const float* X, float (&acc)[4]) {
   if constexpr (!TRANS) {
     GDR_PRAGMA(unroll)
     for (int j = 0; j < L; j += 4) {
+      if (j > i0) continue;
       const f4 xv{X[j * D::SK + col], X[(j + 1) * D::SK + col], X[(j + 2) * D::SK + col],
                   X[(j + 3) * D::SK + col]};
       GDR_PRAGMA(unroll)
@@ -182,6 +205,7 @@ GDR_FN void lmul(int tid, const float* A, const float* X, float (&acc)[4]) {
   } else {
     GDR_PRAGMA(unroll)
     for (int j = 0; j < L; ++j) {
+      if (j < i0) continue;
       const float x = X[j * D::SK + col];
       const f4 a = ld4(A + j * D::SL + i0);
       acc[0] += a.x * x;
@@ -315,7 +339,7 @@ GDR_FN bool step_valid(const P& p, int b, int t) {
   return t < p.T && (p.mask == nullptr || p.mask[(long long)b * p.T + t] != 0);
 }
 
-// Loads step i of chunk c for the threads' elements: raw r, k, a, b, v and lambda (clamped);
+// Loads step i of chunk c for the threads' elements: raw r, k, a, b, v and lambda (clamped, log2);
 // padding (mask 0) and steps past T become identity steps: lambda = 0 and r = k = v = a = b = 0.
 template <int K, typename P>
 GDR_FN void load_chunk(const P& p, int tid, int b, long long base, int t0, float* R, float* W,
@@ -327,7 +351,7 @@ GDR_FN void load_chunk(const P& p, int tid, int b, long long base, int t0, float
     if (step_valid(p, b, t)) {
       const long long off = base + (long long)t * p.st + n;
       r = load_value(p.r[off]);
-      lam = fmaxf(-expf(load_value(p.w[off])), -LAMBDA_FLOOR);
+      lam = fmaxf(-expf(load_value(p.w[off])), -LAMBDA_FLOOR) * LOG2E;
       k = load_value(p.k[off]);
       v = load_value(p.v[off]);
       a = load_value(p.a[off]);
@@ -342,8 +366,8 @@ GDR_FN void load_chunk(const P& p, int tid, int b, long long base, int t0, float
   }
 }
 
-// Column cumulative sums Lam_i = sum_{t <= i} lambda_t in place, and per channel: LM = Lam_MID,
-// LE = Lam_{L-1}, CM = exp(LM), CE = exp(LE - LM), DD = exp(LE) (the decay over the whole chunk).
+// Column cumulative sums Lam_i = sum_{t <= i} lambda_t in place (log2 units), and per channel:
+// LM = Lam_MID, LE = Lam_{L-1}, CM = 2^LM, CE = 2^(LE - LM), DD = 2^LE (the decay over the chunk).
 template <int K>
 GDR_FN void chunk_cumsum(int tid, float* LAM, float* LM, float* LE, float* CM, float* CE,
                          float* DD) {
@@ -357,21 +381,24 @@ GDR_FN void chunk_cumsum(int tid, float* LAM, float* LM, float* LE, float* CM, f
     }
     LM[tid] = m;
     LE[tid] = s;
-    CM[tid] = expf(m);
-    CE[tid] = expf(s - m);
-    DD[tid] = expf(s);
+    CM[tid] = exp2f(m);
+    CE[tid] = exp2f(s - m);
+    DD[tid] = exp2f(s);
   }
 }
 
+// Global [K][K] -> shared [K][SK]; src = null gives zeros. Scalar global loads: a user's state
+// tensor may be a view that is not 16-byte aligned.
 template <int K>
 GDR_FN void copy_state_in(int tid, float* dst, const float* src) {
   using D = Dims<K>;
-  for (int e = tid; e < K * K / 4; e += D::NT) {
-    const int v = e / (K / 4), n = (e % (K / 4)) * 4;
-    st4(dst + v * D::SK + n, src ? ld4(src + v * K + n) : f4{0.f, 0.f, 0.f, 0.f});
+  for (int e = tid; e < K * K; e += D::NT) {
+    const int v = e / K, n = e % K;
+    dst[v * D::SK + n] = src ? src[e] : 0.f;
   }
 }
 
+// Shared [K][SK] -> global [K][K] (buffers allocated by the launcher, 16-byte aligned).
 template <int K>
 GDR_FN void copy_state_out(int tid, float* dst, const float* src) {
   using D = Dims<K>;
@@ -439,6 +466,7 @@ GDR_FN void fwd_program(const FwdParams<In>& p, const int b, const int h, float*
     copy_state_in<K>(tid, sm.S,
                      p.s0 ? p.s0 + (long long)b * p.s0_batch_stride + (long long)h * K * K
                           : nullptr);
+    zero_upper<K>(tid, sm.Aqk, 4);
   });
 
   for (int c = 0; c < p.NC; ++c) {
@@ -452,11 +480,11 @@ GDR_FN void fwd_program(const FwdParams<In>& p, const int b, const int h, float*
       for (int e = tid; e < L * K; e += D::NT) {
         const int i = e / K, n = e % K, o = i * SK + n;
         const float li = sm.LAM[o], lp = i ? sm.LAM[o - SK] : 0.f, lm = sm.LM[n];
-        const float r = sm.QT[o], a = sm.AT[o], inv = expf(lm - li);
-        sm.QT[o] = r * expf(li - lm);
-        sm.RS[o] = r * expf(li);
-        sm.AT[o] = a * expf(lp - lm);
-        sm.AS[o] = a * expf(lp);
+        const float r = sm.QT[o], a = sm.AT[o], inv = exp2f(lm - li);
+        sm.QT[o] = r * exp2f(li - lm);
+        sm.RS[o] = r * exp2f(li);
+        sm.AT[o] = a * exp2f(lp - lm);
+        sm.AS[o] = a * exp2f(lp);
         sm.KH[o] *= inv;
         sm.BH[o] *= inv;
       }
@@ -579,7 +607,10 @@ GDR_FN void bwd_program(const BwdParams<In>& p, const int b, const int h, float*
   const long long base = (long long)b * p.sb + (long long)h * p.sh;
   const long long state = ((long long)b * p.H + h) * K * K;
 
-  phase([&](int tid, BwdRegs&) { copy_state_in<K>(tid, sm.G, p.dsT ? p.dsT + state : nullptr); });
+  phase([&](int tid, BwdRegs&) {
+    copy_state_in<K>(tid, sm.G, p.dsT ? p.dsT + state : nullptr);
+    zero_upper<K>(tid, sm.Aqk, 8);
+  });
 
   for (int c = p.NC - 1; c >= 0; --c) {
     const int t0 = c * L;
@@ -597,12 +628,12 @@ GDR_FN void bwd_program(const BwdParams<In>& p, const int b, const int h, float*
         const int i = e / K, n = e % K, o = i * SK + n;
         const float li = sm.LAM[o], lp = i ? sm.LAM[o - SK] : 0.f, lm = sm.LM[n], le = sm.LE[n];
         const float r = sm.QT[o], a = sm.AT[o], k = sm.KH[o], bb = sm.BH[o];
-        const float inv = expf(lm - li), tail = expf(le - li);
-        sm.QT[o] = r * expf(li - lm);
-        sm.AT[o] = a * expf(lp - lm);
+        const float inv = exp2f(lm - li), tail = exp2f(le - li);
+        sm.QT[o] = r * exp2f(li - lm);
+        sm.AT[o] = a * exp2f(lp - lm);
         sm.KH[o] = k * inv;
         sm.BH[o] = bb * inv;
-        sm.UU[o] = a * expf(lp);   // a_s
+        sm.UU[o] = a * exp2f(lp);   // a_s
         sm.DY[o] = k * tail;       // k_bar
         sm.DR[o] = bb * tail;      // b_bar
       }
@@ -645,12 +676,13 @@ GDR_FN void bwd_program(const BwdParams<In>& p, const int b, const int h, float*
       float du[4] = {rg.du[0], rg.du[1], rg.du[2], rg.du[3]};
       GDR_PRAGMA(unroll)
       for (int j = 0; j < L; ++j) {
+        if (j < i0) continue;
         const f4 a = ld4(sm.Aqb + j * D::SL + i0);
         du[0] += a.x * dyc[j];
         du[1] += a.y * dyc[j];
         du[2] += a.z * dyc[j];
         du[3] += a.w * dyc[j];
-        if (j >= i0 && j < i0 + 4) sm.DY[j * SK + v] = dyc[j];
+        if (j < i0 + 4) sm.DY[j * SK + v] = dyc[j];
       }
       for (int r = 0; r < 4; ++r) {
         sm.UU[(i0 + r) * SK + v] = acc[r];
@@ -702,13 +734,13 @@ GDR_FN void bwd_program(const BwdParams<In>& p, const int b, const int h, float*
         const int i = i0 + r, o = i * SK + n, t = t0 + i;
         const float li = sm.LAM[o], lp = i ? sm.LAM[o - SK] : 0.f;
         const float qt = sm.QT[o], at = sm.AT[o], kh = sm.KH[o], bh = sm.BH[o];
-        const float e_mk = expf(lm - li), e_ek = expf(le - li);
+        const float e_mk = exp2f(lm - li), e_ek = exp2f(le - li);
         const float drs = s0p[0][r], das = s0p[1][r], dbb = gp[0][r], dkb = gp[1][r];
         if (t < p.T) {
           const bool ok = step_valid(p, b, t);
           const long long off = base + (long long)t * p.st + n;
-          store_value(p.dr + off, ok ? dq[r] * expf(li - lm) + drs * expf(li) : 0.f);
-          store_value(p.da + off, ok ? dat[r] * expf(lp - lm) + das * expf(lp) : 0.f);
+          store_value(p.dr + off, ok ? dq[r] * exp2f(li - lm) + drs * exp2f(li) : 0.f);
+          store_value(p.da + off, ok ? dat[r] * exp2f(lp - lm) + das * exp2f(lp) : 0.f);
           store_value(p.dk + off, ok ? dkh[r] * e_mk + dkb * e_ek : 0.f);
           store_value(p.db + off, ok ? dbh[r] * e_mk + dbb * e_ek : 0.f);
         }
