@@ -177,7 +177,7 @@ def main():
     if args.sweep:
         real = launcher.select_config
         variants = {
-            "prep-g2w2": dict(prep_chunks=2, warps_prep=2),
+            "prep-g1w1": dict(prep_chunks=1, warps_prep=1),
             "prep-g4w4": dict(prep_chunks=4, warps_prep=4),
             "scan-bv32w2": dict(bv_fwd=32, warps_fwd=2, bv_state=32, warps_state=2),
             "scan-stages2": dict(stages_fwd=2, stages_state=2),

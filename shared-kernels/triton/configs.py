@@ -33,9 +33,9 @@ class ChunkConfig:
     bv_state: int
     bv_bwd: int
     chunks_per_segment: int
-    prep_chunks: int = 4
+    prep_chunks: int = 2
     precision_inverse: str = "tf32"
-    warps_prep: int = 4
+    warps_prep: int = 2
     warps_fwd: int = 4
     warps_state: int = 4
     warps_bwd: int = 4
