@@ -89,7 +89,7 @@ def test_explicit_native_any_head_size():
     assert torch.isfinite(o).all() and state.shape == (2, 2, 16, 16)
 
 
-@pytest.mark.skipif(not NO_GPU, reason="on a GPU machine the automatic op may be backed by a kernel")
+@pytest.mark.skipif(not NO_GPU, reason="on a GPU machine a kernel may back the automatic op")
 def test_automatic_op_here_is_native():
     op, use_kernel = rt.get_generalized_delta_rule(64)
     assert op is rt.generalized_delta_rule and use_kernel is False
@@ -113,7 +113,8 @@ def test_automatic_op_validates_with_library_messages():
 
 def test_missing_module_is_unavailable(monkeypatch):
     monkeypatch.setitem(api.KERNEL_MODULES, "triton", "rwkv_ops.torch.no_such_launcher")
-    assert api.kernel_reason("triton", 64) == ("not included in this build of rwkv-ops-torch", False)
+    expected = ("not included in this build of rwkv-ops-torch", False)
+    assert api.kernel_reason("triton", 64) == expected
     assert "triton" not in rt.available_kernel_types(64)
 
 
@@ -126,7 +127,8 @@ def fake_reasons(monkeypatch, table):
 
 def test_cuda_inputs_take_the_first_runnable_kernel(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    fake_reasons(monkeypatch, {"triton": (None, False), "cuda": (None, False), "native": (None, False)})
+    fake_reasons(monkeypatch, {"triton": (None, False), "cuda": (None, False),
+                               "native": (None, False)})
     assert api._select("cuda", 64) == "triton"
     assert api._select("cpu", 64) == "native"
     assert api.get_generalized_delta_rule(64) == (api.generalized_delta_rule, True)
@@ -139,7 +141,8 @@ def test_cuda_inputs_take_the_first_runnable_kernel(monkeypatch):
 
 
 def test_unsupported_head_size_falls_back_with_one_warning(monkeypatch):
-    reason = f"the triton kernels support head sizes K in {{32, 64, 128}}, got K = 48 ({uuid.uuid4()})"
+    reason = ("the triton kernels support head sizes K in {32, 64, 128}, got K = 48 "
+              f"({uuid.uuid4()})")
     fake_reasons(monkeypatch, {"triton": (reason, False), "cuda": ("no CUDA GPU is visible", True),
                                "native": (None, False)})
     with pytest.warns(RuntimeWarning, match="falls back to the native implementation") as record:
@@ -154,7 +157,8 @@ def test_unsupported_head_size_falls_back_with_one_warning(monkeypatch):
 
 def test_quiet_reasons_fall_back_silently(monkeypatch):
     fake_reasons(monkeypatch, {"triton": (f"no CUDA GPU {uuid.uuid4()}", True),
-                               "cuda": (f"no CUDA GPU {uuid.uuid4()}", True), "native": (None, False)})
+                               "cuda": (f"no CUDA GPU {uuid.uuid4()}", True),
+                               "native": (None, False)})
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert api._select("cuda", 64) == "native"

@@ -8,9 +8,10 @@ Tolerances (relative error ||x - ref|| / ||ref|| per tensor):
 - float32, decays down to exactly 0: 1e-4 (measured ~6e-5; the LAMBDA_FLOOR clamp treats decays
   below e^-10 as e^-10).
 - float64: 1e-11 (measured ~6e-14).
-- bfloat16 / float16 inputs: 1.2e-2 / 3e-3. The computation is float32; the error is the rounding of
-  o and of the six input gradients to the input dtype (about 2^-9 / 2^-12 relative per element). The
-  reference runs on the rounded inputs and on the same rounded ``do``.
+- bfloat16 / float16 inputs: 5e-3 / 1e-3 (measured ~1.7e-3 / ~2e-4). The computation is float32;
+  the error is the rounding of o and of the six input gradients to the input dtype (2^-9 / 2^-12
+  relative at most per element). The reference runs on the rounded inputs and the same rounded
+  ``do``; the final state and its gradient stay float32 and get the float32 tolerance.
 """
 
 from __future__ import annotations
@@ -21,7 +22,10 @@ import numpy as np
 import pytest
 import torch
 
-from rwkv_ops.numpy.reference import generalized_delta_rule_backward, generalized_delta_rule_reference
+from rwkv_ops.numpy.reference import (
+    generalized_delta_rule_backward,
+    generalized_delta_rule_reference,
+)
 from rwkv_ops.numpy.testing import make_cotangents, make_inputs, rel_error, seed_from_env
 from rwkv_ops.torch import native
 from rwkv_ops.torch.native import generalized_delta_rule
@@ -35,8 +39,8 @@ TOL = {
     (torch.float32, "full"): 1e-4,
     (torch.float64, "model"): 1e-11,
     (torch.float64, "full"): 1e-11,
-    (torch.bfloat16, "model"): 1.2e-2,
-    (torch.float16, "model"): 3e-3,
+    (torch.bfloat16, "model"): 5e-3,
+    (torch.float16, "model"): 1e-3,
 }
 
 
@@ -50,7 +54,7 @@ def to_numpy(t):
 
 def make_case(B, T, H, K, *, seed, dtype=torch.float32, decays="model", initial_state=True,
               state_batch=None, head_first=False, mask=None):
-    """Torch leaf tensors (requires_grad) and the float64 arrays the reference sees (the rounded ones)."""
+    """Torch leaf tensors (requires_grad) and the float64 arrays the reference gets (rounded)."""
     x = make_inputs(B, T, H, K, seed=seed, decays=decays, initial_state=initial_state,
                     state_batch=state_batch, head_first=head_first, mask=mask)
     ts = {n: torch.tensor(x[n], dtype=dtype).requires_grad_() for n in NAMES}
@@ -94,7 +98,8 @@ def check_case(B, T, H, K, *, dtype=torch.float32, decays="model", initial_state
     if output_final_state:
         assert state.dtype == state_dtype(dtype) and state.shape == (B, H, K, K), where
         err = rel_error(to_numpy(state), s_ref)
-        assert err <= state_tol, f"final_state: relative error {err:.3e} > {state_tol:.1e} ({where})"
+        assert err <= state_tol, \
+            f"final_state: relative error {err:.3e} > {state_tol:.1e} ({where})"
     else:
         assert state is None, where
 
@@ -201,7 +206,8 @@ def test_extreme_decays_finite(w_value):
     for name, g in zip(GRAD_NAMES, grads):
         assert torch.isfinite(g).all(), f"{name} not finite for w={w_value} (seed={SEED})"
     with np.errstate(over="ignore"):
-        y_ref, s_ref = generalized_delta_rule_reference(*(ref[n] for n in NAMES), ref["initial_state"])
+        y_ref, s_ref = generalized_delta_rule_reference(*(ref[n] for n in NAMES),
+                                                        ref["initial_state"])
         refs = generalized_delta_rule_backward(*(ref[n] for n in NAMES), ref["initial_state"],
                                                do=do * scale, dfinal_state=dstate * scale)
     # With every decay below the floor the whole sequence sits at the clamp: 1e-3 (measured 3e-4).
@@ -233,7 +239,8 @@ def test_T_zero():
     o, state = generalized_delta_rule(r, r, r, r, r, r)
     assert torch.equal(state, torch.zeros(B, H, K, K)) and state.dtype == torch.float32
     rf = torch.randn(B, H, 0, K, dtype=torch.float64)
-    o, state = generalized_delta_rule(rf, rf, rf, rf, rf, rf, output_final_state=False, head_first=True)
+    o, state = generalized_delta_rule(rf, rf, rf, rf, rf, rf, output_final_state=False,
+                                      head_first=True)
     assert o.shape == (B, H, 0, K) and o.dtype == torch.float64 and state is None
 
 
@@ -312,28 +319,48 @@ def call(x, **kwargs):
     return generalized_delta_rule(*(x[n] for n in NAMES), **kwargs)
 
 
-@pytest.mark.parametrize("change, error, fragment", [
-    (lambda x: x.update(k=torch.randn(2, 6, 3, 8)), ValueError, "`k` has shape [2, 6, 3, 8] but expected [2, 5, 3, 8]"),
-    (lambda x: x.update(v=torch.randn(2, 5, 3, 4)), ValueError, "the value size V must equal the head size K"),
-    (lambda x: x.update(r=torch.randn(2, 5, 24)), ValueError, "`r` must have rank 4"),
-    (lambda x: x.update(w=torch.randn(2, 5, 3, 8).to(torch.int32)), TypeError, "`w` must have a floating dtype"),
-    (lambda x: x.update(a=torch.zeros(2, 5, 3, 8, dtype=torch.bool)), TypeError, "`a` must have a floating dtype"),
-    (lambda x: x.update(initial_state=torch.randn(2, 3, 8, 4)), ValueError, "`initial_state` has shape [2, 3, 8, 4]"),
-    (lambda x: x.update(initial_state=torch.randn(3, 3, 8, 8)), ValueError, "`initial_state` has shape [3, 3, 8, 8]"),
-    (lambda x: x.update(initial_state=torch.randn(3, 8, 8)), ValueError, "`initial_state` has shape [3, 8, 8]"),
-    (lambda x: x.update(initial_state=torch.ones(2, 3, 8, 8, dtype=torch.int64)), TypeError, "`initial_state` must have a floating dtype"),
-    (lambda x: x.update(mask=torch.ones(2, 4, dtype=torch.bool)), ValueError, "`mask` has shape [2, 4] but expected [2, 5]"),
-    (lambda x: x.update(mask=torch.ones(2, 5, dtype=torch.complex64)), TypeError, "`mask` must be boolean, integer or floating"),
-    (lambda x: x.update(b=torch.randn(2, 5, 3, 8, device="meta")), ValueError, "all inputs must be on one device"),
-    (lambda x: x.update(mask=torch.ones(2, 5, device="meta")), ValueError, "mask on meta"),
-    (lambda x: x.update(head_first=1), TypeError, "`head_first` must be a bool"),
-    (lambda x: x.update({n: torch.randn(2, 5, 0, 8) for n in NAMES}), ValueError, "head count H must be >= 1"),
-], ids=["shape", "V!=K", "rank", "int-input", "bool-input", "state-shape", "state-batch",
-        "state-rank", "state-int", "mask-shape", "mask-dtype", "device", "mask-device",
-        "head_first-type", "H=0"])
-def test_bad_inputs(change, error, fragment):
+def rand(*shape, **kwargs):
+    return lambda: torch.randn(*shape, **kwargs)
+
+
+BAD_INPUTS = [
+    pytest.param("k", rand(2, 6, 3, 8), ValueError,
+                 "`k` has shape [2, 6, 3, 8] but expected [2, 5, 3, 8]", id="shape"),
+    pytest.param("v", rand(2, 5, 3, 4), ValueError,
+                 "the value size V must equal the head size K", id="V!=K"),
+    pytest.param("r", rand(2, 5, 24), ValueError, "`r` must have rank 4", id="rank"),
+    pytest.param("w", lambda: torch.ones(2, 5, 3, 8, dtype=torch.int32), TypeError,
+                 "`w` must have a floating dtype", id="int-input"),
+    pytest.param("a", lambda: torch.zeros(2, 5, 3, 8, dtype=torch.bool), TypeError,
+                 "`a` must have a floating dtype", id="bool-input"),
+    pytest.param("initial_state", rand(2, 3, 8, 4), ValueError,
+                 "`initial_state` has shape [2, 3, 8, 4] but expected [2, 3, 8, 8]",
+                 id="state-shape"),
+    pytest.param("initial_state", rand(3, 3, 8, 8), ValueError,
+                 "`initial_state` has shape [3, 3, 8, 8]", id="state-batch"),
+    pytest.param("initial_state", rand(3, 8, 8), ValueError,
+                 "`initial_state` has shape [3, 8, 8]", id="state-rank"),
+    pytest.param("initial_state", lambda: torch.ones(2, 3, 8, 8, dtype=torch.int64), TypeError,
+                 "`initial_state` must have a floating dtype", id="state-int"),
+    pytest.param("mask", lambda: torch.ones(2, 4, dtype=torch.bool), ValueError,
+                 "`mask` has shape [2, 4] but expected [2, 5]", id="mask-shape"),
+    pytest.param("mask", lambda: torch.ones(2, 5, dtype=torch.complex64), TypeError,
+                 "`mask` must be boolean, integer or floating", id="mask-dtype"),
+    pytest.param("b", rand(2, 5, 3, 8, device="meta"), ValueError,
+                 "all inputs must be on one device", id="device"),
+    pytest.param("mask", lambda: torch.ones(2, 5, device="meta"), ValueError, "mask on meta",
+                 id="mask-device"),
+    pytest.param("head_first", lambda: 1, TypeError, "`head_first` must be a bool",
+                 id="head_first-type"),
+    pytest.param(NAMES, rand(2, 5, 0, 8), ValueError, "head count H must be >= 1", id="H=0"),
+]
+
+
+@pytest.mark.parametrize("names, make, error, fragment", BAD_INPUTS)
+def test_bad_inputs(names, make, error, fragment):
     x = good()
-    change(x)
+    for name in (names,) if isinstance(names, str) else names:
+        x[name] = make()
     kwargs = {key: x.pop(key) for key in ("initial_state", "mask", "head_first") if key in x}
     with pytest.raises(error) as info:
         call(x, **kwargs)

@@ -29,12 +29,13 @@ GPU_KERNEL_TYPES = ("triton", "cuda")
 def tensor_info(x) -> TensorInfo:
     """Describe a torch tensor for :func:`rwkv_ops.common.check_inputs`."""
     floating = x.is_floating_point()
-    return TensorInfo(shape=tuple(x.shape), is_floating=floating, dtype=str(x.dtype).replace("torch.", ""),
-                      device=str(x.device),
+    return TensorInfo(shape=tuple(x.shape), is_floating=floating,
+                      dtype=str(x.dtype).replace("torch.", ""), device=str(x.device),
                       is_bool_or_integer=not floating and not x.is_complex())
 
 
-def check_torch_inputs(r, w, k, v, a, b, initial_state=None, mask=None, head_first=False) -> Problem:
+def check_torch_inputs(r, w, k, v, a, b, initial_state=None, mask=None,
+                       head_first=False) -> Problem:
     """Validate one call with the library's messages; returns the sizes (B, T, H, K, ...)."""
     return check_inputs(*(tensor_info(x) for x in (r, w, k, v, a, b)),
                         None if initial_state is None else tensor_info(initial_state),

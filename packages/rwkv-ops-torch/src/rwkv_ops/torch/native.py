@@ -1,19 +1,26 @@
 """Chunked PyTorch implementation of the generalized delta rule, differentiated by autograd.
 
-The same algorithm, names and constants as ``rwkv_ops/numpy/native.py`` (read its docstring for
-the derivation): chunks of L = 16 steps, every pairwise decay factorised around the chunk's middle
-step, lambda = -exp(w) clamped at ``-LAMBDA_FLOOR``, masked triangle entries removed by selection.
+The algorithm, names and constants of ``rwkv_ops/numpy/native.py`` (read its docstring for the
+derivation): chunks of L = 16 steps, lambda = -exp(w) clamped at ``-LAMBDA_FLOOR``, the four L x L
+matrices A_qk, A_qb, A_ak, A_ab from anchored products, ``U = (I - A_ab)^-1 (A_ak V + a_s S_0^T)``,
+masked triangle entries removed by selection. Two changes of form:
 
-One change of form: the outputs are computed inside the scan over chunks, from the state entering
-each chunk, as ``[U; Y] = [u0; A_qk V + A_qb u0] + [wa; r_s + A_qb wa] S_0^T`` (the template's U and Y
-regrouped). No K x K tensor per chunk is ever materialised (on CPU their memory traffic dominated),
-the Python loop runs two batched products per chunk, and autograd keeps one state per chunk for the
-backward (never one per token).
+- Anchoring inside a chunk is per half chunk. Pairs with both steps in one half are anchored at that
+  half's middle step (factors <= exp(L/4 * floor) = e^40 in float32), pairs across the halves at the
+  boundary between them (factors <= 1). With one anchor at the chunk's middle, factors reach e^80,
+  and the backward, which multiplies upstream gradients by them before the small factor, overflows
+  float32 once those gradients reach ~1e4 (fp16 loss scaling does that); now it would take ~1e21.
+- The outputs are computed inside the scan over chunks from the state entering each chunk:
+  ``[U; Y] = [u0; A_qk V + A_qb u0] + [wa; r_s + A_qb wa] S_0^T``, then
+  ``S_L = S_0 diag(exp(Lam_L)) + [V; U]^T [k_bar; b_bar]``. No K x K tensor per chunk is built
+  (their memory traffic dominated on CPU), the Python loop over chunks runs two batched products per
+  chunk, and autograd keeps one state per chunk for the backward, never one per token.
 
-Gradient safety: exp(w) is only taken of ``w`` clamped at ``log(LAMBDA_FLOOR)``, so it is never
-inf and no inf * 0 = NaN reaches a gradient; w = -inf gives lambda = 0 and a zero gradient. Below
-the floor, :class:`ClampedLogDecay` returns the true decay's gradient rather than the clamp's zero. Steps past T (padding to whole chunks) take w = -inf, k = a = 0
-(identity steps); masked steps get lambda = 0, k = 0, a = 0 and a zero output.
+Gradient safety: exp(w) is only taken of ``w`` clamped at ``log(LAMBDA_FLOOR)``, so no inf * 0 = NaN
+reaches a gradient; w = -inf gives lambda = 0 and a zero gradient; below the floor
+:class:`ClampedLogDecay` returns the true decay's gradient rather than the clamp's zero. Steps past
+T (padding to whole chunks) take w = -inf; masked steps get lambda = 0, k = 0, a = 0 (identity
+steps) and a zero output.
 """
 
 from __future__ import annotations
@@ -30,7 +37,8 @@ KERNEL_TYPE = "native"
 SUPPORTED_HEAD_SIZES = None  # any K
 
 CHUNK = 16
-# |lambda| bound per compute dtype: CHUNK / 2 * floor must stay below log(max float) ~ 88 (709).
+# |lambda| bound per compute dtype. Anchored factors stay below exp(CHUNK / 4 * floor) and masked
+# products, dropped by selection, below exp(CHUNK / 2 * floor): finite (log(max float) ~ 88, 709).
 LAMBDA_FLOOR = {torch.float32: 10.0, torch.float64: 80.0}
 
 
@@ -43,8 +51,8 @@ class ClampedLogDecay(torch.autograd.Function):
     """lambda = max(-exp(w), -floor), with the gradient of the unclamped decay.
 
     Below the floor (w > log(floor)) the forward uses d_c = exp(-floor) instead of the true
-    d = exp(-exp(w)), and plain autograd would give dw = 0 there. The loss's gradient with respect to
-    the decay, dl/dd = (dl/dlambda) / d_c, is still known, so the backward returns
+    d = exp(-exp(w)), and plain autograd would give dw = 0 there. The loss's gradient with respect
+    to the decay, dl/dd = (dl/dlambda) / d_c, is still known, so the backward returns
     dl/dw = (dl/dlambda) / d_c * dd/dw = (dl/dlambda) * -exp(w - exp(w) + floor): small and finite
     (0 for very large w), and what the reference's gradient is to first order in d_c.
     """
@@ -119,10 +127,8 @@ def chunked_forward(r, w, k, v, a, b, s0, mask=None):
     lam_ex = lam_in - lam                      # Lam_{i-1}
     lam_end = lam_in[..., -1:, :]
     h = L // 2
-    # Diagonal blocks (both steps in one half chunk): anchored at the middle step of that half, so
-    # no factor exceeds exp(h/2 * floor) = e^40. That bound, not the forward, is what matters: the
-    # backward multiplies upstream gradients by these factors (dq = dA k^ before dr = dq exp(..)),
-    # and with the whole chunk's e^80 a gradient of ~1e4 would already overflow float32.
+    # Diagonal blocks (both steps in one half chunk), anchored at the middle step of that half: no
+    # factor exceeds exp(h/2 * floor), which bounds what the backward multiplies gradients by.
     lam_h, lam_hx = lam_in.unflatten(-2, (2, h)), lam_ex.unflatten(-2, (2, h))
     lam_mid = lam_h[..., h // 2 - 1: h // 2, :]            # [NC, BH, 2, 1, K]
     grow = torch.exp(lam_mid - lam_h)
@@ -148,8 +154,9 @@ def chunked_forward(r, w, k, v, a, b, s0, mask=None):
     A_qb = _assemble(diag[..., :h, h:], off[..., :h, h:], incl)
     A_ak = _assemble(diag[..., h:, :h], off[..., h:, :h], strict)
     A_ab = _assemble(diag[..., h:, h:], off[..., h:, h:], strict)
-    # Re-anchored at the chunk start (r_s, a_s) and end (k_bar, b_bar): per-channel factors, whose
-    # products are decays (<= 1); an underflow to 0 there only drops terms below e^-87.
+    # Re-anchored at the chunk start (r_s, a_s) and end (k_bar, b_bar) by per-channel factors; the
+    # results are inputs times decays (<= 1). Where a factor underflows to 0 the dropped terms are
+    # below e^-45 of the inputs' scale.
     qa_s = (qa * torch.exp(lam_mid)).unflatten(-2, (2, h))  # [NC, BH, 2 halves, 2 (q, a), h, K]
     r_s = qa_s[..., 0, :, :].flatten(-3, -2)
     a_s = qa_s[..., 1, :, :].flatten(-3, -2)
@@ -174,7 +181,8 @@ def chunked_forward(r, w, k, v, a, b, s0, mask=None):
     # indexing: their backward is one stack or cat, that of an index op a full-size zero tensor.
     S = s0.reshape(B * H, K, K)
     ys = []
-    for base_c, lift_c, v_c, kb_c, d_c in zip(*(x.unbind(0) for x in (base, lift, v, kb_bar, decay_end))):
+    per_chunk = (x.unbind(0) for x in (base, lift, v, kb_bar, decay_end))
+    for base_c, lift_c, v_c, kb_c, d_c in zip(*per_chunk):
         u_c, y_c = torch.baddbmm(base_c, lift_c, S.transpose(-1, -2)).split(L, dim=1)
         ys.append(y_c)
         S = torch.baddbmm(S * d_c, torch.cat([v_c, u_c], dim=1).transpose(-1, -2), kb_c)
