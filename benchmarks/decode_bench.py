@@ -183,15 +183,24 @@ def torch_part(quick):
     print(f"best: BV={best[1]}, warps={best[2]}: {best[0]:.2f} us per step")
     for Kx in (32, 128):
         Hx = H * 64 // Kx
-        xs_x = [torch.randn(B, 1, Hx, Kx, device=dev, dtype=torch.bfloat16) for _ in NAMES]
+        xs_x = [torch.tensor(x.reshape(B, 1, Hx, Kx), device=dev).to(torch.bfloat16)
+                for x in protocol_numpy(B, 1, Hx, Kx)[0]]
         s_x = torch.randn(B, Hx, Kx, Kx, device=dev) * 0.1
+        flat_x = [x.contiguous() for x in xs_x]
+        o_x = torch.empty_like(xs_x[0])
+        bytes_x = 2 * s_x.numel() * 4
+        cells = []
+        for bv in sorted({min(Kx, n // Kx) for n in (1024, 2048, 4096)}):
+            for warps in (2, 4, 8):
+                def kx_steps(bv=bv, warps=warps):
+                    for _ in range(16):
+                        kernels.decode_kernel[(B * Hx * (Kx // bv),)](
+                            *flat_x, s_x, o_x, s_x, K=Kx, BV=bv, num_warps=warps)
 
-        def kx_steps(xs_x=xs_x, s_x=s_x):
-            for _ in range(16):
-                decode.rwkv7_op_rnn(*xs_x, s_x, inplace=True)
-
-        row(f"triton decode K={Kx} (H={Hx}, same state bytes), 16-step graph per step",
-            bench_ms(capture(kx_steps).replay, w=50, r=300) * 1e3 / 16)
+                t = bench_ms(capture(kx_steps).replay, w=50, r=300) * 1e3 / 16
+                cells.append(f"BV={bv}/w{warps}={t:.2f}")
+        print(f"K={Kx} (H={Hx}, state {bytes_x / 2e6:.1f} MB, floor {bytes_x / 4.27e12 * 1e6:.1f} us)"
+              f", 16-step graph, us per step: " + "  ".join(cells))
 
     # ---- varlen vs dense
     Bv, Tv, Hv, Kv = 8, 512, 64, 64
@@ -261,13 +270,16 @@ def torch_part(quick):
         return generalized_delta_rule(*tracked, s0)
 
     row("training forward (keeps fp32 checkpoints)", bench_ms(training_forward, w=50, r=300), "ms")
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    inference.generalized_delta_rule_inference(*big, s0)
-    torch.cuda.synchronize()
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**30
-    print(f"| inference peak extra memory | {peak:.3f} GiB | outputs only |")
+    for name, fn in (("inference", lambda: inference.generalized_delta_rule_inference(*big, s0)),
+                     ("no_grad training op", lambda: generalized_delta_rule(*big, s0))):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        with torch.no_grad():
+            fn()
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+        print(f"| {name}: peak memory above the inputs | {peak:.3f} GiB | outputs: 0.276 GiB |")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,6 +332,27 @@ def jax_part(quick):
 
         row(f"{name}, jit, 16 steps in one lax.scan, per step",
             per_call(jax.jit(scan16, donate_argnums=6), 16))
+
+    if reason is None:
+        for alias in (True, False):
+            def scan_kernel(*args, alias=alias):
+                *ins, state = args
+
+                def body(s, _):
+                    o, s = decode._kernel_step(*ins, s, alias=alias)
+                    return s, o
+
+                state, outs = jax.lax.scan(body, state, None, length=16)
+                return outs, state
+
+            t = per_call(jax.jit(scan_kernel, donate_argnums=6), 16)
+            row(f"kernel, 16-step lax.scan, input_output_aliases={'on' if alias else 'off'}", t)
+        s0 = jnp.asarray(s_np)
+        _, s1 = jax.jit(lambda *a: decode._kernel_step(*a, alias=True))(*xs, s0)
+        _, s2 = jax.jit(lambda *a: decode._kernel_step(*a, alias=False))(*xs, s0)
+        _, s3 = decode.decode_native(*(x.astype(jnp.float32) for x in xs), s0)
+        print(f"| alias on/off max difference; vs native | {float(jnp.max(jnp.abs(s1 - s2))):.1e} / "
+              f"{float(jnp.linalg.norm(s1 - s3) / jnp.linalg.norm(s3)):.1e} | |")
 
 
 def main():

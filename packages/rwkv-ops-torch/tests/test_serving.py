@@ -187,8 +187,9 @@ def test_decode_errors():
         decode.rwkv7_op_rnn(*xs, state[:1], inplace=True)
     with pytest.raises(KernelUnavailableError, match="32, 64, 128"):
         decode.decode_triton(*(torch.randn(2, 1, 2, 48) for _ in NAMES), torch.randn(2, 2, 48, 48))
+    on_device = [x.to(DEVICE) for x in xs]
     with pytest.raises(KernelUnavailableError, match="float32"):
-        decode.decode_triton(*xs, state.double())
+        decode.decode_triton(*on_device, state.to(DEVICE).double())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,7 +207,7 @@ def _varlen_case(seed, lengths, H=2, K=32, decays="model"):
     return packed, per_seq, cu
 
 
-@pytest.mark.parametrize("lengths", [LENGTHS, (3, 0, 17)])
+@pytest.mark.parametrize("lengths", [LENGTHS, (3, 0, 17), (9, 9, 9)])
 def test_varlen_matches_each_sequence(lengths, request):
     seed = _seed(request)
     packed, per_seq, cu = _varlen_case(seed, lengths)

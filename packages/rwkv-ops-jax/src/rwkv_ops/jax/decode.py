@@ -85,8 +85,11 @@ def triton_unavailable_reason(K: int, state_dtype: str) -> str | None:
     return None
 
 
-def _kernel_step(r, w, k, v, a, b, state):
-    """The kernel on contiguous [B, 1, H, K] / [B, H, 1, K] inputs and a [B, H, K, K] fp32 state."""
+def _kernel_step(r, w, k, v, a, b, state, alias=True):
+    """The kernel on contiguous [B, 1, H, K] / [B, H, 1, K] inputs and a [B, H, K, K] fp32 state.
+
+    ``alias``: the new state takes the old one's buffer (in place when the caller donates it).
+    """
     import jax_triton
 
     from rwkv_ops.jax._triton import decode as kernels
@@ -99,7 +102,7 @@ def _kernel_step(r, w, k, v, a, b, state):
         out_shape=[jax.ShapeDtypeStruct(r.shape, r.dtype),
                    jax.ShapeDtypeStruct(state.shape, jnp.float32)],
         grid=(B * H * (K // bv),), num_warps=warps, num_stages=1,
-        input_output_aliases={6: 1}, name="rwkv_ops_decode", K=K, BV=bv)
+        input_output_aliases={6: 1} if alias else None, name="rwkv_ops_decode", K=K, BV=bv)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(7,))
