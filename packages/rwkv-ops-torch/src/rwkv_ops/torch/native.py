@@ -157,11 +157,11 @@ def chunked_forward(r, w, k, v, a, b, s0, mask=None):
     # Re-anchored at the chunk start (r_s, a_s) and end (k_bar, b_bar) by per-channel factors; the
     # results are inputs times decays (<= 1). Where a factor underflows to 0 the dropped terms are
     # below e^-45 of the inputs' scale.
-    qa_s = (qa * torch.exp(lam_mid)).unflatten(-2, (2, h))  # [NC, BH, 2 halves, 2 (q, a), h, K]
-    r_s = qa_s[..., 0, :, :].flatten(-3, -2)
-    a_s = qa_s[..., 1, :, :].flatten(-3, -2)
-    kb_bar = kb * torch.exp(lam_end.unsqueeze(-3) - lam_mid)
-    kb_bar = kb_bar.unflatten(-2, (2, h)).transpose(-4, -3).flatten(-4, -2)  # [k_bar; b_bar]
+    to_start = torch.exp(lam_mid)                            # [NC, BH, 2, 1, K]
+    r_s = (q_t * to_start).flatten(-3, -2)
+    a_s = (a_t * to_start).flatten(-3, -2)
+    to_end = torch.exp(lam_end.unsqueeze(-3) - lam_mid)
+    kb_bar = torch.cat([(k_h * to_end).flatten(-3, -2), (b_h * to_end).flatten(-3, -2)], -2)
     decay_end = torch.exp(lam_end)             # [NC, BH, 1, K]
 
     # A_ak V feeds the solve and A_qk V the outputs: one product for both.
