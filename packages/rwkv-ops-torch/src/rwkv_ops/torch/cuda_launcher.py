@@ -97,7 +97,7 @@ def shared_memory_bytes(head_size: int) -> int:
     sk = K + 4
     lk, vk, ll = L * sk, K * sk, L * (L + 4)
     forward = vk + 9 * lk + 4 * ll + 5 * K
-    backward = (2 if K <= 64 else 1) * vk + 9 * lk + 8 * ll + 18 * K
+    backward = (2 if K <= 64 else 1) * vk + 9 * lk + 8 * ll + 21 * K
     return 4 * max(forward, backward)
 
 

@@ -247,10 +247,14 @@ GDR_FN void rank_update(int tid, float* M, const float* Dv, const float* X0, con
     }
     GDR_PRAGMA(unroll)
     for (int q = 0; q < R; ++q) {
-      acc[q][0] += x0[q] * y0.x + x1[q] * y1.x;
-      acc[q][1] += x0[q] * y0.y + x1[q] * y1.y;
-      acc[q][2] += x0[q] * y0.z + x1[q] * y1.z;
-      acc[q][3] += x0[q] * y0.w + x1[q] * y1.w;
+      acc[q][0] += x0[q] * y0.x;
+      acc[q][1] += x0[q] * y0.y;
+      acc[q][2] += x0[q] * y0.z;
+      acc[q][3] += x0[q] * y0.w;
+      acc[q][0] += x1[q] * y1.x;
+      acc[q][1] += x1[q] * y1.y;
+      acc[q][2] += x1[q] * y1.z;
+      acc[q][3] += x1[q] * y1.w;
     }
   }
   const f4 d = ld4(Dv + n);
@@ -366,25 +370,38 @@ GDR_FN void load_chunk(const P& p, int tid, int b, long long base, int t0, float
   }
 }
 
-// Column cumulative sums Lam_i = sum_{t <= i} lambda_t in place (log2 units), and per channel:
-// LM = Lam_MID, LE = Lam_{L-1}, CM = 2^LM, CE = 2^(LE - LM), DD = 2^LE (the decay over the chunk).
-template <int K>
-GDR_FN void chunk_cumsum(int tid, float* LAM, float* LM, float* LE, float* CM, float* CE,
-                         float* DD) {
+// Cumulative log2 decays Lam_i = sum_{t <= i} lambda_t of column n, from the raw lambdas in LAM
+// (which stay raw): Lam_MID, Lam_{L-1}, and Lam_i, Lam_{i-1} of the four rows the thread owns:
+// rows sel, sel + 4, sel + 8, sel + 12 (elementwise mapping, CONTIGUOUS = false) or rows
+// 4 sel .. 4 sel + 3 (row-group mapping, CONTIGUOUS = true). Every thread sums its column itself
+// (16 loads) instead of waiting for a serial cumsum phase.
+template <int K, bool CONTIGUOUS>
+GDR_FN void column_cumsum(const float* LAM, int n, int sel, float (&li)[4], float (&lp)[4],
+                          float& lm, float& le) {
   using D = Dims<K>;
-  if (tid < K) {
-    float s = 0.f, m = 0.f;
-    for (int i = 0; i < L; ++i) {
-      s += LAM[i * D::SK + tid];
-      LAM[i * D::SK + tid] = s;
-      if (i == MID) m = s;
+  float run = 0.f;
+  GDR_PRAGMA(unroll)
+  for (int i = 0; i < L; ++i) {
+    const float prev = run;
+    run += LAM[i * D::SK + n];
+    if (i == MID) lm = run;
+    if ((CONTIGUOUS ? (i >> 2) : (i & 3)) == sel) {
+      li[CONTIGUOUS ? (i & 3) : (i >> 2)] = run;
+      lp[CONTIGUOUS ? (i & 3) : (i >> 2)] = prev;
     }
-    LM[tid] = m;
-    LE[tid] = s;
-    CM[tid] = exp2f(m);
-    CE[tid] = exp2f(s - m);
-    DD[tid] = exp2f(s);
   }
+  le = run;
+}
+
+// Per channel n: LM = Lam_MID, LE = Lam_{L-1}, CM = 2^LM, CE = 2^(LE - LM), DD = 2^LE (the decay
+// over the whole chunk).
+GDR_FN void chunk_vectors(int n, float lm, float le, float* LM, float* LE, float* CM, float* CE,
+                          float* DD) {
+  LM[n] = lm;
+  LE[n] = le;
+  CM[n] = exp2f(lm);
+  CE[n] = exp2f(le - lm);
+  DD[n] = exp2f(le);
 }
 
 // Global [K][K] -> shared [K][SK]; src = null gives zeros. Scalar global loads: a user's state
@@ -475,16 +492,19 @@ GDR_FN void fwd_program(const FwdParams<In>& p, const int b, const int h, float*
       if (p.ckpt) copy_state_out<K>(tid, p.ckpt + state * p.NC + (long long)c * K * K, sm.S);
       load_chunk<K>(p, tid, b, base, t0, sm.QT, sm.LAM, sm.KH, sm.VV, sm.AT, sm.BH);
     });
-    phase([&](int tid, FwdRegs&) { chunk_cumsum<K>(tid, sm.LAM, sm.LM, sm.LE, sm.CM, sm.CE, sm.DD); });
     phase([&](int tid, FwdRegs&) {
-      for (int e = tid; e < L * K; e += D::NT) {
-        const int i = e / K, n = e % K, o = i * SK + n;
-        const float li = sm.LAM[o], lp = i ? sm.LAM[o - SK] : 0.f, lm = sm.LM[n];
-        const float r = sm.QT[o], a = sm.AT[o], inv = exp2f(lm - li);
-        sm.QT[o] = r * exp2f(li - lm);
-        sm.RS[o] = r * exp2f(li);
-        sm.AT[o] = a * exp2f(lp - lm);
-        sm.AS[o] = a * exp2f(lp);
+      const int n = tid % K, g = tid / K;
+      float li[4], lp[4], lm = 0.f, le = 0.f;
+      column_cumsum<K, false>(sm.LAM, n, g, li, lp, lm, le);
+      if (g == 0) chunk_vectors(n, lm, le, sm.LM, sm.LE, sm.CM, sm.CE, sm.DD);
+      GDR_PRAGMA(unroll)
+      for (int q = 0; q < 4; ++q) {
+        const int o = (g + 4 * q) * SK + n;
+        const float r = sm.QT[o], a = sm.AT[o], inv = exp2f(lm - li[q]);
+        sm.QT[o] = r * exp2f(li[q] - lm);
+        sm.RS[o] = r * exp2f(li[q]);
+        sm.AT[o] = a * exp2f(lp[q] - lm);
+        sm.AS[o] = a * exp2f(lp[q]);
         sm.KH[o] *= inv;
         sm.BH[o] *= inv;
       }
@@ -554,7 +574,7 @@ template <int K>
 struct BwdSmem {
   using D = Dims<K>;
   static constexpr int kFloats =
-      (D::S0_IN_SMEM ? 2 : 1) * D::VK + 9 * D::LK + 8 * D::LL + 6 * K + 12 * K;
+      (D::S0_IN_SMEM ? 2 : 1) * D::VK + 9 * D::LK + 8 * D::LL + 5 * K + 16 * K;
   float *S0, *G, *LAM, *QT, *AT, *KH, *BH, *VV, *UU, *DY, *DR, *Aqk, *Aqb, *Aak, *Aab, *dAqk,
       *dAqb, *dAak, *dAab, *LM, *LE, *CM, *CE, *DD, *GD, *CH, *MU, *EP;
   GDR_FN explicit BwdSmem(float* p) {
@@ -583,7 +603,7 @@ struct BwdSmem {
     CM = p;   p += K;
     CE = p;   p += K;
     DD = p;   p += K;
-    GD = p;   p += K;
+    GD = p;   p += 4 * K;   // per row group: partial colsum(S0 * G)
     CH = p;   p += 4 * K;   // per row group: sum of c_i + h_i
     MU = p;   p += 4 * K;   // per row group: sum of mu_i
     EP = p;                 // per row group: sum of eps_i
@@ -622,20 +642,23 @@ GDR_FN void bwd_program(const BwdParams<In>& p, const int b, const int h, float*
       if (D::S0_IN_SMEM) copy_state_in<K>(tid, sm.S0, ck);
       load_chunk<K>(p, tid, b, base, t0, sm.QT, sm.LAM, sm.KH, sm.VV, sm.AT, sm.BH);
     });
-    phase([&](int tid, BwdRegs&) { chunk_cumsum<K>(tid, sm.LAM, sm.LM, sm.LE, sm.CM, sm.CE, sm.DD); });
     phase([&](int tid, BwdRegs&) {
-      for (int e = tid; e < L * K; e += D::NT) {
-        const int i = e / K, n = e % K, o = i * SK + n;
-        const float li = sm.LAM[o], lp = i ? sm.LAM[o - SK] : 0.f, lm = sm.LM[n], le = sm.LE[n];
+      const int n = tid % K, g = tid / K;
+      float li[4], lp[4], lm = 0.f, le = 0.f;
+      column_cumsum<K, false>(sm.LAM, n, g, li, lp, lm, le);
+      if (g == 0) chunk_vectors(n, lm, le, sm.LM, sm.LE, sm.CM, sm.CE, sm.DD);
+      GDR_PRAGMA(unroll)
+      for (int q = 0; q < 4; ++q) {
+        const int o = (g + 4 * q) * SK + n;
         const float r = sm.QT[o], a = sm.AT[o], k = sm.KH[o], bb = sm.BH[o];
-        const float inv = exp2f(lm - li), tail = exp2f(le - li);
-        sm.QT[o] = r * exp2f(li - lm);
-        sm.AT[o] = a * exp2f(lp - lm);
+        const float inv = exp2f(lm - li[q]), tail = exp2f(le - li[q]);
+        sm.QT[o] = r * exp2f(li[q] - lm);
+        sm.AT[o] = a * exp2f(lp[q] - lm);
         sm.KH[o] = k * inv;
         sm.BH[o] = bb * inv;
-        sm.UU[o] = a * exp2f(lp);   // a_s
-        sm.DY[o] = k * tail;       // k_bar
-        sm.DR[o] = bb * tail;      // b_bar
+        sm.UU[o] = a * exp2f(lp[q]);   // a_s
+        sm.DY[o] = k * tail;          // k_bar
+        sm.DR[o] = bb * tail;         // b_bar
       }
     });
     phase([&](int tid, BwdRegs& rg) {
@@ -655,10 +678,13 @@ GDR_FN void bwd_program(const BwdParams<In>& p, const int b, const int h, float*
           rg.dv[r] = acc[1][r];
         }
       }
-      if (tid < K) {
+      {
+        // Partial colsum(S0 * G) over a quarter of the rows; summed (and scaled by DD) in the dw phase.
+        const int n = tid % K, g = tid / K;
         float s = 0.f;
-        for (int v = 0; v < K; ++v) s += S0[v * ldS0 + tid] * sm.G[v * SK + tid];
-        sm.GD[tid] = s * sm.DD[tid];
+        GDR_PRAGMA(unroll 4)
+        for (int v = g * (K / 4); v < (g + 1) * (K / 4); ++v) s += S0[v * ldS0 + n] * sm.G[v * SK + n];
+        sm.GD[g * K + n] = s;
       }
     });
     phase([&](int tid, BwdRegs& rg) {
@@ -727,12 +753,14 @@ GDR_FN void bwd_program(const BwdParams<In>& p, const int b, const int h, float*
       lmul<K, true>(tid, sm.dAak, sm.AT, dkh);
       lmul<K, true>(tid, sm.dAqb, sm.QT, dbh);
       lmul<K, true>(tid, sm.dAab, sm.AT, dbh);
-      const float lm = sm.LM[n], le = sm.LE[n], cm = sm.CM[n], ce = sm.CE[n];
+      const float cm = sm.CM[n], ce = sm.CE[n];
+      float lis[4], lps[4], lm = 0.f, le = 0.f;
+      column_cumsum<K, true>(sm.LAM, n, g, lis, lps, lm, le);
       float ch = 0.f, mu = 0.f, ep = 0.f;
       GDR_PRAGMA(unroll)
       for (int r = 0; r < 4; ++r) {
         const int i = i0 + r, o = i * SK + n, t = t0 + i;
-        const float li = sm.LAM[o], lp = i ? sm.LAM[o - SK] : 0.f;
+        const float li = lis[r], lp = lps[r];
         const float qt = sm.QT[o], at = sm.AT[o], kh = sm.KH[o], bh = sm.BH[o];
         const float e_mk = exp2f(lm - li), e_ek = exp2f(le - li);
         const float drs = s0p[0][r], das = s0p[1][r], dbb = gp[0][r], dkb = gp[1][r];
@@ -761,12 +789,14 @@ GDR_FN void bwd_program(const BwdParams<In>& p, const int b, const int h, float*
     });
     phase([&](int tid, BwdRegs& rg) {
       const int n = tid % K, g = tid / K, i0 = g * 4;
-      float later = 0.f, mu = 0.f, ep = sm.GD[n];
+      float later = 0.f, mu = 0.f, ep = 0.f, gd = 0.f;
       for (int q = 0; q < 4; ++q) {
         if (q > g) later += sm.CH[q * K + n];
         mu += sm.MU[q * K + n];
         ep += sm.EP[q * K + n];
+        gd += sm.GD[q * K + n];
       }
+      ep += gd * sm.DD[n];
       float sc = 0.f, sh = 0.f;
       GDR_PRAGMA(unroll)
       for (int r = 3; r >= 0; --r) {
