@@ -177,15 +177,14 @@ def main():
     if args.sweep:
         real = launcher.select_config
         variants = {
-            "prep-g1w1": dict(prep_chunks=1, warps_prep=1),
-            "prep-g4w4": dict(prep_chunks=4, warps_prep=4),
-            "scan-bv32w2": dict(bv_fwd=32, warps_fwd=2, bv_state=32, warps_state=2),
-            "scan-stages2": dict(stages_fwd=2, stages_state=2),
-            "bwd-w8": dict(warps_bwd=8),
+            "prep-w2": dict(warps_prep=2),
+            "scan-stages1": dict(stages_fwd=1),
+            "bwd-keep": dict(recompute_bwd=False),
             "bwd-bv32": dict(bv_bwd=32),
-            "inv-ieee": dict(precision_inverse="ieee"),
-            "cps64": dict(chunks_per_segment=64),
+            "bwd-bv64": dict(bv_bwd=64, recompute_bwd=False),
+            "bwd-w8": dict(warps_bwd=8, bv_bwd=32),
             "cps128": dict(chunks_per_segment=128),
+            "cps512": dict(chunks_per_segment=512),
         }
         for label, change in variants.items():
             launcher.select_config = lambda *a, _c=change: real(*a).with_(**_c)

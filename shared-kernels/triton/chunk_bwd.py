@@ -95,6 +95,35 @@ def chunk_scan_bwd_kernel(
                 tl.store(ep, G)
 
 
+@triton.jit
+def _chunk_factors(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, t, T, cols, stride_t, valid,
+                   PREC: tl.constexpr):
+    """The mid-anchored factors of one chunk ([CHUNK, K] each; see chunk_fwd.py)."""
+    w = load_tile(w_ptr, t, T, cols, stride_t)
+    lam_raw = -tl.exp(w)
+    lam_in, lam_ex, lam_mid, lam_end = chunk_log_decays(w, valid)
+    e_in = tl.exp(lam_in - lam_mid[None, :])
+    e_ex = tl.exp(lam_ex - lam_mid[None, :])
+    e_inv = tl.exp(lam_mid[None, :] - lam_in)
+    to_mid = tl.exp(lam_mid)
+    mid_to_end = tl.exp(lam_end - lam_mid)
+    decay_end = tl.exp(lam_end)
+    rr = load_tile(r_ptr, t, T, cols, stride_t)
+    kk = tl.where(valid[:, None], load_tile(k_ptr, t, T, cols, stride_t), 0.0)
+    aa = tl.where(valid[:, None], load_tile(a_ptr, t, T, cols, stride_t), 0.0)
+    bb = load_tile(b_ptr, t, T, cols, stride_t)
+    q_t = rr * e_in
+    a_t = aa * e_ex
+    k_h = kk * e_inv
+    b_h = bb * e_inv
+    r_s = q_t * to_mid[None, :]
+    a_s = a_t * to_mid[None, :]
+    k_bar = k_h * mid_to_end[None, :]
+    b_bar = b_h * mid_to_end[None, :]
+    return (tf32(q_t, PREC), tf32(k_h, PREC), tf32(a_t, PREC), tf32(b_h, PREC), r_s, a_s, k_bar,
+            b_bar, e_in, e_ex, e_inv, to_mid, mid_to_end, decay_end, lam_raw)
+
+
 @triton.jit(do_not_specialize=["T", "H", "BH", "NC"])
 def chunk_bwd_kernel(
     r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, mask_ptr, ckpt_ptr, gck_ptr,
@@ -102,15 +131,15 @@ def chunk_bwd_kernel(
     T, H, BH, NC,
     stride_b, stride_t, stride_h,
     K: tl.constexpr, BV: tl.constexpr,
-    HAS_MASK: tl.constexpr, PREC: tl.constexpr, PREC_PAIR: tl.constexpr, PREC_INV: tl.constexpr,
+    HAS_MASK: tl.constexpr, PREC: tl.constexpr, PREC_INV: tl.constexpr,
+    RECOMPUTE: tl.constexpr,
 ):
     """Gradients of r, w, k, v, a, b for one (batch, head, chunk). Grid: (NC * BH,).
 
     Inputs as in the forward; dy like r; ckpt: [B*H, NC, K, K] fp32 state entering each chunk;
     gck: [B*H, NC, K, K] fp32 state gradient at each chunk's end. Outputs: like their inputs.
-    PREC_PAIR: precision of the products that turn the L x L gradients into per-factor gradients.
-    dw sums them with opposite signs (telescoping over the chunk), so with strong decays their
-    rounding would not cancel: "tf32x3" (or "ieee") there keeps dw at the others' accuracy.
+    PREC_INV: precision of the (I - A_ab)^-1 series (PREC, or "ieee"). RECOMPUTE: recompute the
+    chunk's factors after the V loop instead of keeping them in registers.
     """
     NV: tl.constexpr = K // BV
     pid = tl.program_id(0)
@@ -127,33 +156,9 @@ def chunk_bwd_kernel(
     t = c * L_ + rows
     valid = step_validity(mask_ptr + b.to(tl.int64) * T, t, T, HAS_MASK)
 
-    w = load_tile(w_ptr + base, t, T, cols, stride_t)
-    lam_raw = -tl.exp(w)
-    lam_in, lam_ex, lam_mid, lam_end = chunk_log_decays(w, valid)
-    e_in = tl.exp(lam_in - lam_mid[None, :])
-    e_ex = tl.exp(lam_ex - lam_mid[None, :])
-    e_inv = tl.exp(lam_mid[None, :] - lam_in)
-    to_mid = tl.exp(lam_mid)
-    mid_to_end = tl.exp(lam_end - lam_mid)
-    decay_end = tl.exp(lam_end)
-
-    rr = load_tile(r_ptr + base, t, T, cols, stride_t)
-    kk = tl.where(valid[:, None], load_tile(k_ptr + base, t, T, cols, stride_t), 0.0)
-    aa = tl.where(valid[:, None], load_tile(a_ptr + base, t, T, cols, stride_t), 0.0)
-    bb = load_tile(b_ptr + base, t, T, cols, stride_t)
-
-    q_t = rr * e_in
-    a_t = aa * e_ex
-    k_h = kk * e_inv
-    b_h = bb * e_inv
-    r_s = q_t * to_mid[None, :]
-    a_s = a_t * to_mid[None, :]
-    k_bar = k_h * mid_to_end[None, :]
-    b_bar = b_h * mid_to_end[None, :]
-    q_r = tf32(q_t, PREC)
-    a_r = tf32(a_t, PREC)
-    k_r = tf32(k_h, PREC)
-    b_r = tf32(b_h, PREC)
+    q_r, k_r, a_r, b_r, r_s, a_s, k_bar, b_bar, e_in, e_ex, e_inv, to_mid, mid_to_end, decay_end, \
+        lam_raw = _chunk_factors(r_ptr + base, w_ptr + base, k_ptr + base, a_ptr + base,
+                                 b_ptr + base, t, T, cols, stride_t, valid, PREC)
     A_qk = tl.where(incl, tl.dot(q_r, tl.trans(k_r), input_precision=PREC), 0.0)
     A_qb = tl.where(incl, tl.dot(q_r, tl.trans(b_r), input_precision=PREC), 0.0)
     A_ak = tl.where(strict, tl.dot(a_r, tl.trans(k_r), input_precision=PREC), 0.0)
@@ -213,23 +218,32 @@ def chunk_bwd_kernel(
         db_bar = tl.dot(U, G_r, db_bar, input_precision=PREC)
         d_end += tl.sum(S0_f * G, axis=0)
 
+    if RECOMPUTE:
+        # the factors again, reloaded and recomputed: fewer registers live across the loop
+        q_r, k_r, a_r, b_r, r_s, a_s, k_bar, b_bar, e_in, e_ex, e_inv, to_mid, mid_to_end, \
+            decay_end, lam_raw = _chunk_factors(r_ptr + base, w_ptr + base, k_ptr + base,
+                                                a_ptr + base, b_ptr + base, t, T, cols, stride_t,
+                                                valid, PREC)
     dA_qk = tl.where(incl, dA_qk, 0.0)
     dA_qb = tl.where(incl, dA_qb, 0.0)
     dA_ak = tl.where(strict, dA_ak, 0.0)
     dA_ab = tl.where(strict, dA_ab, 0.0)
-    dq_t = tl.dot(dA_qk, k_h, input_precision=PREC_PAIR)
-    dq_t = tl.dot(dA_qb, b_h, dq_t, input_precision=PREC_PAIR)
-    dk_h = tl.dot(tl.trans(dA_qk), q_t, input_precision=PREC_PAIR)
-    dk_h = tl.dot(tl.trans(dA_ak), a_t, dk_h, input_precision=PREC_PAIR)
-    da_t = tl.dot(dA_ak, k_h, input_precision=PREC_PAIR)
-    da_t = tl.dot(dA_ab, b_h, da_t, input_precision=PREC_PAIR)
-    db_h = tl.dot(tl.trans(dA_qb), q_t, input_precision=PREC_PAIR)
-    db_h = tl.dot(tl.trans(dA_ab), a_t, db_h, input_precision=PREC_PAIR)
+    # the pair gradients use the same tf32-exact factors as the products they differentiate: each
+    # pair term dA_ij q_i k_j then comes out identical (exact products, fp32 sums) in its row and
+    # in its column, and the telescoping sum of dlambda below cancels it exactly
+    dq_t = tl.dot(dA_qk, k_r, input_precision=PREC)
+    dq_t = tl.dot(dA_qb, b_r, dq_t, input_precision=PREC)
+    dk_h = tl.dot(tl.trans(dA_qk), q_r, input_precision=PREC)
+    dk_h = tl.dot(tl.trans(dA_ak), a_r, dk_h, input_precision=PREC)
+    da_t = tl.dot(dA_ak, k_r, input_precision=PREC)
+    da_t = tl.dot(dA_ab, b_r, da_t, input_precision=PREC)
+    db_h = tl.dot(tl.trans(dA_qb), q_r, input_precision=PREC)
+    db_h = tl.dot(tl.trans(dA_ab), a_r, db_h, input_precision=PREC)
 
     # d/dLam of every factor; the anchor Lam_mid cancels exactly (each pair product is free of it)
     k_bar_t = dk_bar * k_bar + db_bar * b_bar
-    d_lin = dq_t * q_t + dr_s * r_s - dk_h * k_h - db_h * b_h - k_bar_t
-    d_lex = da_t * a_t + da_s * a_s
+    d_lin = dq_t * q_r + dr_s * r_s - dk_h * k_r - db_h * b_r - k_bar_t
+    d_lex = da_t * a_r + da_s * a_s
     d_lend = tl.sum(k_bar_t, axis=0) + d_end * decay_end
     # dlam_t = sum_{i >= t} d_lin_i + sum_{i > t} d_lex_i + d_lend
     d_lam = tl.cumsum(d_lin, axis=0, reverse=True) + tl.cumsum(d_lex, axis=0, reverse=True) - d_lex

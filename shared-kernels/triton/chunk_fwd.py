@@ -238,6 +238,7 @@ def state_combine_kernel(
     Grid: (K // BV * BH,).
     """
     NV: tl.constexpr = K // BV
+    BK: tl.constexpr = 16
     pid = tl.program_id(0)
     vb = pid % NV
     bh = pid // NV
@@ -245,8 +246,8 @@ def state_combine_kernel(
     h = bh % H
     cols = tl.arange(0, K)
     vrow = vb * BV + tl.arange(0, BV)
+    kk = tl.arange(0, BK)
     tile = vrow[:, None] * K + cols[None, :]
-    full = cols[:, None] * K + cols[None, :]
     if HAS_INIT:
         ip = init_ptr + b.to(tl.int64) * init_sb + h.to(tl.int64) * init_sh
         X = tl.load(ip + tile).to(tl.float32)
@@ -260,9 +261,17 @@ def state_combine_kernel(
             s = i
         off = seg_base + s * K * K
         tl.store(out_ptr + off + tile, X)
-        M = tl.load(m_ptr + off + full)
-        loc = tl.load(loc_ptr + off + tile)
-        if REVERSE:
-            X = tl.dot(X, tl.trans(M), loc, input_precision="ieee")
-        else:
-            X = tl.dot(X, M, loc, input_precision="ieee")
+        # the product runs over 16-wide slices of X read back from out (a whole [K, K] operand
+        # in registers spills): the barrier makes this program's stores visible to all its threads
+        tl.debug_barrier()
+        acc = tl.load(loc_ptr + off + tile)
+        for kb in range(0, K // BK):
+            xk = tl.load(out_ptr + off + vrow[:, None] * K + kb * BK + kk[None, :])
+            if REVERSE:
+                # rows kb of M^T = columns kb of M
+                mk = tl.load(m_ptr + off + cols[None, :] * K + kb * BK + kk[:, None])
+            else:
+                mk = tl.load(m_ptr + off + (kb * BK + kk[:, None]) * K + cols[None, :])
+            acc = tl.dot(xk, mk, acc, input_precision="ieee")
+        X = acc
+        tl.debug_barrier()

@@ -26,6 +26,7 @@ class ChunkConfig:
     loop. chunks_per_segment: chunks per segment of the serial passes (all of them: no segments).
     prep_chunks: chunks per program of the prep kernel (one per warp with warps_prep of them).
     precision_inverse: products of the (I - A_ab)^-1 series for bf16/fp16 inputs (fp32: ieee).
+    recompute_bwd: the gradient kernel recomputes the chunk's factors after its V loop.
     """
 
     precision: str
@@ -33,15 +34,16 @@ class ChunkConfig:
     bv_state: int
     bv_bwd: int
     chunks_per_segment: int
-    prep_chunks: int = 2
+    prep_chunks: int = 1
     precision_inverse: str = "tf32"
-    warps_prep: int = 2
+    warps_prep: int = 1
     warps_fwd: int = 4
     warps_state: int = 4
     warps_bwd: int = 4
-    stages_fwd: int = 1
+    stages_fwd: int = 2
     stages_state: int = 1
     stages_bwd: int = 1
+    recompute_bwd: bool = True
 
     def with_(self, **changes) -> "ChunkConfig":
         return replace(self, **changes)
@@ -61,10 +63,14 @@ def chunk_config(K: int, dtype: str, T: int, BH: int) -> ChunkConfig:
     n_seg = 1
     if programs < SERIAL_PROGRAMS and n_chunks >= 2 * MIN_CHUNKS_PER_SEGMENT:
         n_seg = min(cdiv(SERIAL_PROGRAMS, programs), n_chunks // MIN_CHUNKS_PER_SEGMENT)
+    # register budgets (no spills on sm_90): one warp holds a whole [16, K] chunk tile in the prep
+    # kernel up to K = 64; the gradient kernel needs 8 warps at K = 128
     return ChunkConfig(
         precision=precision,
         bv_fwd=bv,
         bv_state=bv,
-        bv_bwd=min(K, 64),
+        bv_bwd=16,
         chunks_per_segment=cdiv(n_chunks, n_seg),
+        warps_prep=1 if K <= 64 else 4,
+        warps_bwd=4 if K <= 64 else 8,
     )

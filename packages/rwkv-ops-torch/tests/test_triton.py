@@ -258,3 +258,19 @@ def test_cuda_graph(request):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(o, o_ref) and torch.equal(s, s_ref), f"seed={seed}"
+
+
+def test_gradient_through_final_state_only(request):
+    """o unused: its gradient is None inside autograd (the backward must not need it)."""
+    seed = _seed(request)
+    x = make_inputs(1, 20, 2, 32, seed=seed)
+    ts = [torch.tensor(x[n], dtype=torch.float32, device=DEVICE, requires_grad=True) for n in NAMES]
+    s0 = torch.tensor(x["initial_state"], dtype=torch.float32, device=DEVICE, requires_grad=True)
+    _, final = launcher.generalized_delta_rule(*ts, s0)
+    _, dsT = make_cotangents((1, 20, 2, 32), (1, 2, 32, 32), seed=seed)
+    grads = torch.autograd.grad(final, ts + [s0], torch.tensor(dsT, dtype=torch.float32,
+                                                               device=DEVICE))
+    refs = generalized_delta_rule_backward(*(x[n] for n in NAMES), x["initial_state"],
+                                           do=np.zeros((1, 20, 2, 32)), dfinal_state=dsT)
+    check({n: rel_error(g.cpu().numpy(), ref) for n, g, ref in zip(GRAD_NAMES, grads, refs)},
+          TOL[torch.float32, "model"], seed)

@@ -31,6 +31,8 @@ from rwkv_ops.common import KernelUnavailableError, TensorInfo, check_head_size,
 KERNEL_TYPE = "triton"
 SUPPORTED_HEAD_SIZES = (32, 64, 128)
 CHUNK = 16
+# rows per program of the segment combine (fp32 ieee products; larger tiles spill)
+COMBINE_ROWS = 16
 
 _FLOAT_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
                 torch.float64: "float64"}
@@ -130,9 +132,9 @@ def _forward_impl(r, w, k, v, a, b, initial_state, mask, head_first, chunks_per_
             K=K, BV=bv, HAS_INIT=False, LOCAL=True, WRITE_Y=False, SAVE_CKPT=False,
             WRITE_END=True, PREC=prec, num_warps=cfg.warps_fwd, num_stages=cfg.stages_fwd)
         starts = torch.empty((BH, n_seg, K, K), dtype=f32, device=dev)
-        chunk_fwd.state_combine_kernel[(nv * BH,)](
+        chunk_fwd.state_combine_kernel[(K // COMBINE_ROWS * BH,)](
             loc, trans, init, starts, H, BH, n_seg, init_sb, init_sh,
-            K=K, BV=bv, HAS_INIT=has_init, REVERSE=False, num_warps=4)
+            K=K, BV=COMBINE_ROWS, HAS_INIT=has_init, REVERSE=False, num_warps=4)
         init, init_sb, init_sh, init_ss = starts, H * n_seg * K * K, n_seg * K * K, K * K
         has_init = True
     scan[(nv * BH * n_seg,)](
@@ -216,9 +218,9 @@ def _backward_impl(r, w, k, v, a, b, initial_state, mask, ckpt, seg_m, wt, bt, r
             K=K, BV=bv, HAS_INIT=False, LOCAL=True, SAVE_CKPT=False, WRITE_END=True,
             PREC=prec, num_warps=cfg.warps_state, num_stages=cfg.stages_state)
         gend = torch.empty((BH, n_seg, K, K), dtype=f32, device=dev)
-        chunk_fwd.state_combine_kernel[(nv * BH,)](
+        chunk_fwd.state_combine_kernel[(K // COMBINE_ROWS * BH,)](
             gloc, seg_m, init, gend, H, BH, n_seg, init_sb, init_sh,
-            K=K, BV=bv, HAS_INIT=has_init, REVERSE=True, num_warps=4)
+            K=K, BV=COMBINE_ROWS, HAS_INIT=has_init, REVERSE=True, num_warps=4)
         init, init_sb, init_sh, init_ss = gend, H * n_seg * K * K, n_seg * K * K, K * K
         has_init = True
     need_ds0 = initial_state is not None
@@ -236,9 +238,8 @@ def _backward_impl(r, w, k, v, a, b, initial_state, mask, ckpt, seg_m, wt, bt, r
         *grads,
         T, H, BH, NC, sb, st, sh,
         K=K, BV=cfg.bv_bwd, HAS_MASK=has_mask, PREC=prec,
-        PREC_PAIR="ieee" if prec == "ieee" else "tf32x3",
         PREC_INV="ieee" if prec == "ieee" else cfg.precision_inverse,
-        num_warps=cfg.warps_bwd, num_stages=cfg.stages_bwd)
+        RECOMPUTE=cfg.recompute_bwd, num_warps=cfg.warps_bwd, num_stages=cfg.stages_bwd)
     return (*grads, ds0)
 
 
@@ -268,6 +269,9 @@ def _setup_context(ctx, inputs, output):
     r, w, k, v, a, b, initial_state, mask, head_first, chunks_per_segment, save = inputs
     ctx.head_first = head_first
     ctx.chunks_per_segment = chunks_per_segment
+    # the outputs past (o, final_state) are saved tensors, not results: without this, autograd
+    # would fill a zero gradient for each of them (gigabytes of memset at training sizes)
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(r, w, k, v, a, b, initial_state, mask, *output[2:])
 
 
