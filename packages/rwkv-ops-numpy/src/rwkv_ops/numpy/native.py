@@ -86,27 +86,33 @@ def chunked_forward(r, w, k, v, a, b, s0, mask):
 
     r, lam, k, v, a, b = (chunks(x) for x in (r, lam, k, v, a, b))
     lam_in = np.cumsum(lam, axis=-2)          # Lam_i, inclusive
-    lam_ex = lam_in - lam                      # Lam_{i-1}
     lam_mid = lam_in[..., CHUNK // 2 - 1: CHUNK // 2, :]
     lam_end = lam_in[..., -1:, :]
+    # Two exponentials per element; every other factor is one of these times a per-chunk vector
+    # (exp(Lam_m) >= e^-80 and exp(Lam_L - Lam_m) >= e^-80 stay normal numbers: no underflow).
+    e_in = np.exp(lam_in - lam_mid)            # exp(Lam_i - Lam_m)
+    e_ex = np.exp(lam_in - lam - lam_mid)      # exp(Lam_{i-1} - Lam_m)
+    e_mid = np.exp(lam_mid)
+    e_end = np.exp(lam_end - lam_mid)
+    q_t = r * e_in
+    a_t = a * e_ex
+    k_h = k / e_in                             # k_j exp(Lam_m - Lam_j)
+    b_h = b / e_in
     with np.errstate(over="ignore", invalid="ignore"):
-        q_t = r * np.exp(lam_in - lam_mid)
-        a_t = a * np.exp(lam_ex - lam_mid)
-        k_h = k * np.exp(lam_mid - lam_in)
-        b_h = b * np.exp(lam_mid - lam_in)
         incl = np.tril(np.ones((L, L), dtype=bool))
         strict = np.tril(np.ones((L, L), dtype=bool), -1)
-        # One product gives all four L x L blocks: [q~; a~] [k^; b^]^T.
+        # One product gives all four L x L blocks: [q~; a~] [k^; b^]^T. Entries above the diagonal
+        # may overflow; they are dropped by selection.
         full = np.concatenate([q_t, a_t], axis=-2) @ np.swapaxes(np.concatenate([k_h, b_h], axis=-2), -1, -2)
         A_qk = np.where(incl, full[..., :L, :L], 0)
         A_qb = np.where(incl, full[..., :L, L:], 0)
         A_ak = np.where(strict, full[..., L:, :L], 0)
         A_ab = np.where(strict, full[..., L:, L:], 0)
-    r_s = r * np.exp(lam_in)
-    a_s = a * np.exp(lam_ex)
-    decay_end_t = np.swapaxes(np.exp(lam_end), -1, -2)      # [NC, B, H, K, 1]
-    k_bar_t = np.ascontiguousarray(np.swapaxes(k * np.exp(lam_end - lam_in), -1, -2))
-    b_bar_t = np.ascontiguousarray(np.swapaxes(b * np.exp(lam_end - lam_in), -1, -2))
+    r_s = q_t * e_mid                          # r exp(Lam_i)
+    a_s = a_t * e_mid                          # a exp(Lam_{i-1})
+    decay_end_t = np.swapaxes(e_end * e_mid, -1, -2)        # exp(Lam_L), [NC, B, H, K, 1]
+    k_bar_t = np.ascontiguousarray(np.swapaxes(k_h * e_end, -1, -2))   # k exp(Lam_L - Lam_j)
+    b_bar_t = np.ascontiguousarray(np.swapaxes(b_h * e_end, -1, -2))
 
     # With St = S^T (K x V): U = u0 + wa St, and Y = A_qk V + A_qb U + r_S St = y0 + q_eff St.
     sol = inverse_unit_lower(A_ab) @ np.concatenate([A_ak @ v, a_s], axis=-1)
