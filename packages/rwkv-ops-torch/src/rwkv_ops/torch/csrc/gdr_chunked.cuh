@@ -8,13 +8,17 @@
 // A block program is a sequence of phases. Each phase is a lambda run by every thread of the block
 // (argument `tid`), followed by a block-wide barrier. Between phases, data lives in shared memory or
 // in the thread's own `Regs`. The same source therefore runs in two ways:
-//   - on the GPU (gdr_cuda.cu): the phase runs once per thread, then __syncthreads();
+//   - on the GPU (gdr_kernels.cu): the phase runs once per thread, then __syncthreads();
 //   - on the CPU (gdr_emulate.cpp, tests only): the phase runs for every tid in a shuffled order,
 //     with one Regs per tid, so the program can be checked against the float64 reference without a
 //     GPU, and a phase that reads what another thread writes in the same phase shows as a mismatch.
 // Rules that keep both ways equal: no warp shuffles, no cross-thread communication inside a phase,
 // and within a phase every shared-memory element is written by at most one thread and then not read
 // by another.
+//
+// Measured on an H200 (B=8, T=4096, H=64, K=64, bf16): forward 5.6-6.2 ms, forward+backward 20.7 ms;
+// both kernels are bound by shared-memory traffic and issue stalls on the fp32 CUDA cores (Nsight
+// Compute: L1/shared throughput ~72-75%, ~53% of issue slots used). Tensor cores are the next step.
 //
 // Layouts (floats): [L][SK] per-chunk arrays (row = step, column = channel), [K][SK] matrices
 // (row = value channel v, column = key channel n), [L][SL] chunk-local L x L matrices. The row
