@@ -67,9 +67,25 @@ def test_cuda_is_not_offered_by_jax():
 
 
 @pytest.mark.skipif(not ON_CPU, reason="needs a machine without a JAX GPU backend")
-def test_explicit_triton_without_gpu_says_why():
-    with pytest.raises(KernelUnavailableError, match="JAX has no GPU backend here"):
+def test_explicit_triton_without_gpu_says_why(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(KernelUnavailableError, match="cannot run here with jax: .*no GPU backend"):
         rj.get_generalized_delta_rule(64, KERNEL_TYPE="triton")
+
+
+@pytest.mark.skipif(not ON_CPU, reason="needs a machine without a JAX GPU backend")
+def test_automatic_choice_never_picks_an_interpreter(monkeypatch):
+    """TRITON_INTERPRET=1 makes Triton runnable on CPU for tests; only an explicit request uses it."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    api._automatic.cache_clear()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # skipping for "no GPU backend" is quiet
+            op, use_kernel = rj.get_generalized_delta_rule(64)
+            assert use_kernel is False
+            assert api._automatic(64) is native.generalized_delta_rule
+    finally:
+        api._automatic.cache_clear()
 
 
 def test_missing_kernel_module(monkeypatch):

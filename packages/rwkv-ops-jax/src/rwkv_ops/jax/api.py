@@ -86,21 +86,24 @@ def _load(kernel_type):
         return None, f"importing {name} failed ({e})"
 
 
-def _reason(kernel_type, head_size):
-    """(why ``kernel_type`` cannot run here for ``head_size`` or None, quiet)."""
-    if kernel_type in GPU_KERNEL_TYPES and jax.default_backend() != "gpu":
-        # The usual situation on a CPU or TPU machine: no reason to warn about it.
-        return (f"JAX has no GPU backend here (jax.default_backend() is '{jax.default_backend()}'; "
-                "install a CUDA build of JAX, e.g. pip install 'jax[cuda13]')"), True
+def _reason(kernel_type, head_size, automatic=False):
+    """(why ``kernel_type`` cannot run here for ``head_size`` or None, quiet).
+
+    The kernel module judges itself (its ``unavailable_reason``); automatic selection further
+    requires a GPU backend, so that a Triton interpreter enabled for tests is never picked silently.
+    """
+    on_gpu = jax.default_backend() == "gpu"
     module, why = _load(kernel_type)
     if module is None:
-        return why, False
+        return why, not on_gpu  # no surprise on a machine without a GPU
     reason, quiet = module.unavailable_reason(head_size)
+    if reason is None and automatic and kernel_type in GPU_KERNEL_TYPES and not on_gpu:
+        return f"no GPU backend in JAX (jax.default_backend() is '{jax.default_backend()}')", True
     return reason, bool(quiet)
 
 
-def _candidates(head_size):
-    return [(name, *_reason(name, head_size)) for name in KERNEL_MODULES]
+def _candidates(head_size, automatic=False):
+    return [(name, *_reason(name, head_size, automatic)) for name in KERNEL_MODULES]
 
 
 def _module(kernel_type):
@@ -112,7 +115,8 @@ def _module(kernel_type):
 
 @lru_cache(maxsize=None)
 def _automatic(head_size):
-    return _module(choose_kernel_type(BACKEND, None, _candidates(head_size))).generalized_delta_rule
+    choice = choose_kernel_type(BACKEND, None, _candidates(head_size, automatic=True))
+    return _module(choice).generalized_delta_rule
 
 
 def available_kernel_types():
@@ -121,7 +125,8 @@ def available_kernel_types():
 
 
 def get_generalized_delta_rule(HEAD_SIZE=64, KERNEL_TYPE=None):
-    choice = choose_kernel_type(BACKEND, KERNEL_TYPE, _candidates(int(HEAD_SIZE)))
+    choice = choose_kernel_type(BACKEND, KERNEL_TYPE,
+                                _candidates(int(HEAD_SIZE), automatic=KERNEL_TYPE is None))
     if KERNEL_TYPE is None:
         op = generalized_delta_rule
     else:
