@@ -50,6 +50,8 @@ from rwkv_ops.jax.api import as_arrays, validate
 KERNEL_TYPE = "triton"
 SUPPORTED_HEAD_SIZES = (32, 64, 128)
 CHUNK = 16
+# rows per program of the segment combine (as the PyTorch launcher: larger tiles spill)
+COMBINE_ROWS = 16
 
 # Stand-in for an output a pass does not write (jax-triton gives every output its own buffer).
 _UNUSED = jax.ShapeDtypeStruct((1,), jnp.float32)
@@ -108,18 +110,22 @@ def _entries() -> dict:
     _chunk_scan_bwd_kernel = chunk_bwd.chunk_scan_bwd_kernel
     _chunk_bwd_kernel = chunk_bwd.chunk_bwd_kernel
 
-    # Shared conventions of the entries. Layout strides: stride_b = T*H*K in both layouts, in int64
+    # Shared conventions of the entries. Sizes (T, BH, NC, CPS, NSEG) arrive plus one: jax-triton
+    # makes an int argument equal to 1 a compile-time constant, i.e. one more compiled variant per
+    # size that happens to be 1; biased, they never are (as the kernels' do_not_specialize).
+    # Layout strides: stride_b = T*H*K in both layouts, in int64
     # (T may come in as i32 or, when 1, as a constant); head_first: (t, h) = (K, T*K), else (H*K, K).
     # INIT_MODE of the state entering a scan: 0 none, 1 [B, H, K, K], 2 [1, H, K, K] (broadcast),
     # 3 one per segment [B, H, NSEG, K, K]. Per-segment outputs are [B, H, NSEG, K, K].
 
     @triton.jit
     def rwkv_gdr_prep(r, w, k, a, b, mask,
-                      T, BH, NC,
+                      T_p1, BH_p1, NC_p1,
                       wo, bo, kco, r2o, qco, deco,
                       H: tl.constexpr, K: tl.constexpr, G: tl.constexpr,
                       HEAD_FIRST: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr,
                       PREC_INV: tl.constexpr):
+        T, BH, NC = T_p1 - 1, BH_p1 - 1, NC_p1 - 1
         T64 = T + tl.zeros([], dtype=tl.int64)
         stride_b = T64 * (H * K)
         if HEAD_FIRST:
@@ -134,12 +140,13 @@ def _entries() -> dict:
 
     @triton.jit
     def rwkv_gdr_scan_fwd(v, wt, bt, kct, r2t, qct, dect, init,
-                          T, BH, NC, CPS, NSEG,
+                          T_p1, BH_p1, NC_p1, CPS_p1, NSEG_p1,
                           y, ckpt, send, mend,
                           H: tl.constexpr, K: tl.constexpr, BV: tl.constexpr,
                           HEAD_FIRST: tl.constexpr, INIT_MODE: tl.constexpr, LOCAL: tl.constexpr,
                           WRITE_Y: tl.constexpr, SAVE_CKPT: tl.constexpr, WRITE_END: tl.constexpr,
                           PREC: tl.constexpr):
+        T, BH, NC, CPS, NSEG = T_p1 - 1, BH_p1 - 1, NC_p1 - 1, CPS_p1 - 1, NSEG_p1 - 1
         T64 = T + tl.zeros([], dtype=tl.int64)
         stride_b = T64 * (H * K)
         if HEAD_FIRST:
@@ -178,10 +185,11 @@ def _entries() -> dict:
 
     @triton.jit
     def rwkv_gdr_combine(loc, m, init,
-                         BH, NSEG,
+                         BH_p1, NSEG_p1,
                          out,
                          H: tl.constexpr, K: tl.constexpr, BV: tl.constexpr,
                          INIT_MODE: tl.constexpr, REVERSE: tl.constexpr):
+        BH, NSEG = BH_p1 - 1, NSEG_p1 - 1
         if INIT_MODE == 2:
             init_sb = 0
         else:
@@ -191,11 +199,12 @@ def _entries() -> dict:
 
     @triton.jit
     def rwkv_gdr_scan_bwd(dy, wt, bt, r2t, dect, init,
-                          T, BH, NC, CPS, NSEG,
+                          T_p1, BH_p1, NC_p1, CPS_p1, NSEG_p1,
                           gck, gend,
                           H: tl.constexpr, K: tl.constexpr, BV: tl.constexpr,
                           HEAD_FIRST: tl.constexpr, INIT_MODE: tl.constexpr, LOCAL: tl.constexpr,
                           SAVE_CKPT: tl.constexpr, WRITE_END: tl.constexpr, PREC: tl.constexpr):
+        T, BH, NC, CPS, NSEG = T_p1 - 1, BH_p1 - 1, NC_p1 - 1, CPS_p1 - 1, NSEG_p1 - 1
         T64 = T + tl.zeros([], dtype=tl.int64)
         stride_b = T64 * (H * K)
         if HEAD_FIRST:
@@ -230,11 +239,12 @@ def _entries() -> dict:
 
     @triton.jit
     def rwkv_gdr_bwd(r, w, k, v, a, b, dy, mask, ckpt, gck,
-                     T, BH, NC,
+                     T_p1, BH_p1, NC_p1,
                      dr, dw, dk, dv, da, db,
                      H: tl.constexpr, K: tl.constexpr, BV: tl.constexpr,
                      HEAD_FIRST: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr,
-                     PREC_PAIR: tl.constexpr, PREC_INV: tl.constexpr):
+                     PREC_INV: tl.constexpr, RECOMPUTE: tl.constexpr):
+        T, BH, NC = T_p1 - 1, BH_p1 - 1, NC_p1 - 1
         T64 = T + tl.zeros([], dtype=tl.int64)
         stride_b = T64 * (H * K)
         if HEAD_FIRST:
@@ -245,8 +255,8 @@ def _entries() -> dict:
             stride_h = K
         _chunk_bwd_kernel(r, w, k, v, a, b, dy, mask, ckpt, gck, dr, dw, dk, dv, da, db,
                           T, H, BH, NC, stride_b, stride_t, stride_h,
-                          K=K, BV=BV, HAS_MASK=HAS_MASK, PREC=PREC, PREC_PAIR=PREC_PAIR,
-                          PREC_INV=PREC_INV)
+                          K=K, BV=BV, HAS_MASK=HAS_MASK, PREC=PREC, PREC_INV=PREC_INV,
+                          RECOMPUTE=RECOMPUTE)
 
     _ENTRIES.update(prep=rwkv_gdr_prep, scan_fwd=rwkv_gdr_scan_fwd, combine=rwkv_gdr_combine,
                     scan_bwd=rwkv_gdr_scan_bwd, bwd=rwkv_gdr_bwd)
@@ -271,7 +281,7 @@ def select_config(K: int, dtype, T: int, BH: int):
 def _launch(entry, arrays, scalars, outs, grid, warps, stages, **constexprs):
     """Run entry kernel ``entry`` on ``arrays`` (then the int ``scalars``); returns its outputs."""
     kernel = _entries()[entry]
-    scalars = [int(s) for s in scalars]
+    scalars = [int(s) + 1 for s in scalars]  # the entries take sizes plus one (see _entries)
     if interpret_mode():
         return _launch_interpreted(kernel, arrays, scalars, outs, grid, constexprs)
     import jax_triton
@@ -345,11 +355,6 @@ def _precision(xs) -> str:
     return "ieee" if any(jnp.dtype(x.dtype) == jnp.float32 for x in xs) else "tf32"
 
 
-def _pair_precision(prec: str) -> str:
-    # the backward's L x L pair-gradient products: 3xTF32 where the rest runs in TF32 (as torch)
-    return "ieee" if prec == "ieee" else "tf32x3"
-
-
 def _inverse_precision(prec: str, cfg) -> str:
     # the (I - A_ab)^-1 series products: the configuration's choice for half inputs (as torch)
     return "ieee" if prec == "ieee" else cfg.precision_inverse
@@ -400,8 +405,8 @@ def _forward_local(static, *arrays):
             (2 * nv * BH * n_seg,), cfg.warps_fwd, cfg.stages_fwd,
             INIT_MODE=0, LOCAL=True, WRITE_Y=False, SAVE_CKPT=False, WRITE_END=True, **common)
         (starts,) = _launch(
-            "combine", (loc, seg_m, init), (BH, n_seg), (seg,), (nv * BH,), 4, 3,
-            H=H, K=K, BV=bv, INIT_MODE=init_mode, REVERSE=False)
+            "combine", (loc, seg_m, init), (BH, n_seg), (seg,), (K // COMBINE_ROWS * BH,), 4, 3,
+            H=H, K=K, BV=COMBINE_ROWS, INIT_MODE=init_mode, REVERSE=False)
         init, init_mode = starts, 3
     save = static.save
     outs = (_sds(r.shape, r.dtype), _sds((B, H, NC, K, K)) if save else _UNUSED,
@@ -446,8 +451,8 @@ def _backward_local(static, *arrays):
             cfg.warps_state, cfg.stages_state,
             INIT_MODE=0, LOCAL=True, SAVE_CKPT=False, WRITE_END=True, **common)
         (gend,) = _launch(
-            "combine", (gloc, seg_m, dfinal), (BH, n_seg), (seg,), (nv * BH,), 4, 3,
-            H=H, K=K, BV=bv, INIT_MODE=1, REVERSE=True)
+            "combine", (gloc, seg_m, dfinal), (BH, n_seg), (seg,), (K // COMBINE_ROWS * BH,), 4, 3,
+            H=H, K=K, BV=COMBINE_ROWS, INIT_MODE=1, REVERSE=True)
         init, init_mode = gend, 3
     need_ds0 = static.init_mode != 0
     gck, ds0 = _launch(
@@ -460,7 +465,7 @@ def _backward_local(static, *arrays):
         tuple(_sds(x.shape, x.dtype) for x in (r, w, k, v, a, b)), (NC * BH,),
         cfg.warps_bwd, cfg.stages_bwd,
         H=H, K=K, BV=cfg.bv_bwd, HEAD_FIRST=static.head_first, HAS_MASK=mask is not None,
-        PREC=prec, PREC_PAIR=_pair_precision(prec), PREC_INV=_inverse_precision(prec, cfg))
+        PREC=prec, PREC_INV=_inverse_precision(prec, cfg), RECOMPUTE=cfg.recompute_bwd)
     return tuple(grads) + ((ds0,) if need_ds0 else ())
 
 
