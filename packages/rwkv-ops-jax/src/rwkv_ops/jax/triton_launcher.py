@@ -96,7 +96,7 @@ def _entries() -> dict:
     # Triton version resolves (not all resolve closures). The module is bound as `tl`: Triton's
     # interpreter recognises constexpr annotations by that exact spelling.
     global tl, _chunk_prep_kernel, _chunk_scan_fwd_kernel, _state_combine_kernel
-    global _chunk_scan_bwd_kernel, _chunk_bwd_kernel
+    global _chunk_scan_bwd_kernel, _chunk_bwd_kernel, _chunk_bwd_split_kernel
     if _ENTRIES:
         return _ENTRIES
     import triton
@@ -260,6 +260,31 @@ def _entries() -> dict:
 
     _ENTRIES.update(prep=rwkv_gdr_prep, scan_fwd=rwkv_gdr_scan_fwd, combine=rwkv_gdr_combine,
                     scan_bwd=rwkv_gdr_scan_bwd, bwd=rwkv_gdr_bwd)
+
+    # the column-sliced variant of the gradient kernel, used where the configuration asks for it
+    _chunk_bwd_split_kernel = getattr(chunk_bwd, "chunk_bwd_split_kernel", None)
+    if _chunk_bwd_split_kernel is not None:
+        @triton.jit
+        def rwkv_gdr_bwd_split(r, w, k, v, a, b, dy, mask, ckpt, gck,
+                               T_p1, BH_p1, NC_p1,
+                               dr, dw, dk, dv, da, db,
+                               H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
+                               HEAD_FIRST: tl.constexpr, HAS_MASK: tl.constexpr,
+                               PREC: tl.constexpr, PREC_INV: tl.constexpr):
+            T, BH, NC = T_p1 - 1, BH_p1 - 1, NC_p1 - 1
+            T64 = T + tl.zeros([], dtype=tl.int64)
+            stride_b = T64 * (H * K)
+            if HEAD_FIRST:
+                stride_t = K
+                stride_h = T64 * K
+            else:
+                stride_t = H * K
+                stride_h = K
+            _chunk_bwd_split_kernel(r, w, k, v, a, b, dy, mask, ckpt, gck, dr, dw, dk, dv, da, db,
+                                    T, H, BH, NC, stride_b, stride_t, stride_h,
+                                    K=K, BK=BK, HAS_MASK=HAS_MASK, PREC=PREC, PREC_INV=PREC_INV)
+
+        _ENTRIES["bwd_split"] = rwkv_gdr_bwd_split
     return _ENTRIES
 
 
@@ -460,12 +485,15 @@ def _backward_local(static, *arrays):
         (_sds((B, H, NC, K, K)), _sds((B, H, K, K)) if need_ds0 else _UNUSED),
         (nv * BH * n_seg,), cfg.warps_state, cfg.stages_state,
         INIT_MODE=init_mode, LOCAL=False, SAVE_CKPT=True, WRITE_END=need_ds0, **common)
-    grads = _launch(
-        "bwd", (r, w, k, v, a, b, dy, m, ckpt, gck), (T, BH, NC),
-        tuple(_sds(x.shape, x.dtype) for x in (r, w, k, v, a, b)), (NC * BH,),
-        cfg.warps_bwd, cfg.stages_bwd,
-        H=H, K=K, BV=cfg.bv_bwd, HEAD_FIRST=static.head_first, HAS_MASK=mask is not None,
-        PREC=prec, PREC_INV=_inverse_precision(prec, cfg), RECOMPUTE=cfg.recompute_bwd)
+    grad_args = ((r, w, k, v, a, b, dy, m, ckpt, gck), (T, BH, NC),
+                 tuple(_sds(x.shape, x.dtype) for x in (r, w, k, v, a, b)), (NC * BH,),
+                 cfg.warps_bwd, cfg.stages_bwd)
+    flags = dict(H=H, K=K, HEAD_FIRST=static.head_first, HAS_MASK=mask is not None, PREC=prec,
+                 PREC_INV=_inverse_precision(prec, cfg))
+    if getattr(cfg, "bwd_split", False):
+        grads = _launch("bwd_split", *grad_args, BK=cfg.bk_bwd, **flags)
+    else:
+        grads = _launch("bwd", *grad_args, BV=cfg.bv_bwd, RECOMPUTE=cfg.recompute_bwd, **flags)
     return tuple(grads) + ((ds0,) if need_ds0 else ())
 
 
