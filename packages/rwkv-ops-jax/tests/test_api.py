@@ -62,7 +62,8 @@ def test_unknown_kernel_type_is_a_value_error():
 
 
 def test_cuda_is_not_offered_by_jax():
-    with pytest.raises(KernelUnavailableError, match="has no 'cuda' implementation; it offers: triton, native"):
+    with pytest.raises(KernelUnavailableError,
+                       match="has no 'cuda' implementation; it offers: triton, native"):
         rj.get_generalized_delta_rule(64, KERNEL_TYPE="cuda")
 
 
@@ -75,7 +76,7 @@ def test_explicit_triton_without_gpu_says_why(monkeypatch):
 
 @pytest.mark.skipif(not ON_CPU, reason="needs a machine without a JAX GPU backend")
 def test_automatic_choice_never_picks_an_interpreter(monkeypatch):
-    """TRITON_INTERPRET=1 makes Triton runnable on CPU for tests; only an explicit request uses it."""
+    """TRITON_INTERPRET=1 runs Triton on CPU (for tests); only explicit requests may use it."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     api._automatic.cache_clear()
     try:
@@ -94,7 +95,8 @@ def test_missing_kernel_module(monkeypatch):
     monkeypatch.setattr(api.jax, "default_backend", lambda: "gpu")
     api._automatic.cache_clear()
     try:
-        with pytest.raises(KernelUnavailableError, match="not included in this build of rwkv-ops-jax"):
+        with pytest.raises(KernelUnavailableError,
+                           match="not included in this build of rwkv-ops-jax"):
             rj.get_generalized_delta_rule(64, KERNEL_TYPE="triton")
         assert rj.available_kernel_types() == ["native"]
         with warnings.catch_warnings(record=True) as caught:
@@ -128,8 +130,8 @@ def test_numpy_and_list_inputs_are_accepted():
 def test_import_does_not_pull_other_frameworks():
     code = (
         "import sys, json, rwkv_ops.jax\n"
-        "print(json.dumps(sorted(m for m in ('torch', 'tensorflow', 'keras', 'triton', 'jax_triton')"
-        " if m in sys.modules)))\n"
+        "others = ('torch', 'tensorflow', 'keras', 'triton', 'jax_triton')\n"
+        "print(json.dumps(sorted(m for m in others if m in sys.modules)))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []

@@ -96,8 +96,12 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "T{}-K{}-{}-state{}{}-hf{}-mask{}-final{}".format(
-    c[0], c[1], c[2], int(c[3]), "bcast" if c[4] == 1 else "", int(c[5]), c[6], int(c[7])))
+def _case_id(c):
+    return "T{}-K{}-{}-state{}{}-hf{}-mask{}-final{}".format(
+        c[0], c[1], c[2], int(c[3]), "bcast" if c[4] == 1 else "", int(c[5]), c[6], int(c[7]))
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_forward_and_gradients_match_reference(case):
     T, K, decays, has_state, state_batch, head_first, mask, output_final_state = case
     seed = SEED + CASES.index(case)
@@ -168,7 +172,8 @@ def test_float64_with_x64():
 def test_vmap_matches_per_slice_calls():
     seed = SEED + 103
     xs = [make_inputs(2, 20, 2, 16, seed=seed + i) for i in range(3)]
-    stacked = [jnp.asarray(np.stack([x[n] for x in xs]), jnp.float32) for n in (*NAMES, "initial_state")]
+    stacked = [jnp.asarray(np.stack([x[n] for x in xs]), jnp.float32)
+               for n in (*NAMES, "initial_state")]
     o, S = jax.vmap(native.generalized_delta_rule)(*stacked)
     for i, x in enumerate(xs):
         o_ref, S_ref = reference(*(x[n] for n in NAMES), x["initial_state"])
@@ -281,7 +286,8 @@ def test_bad_inputs_raise_the_library_messages():
     op = native.generalized_delta_rule
     with pytest.raises(ValueError, match=r"`r` must have rank 4 with layout \[B, T, H, K\]"):
         op(*[jnp.ones((5, 3, 8))] * 6)
-    with pytest.raises(ValueError, match=r"`k` has shape \[2, 5, 3, 4\] but expected \[2, 5, 3, 8\]"):
+    with pytest.raises(ValueError,
+                       match=r"`k` has shape \[2, 5, 3, 4\] but expected \[2, 5, 3, 8\]"):
         op(good[0], good[1], jnp.ones((2, 5, 3, 4)), *good[3:])
     with pytest.raises(ValueError, match="the value size V must equal the head size K"):
         op(*good[:3], jnp.ones((2, 5, 3, 16)), *good[4:])

@@ -22,7 +22,8 @@ Numerical safety, outputs and gradients finite for every decay in [0, 1]:
 * Padded steps (mask 0) become identity steps: w = -inf (lambda = 0) and r, k, v, a, b zeroed by
   selection, so no gradient reaches them and garbage there (even NaN) cannot leak in.
 
-Every product runs at ``Precision.HIGHEST``: float32 inputs are computed in full float32, never TF32.
+Every product runs at ``Precision.HIGHEST``: float32 inputs are computed in full float32, never
+TF32.
 """
 
 from __future__ import annotations
@@ -72,10 +73,10 @@ def log_decay(w, floor):
     """lambda = log d = -exp(w), clamped at -floor (decays below e^-floor act as e^-floor).
 
     The clamp keeps the factorised chunk products finite; it is not part of the operator. So the
-    derivative is that of the true decay: dL/dw = dL/dd * dd/dw with dd/dw = lambda * d taken at the
-    true w, and dL/dd = dL/dlambda / d_clamped read off the clamped forward. For unclamped entries this
-    is the ordinary chain rule; for clamped ones it keeps the small but non-zero true gradient
-    (|lambda d| <= floor e^-floor) that a plain clamp would zero.
+    derivative is that of the true decay: dL/dw = dL/dd * dd/dw with dd/dw = lambda * d taken at
+    the true w, and dL/dd = dL/dlambda / d_clamped read off the clamped forward. For unclamped
+    entries this is the ordinary chain rule; for clamped ones it keeps the small but non-zero true
+    gradient (|lambda d| <= floor e^-floor) that a plain clamp would zero.
     """
     log_floor = math.log(floor)
     # Clamp w before the exponential: exp(w) = inf on a discarded branch would still poison the
@@ -123,10 +124,10 @@ def _solve_by_triangular(A, rhs, transpose=False):
 def solve_unit_lower(A, rhs, transpose=False):
     """Solve (I - A) X = rhs, or (I - A)^T X = rhs, for strictly lower triangular A.
 
-    A: [..., L, L]; rhs: [..., L, N]. On accelerators this is ``solve_triangular``. On CPU, jaxlib's
-    batched LAPACK triangular solve (a custom call that fans its batch out over XLA's intra-op thread
-    pool) deadlocks when two of them run at once on a small pool, as in a forward + backward on 2
-    cores (seen with jax 0.10.2); there the inverse is built from matrix products instead.
+    A: [..., L, L]; rhs: [..., L, N]. On accelerators this is ``solve_triangular``. On CPU,
+    jaxlib's batched LAPACK triangular solve (a custom call that fans its batch out over XLA's
+    intra-op thread pool) deadlocks when two of them run at once on a small pool, as in a forward +
+    backward on 2 cores (seen with jax 0.10.2); there the inverse is built from matrix products.
     """
     return jax.lax.platform_dependent(A, rhs, cpu=partial(_solve_by_inverse, transpose=transpose),
                                       default=partial(_solve_by_triangular, transpose=transpose))
@@ -224,7 +225,8 @@ def _core_bwd(res, cotangents):
     dU_y = _mm(_mT(t["A_qb"]), dY)
 
     # Reverse scan of G = dL/dS at each chunk end. Per chunk, with S_0 the state entering it:
-    #   S_L = S_0 diag(P_L) + U^T b_bar + V^T k_bar,  U = u0 + wa S_0^T,  Y = r_s S_0^T + ... + A_qb U
+    #   S_L = S_0 diag(P_L) + U^T b_bar + V^T k_bar,  U = u0 + wa S_0^T,
+    #   Y = r_s S_0^T + A_qk V + A_qb U.
     # Every product with S_0 or G is taken here, while both are at hand.
     def step(G, xs):
         S0, u0_c, wa_c, dY_c, dU_y_c, r_s_c, b_bar_c, v_c, k_bar_c, decay_c = xs
