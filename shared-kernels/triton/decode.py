@@ -27,13 +27,16 @@ DECODE_HEAD_SIZES = (32, 64, 128)
 
 
 def decode_config(K: int) -> tuple:
-    """(BV, num_warps) for head size K: a [BV, K] fp32 tile of 1024 elements (4 KB) per program
-    and 4 warps (8 elements, two 16-byte loads per thread). Measured on an H200 at B=32, H=64,
-    K=64 (16-step CUDA graph, us per step): BV=16/4 warps 17.0, BV=64/4 warps 16.8 (best),
-    BV=16/2 warps 18.9, BV=4/any 22-49; the floor is 15.7. The small tile keeps B * H * K / BV
-    programs in flight, so small batches still spread over every SM."""
+    """(BV, num_warps) for head size K: a [BV, K] fp32 tile of 1024 elements (4 KB) per program.
+
+    Measured on an H200 (16-step CUDA graph, us per step, B=32): K=64, H=64 (floor 15.7):
+    BV=16/4 warps 17.1, BV=64/4 warps 16.8 (best), BV=16/2 warps 19.0, BV=4/any 22-50;
+    K=32, H=128 (floor 7.9): BV=32/4 warps 8.9; K=128, H=32 (floor 31.4): BV=8/2 warps 36.4,
+    BV=8/4 warps 39.5. The small tile keeps B * H * K / BV programs in flight, so small batches
+    still spread over every SM.
+    """
     bv = max(1, min(K, 1024 // K))
-    return bv, 4
+    return bv, (2 if K >= 128 else 4)
 
 
 @triton.jit
