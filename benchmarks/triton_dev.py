@@ -53,8 +53,11 @@ def bench(fn, quick):
 def time_shape(name, quick):
     B, T, H, K = SHAPES[name]
     xs, s0 = protocol_inputs(B, T, H, K)
-    with torch.no_grad():
-        fwd = bench(lambda: launcher.generalized_delta_rule(*xs, s0), quick)
+    def infer():
+        with torch.no_grad():
+            return launcher.generalized_delta_rule(*xs, s0)
+
+    fwd = bench(infer, quick)
     leaves = [x.detach().requires_grad_() for x in xs] + [s0.detach().requires_grad_()]
     dy = torch.randn(B, T, H, K, device="cuda", dtype=torch.bfloat16)
     ds = torch.randn(B, H, K, K, device="cuda")
@@ -70,6 +73,7 @@ def time_shape(name, quick):
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() / 2**30  # absolute, inputs included
     both = bench(step, quick)
+    step.infer = infer
     return fwd, both, peak, step
 
 
@@ -173,18 +177,19 @@ def main():
         print(f"| {name} | {fwd:.3f} | {both:.3f} | {peak:.2f} |")
     for name, (_, _, _, step) in rows.items():
         breakdown(name, step)
+        times, counts = kernel_times(step.infer)
+        print(f"  per-kernel (shape {name}, fwd under no_grad): " + "  ".join(
+            f"{k}={v:.3f}x{counts[k]}" for k, v in sorted(times.items(), key=lambda kv: -kv[1])))
 
     if args.sweep:
         real = launcher.select_config
         variants = {
-            "prep-w2": dict(warps_prep=2),
-            "scan-stages1": dict(stages_fwd=1),
-            "bwd-keep": dict(recompute_bwd=False),
-            "bwd-bv32": dict(bv_bwd=32),
-            "bwd-bv64": dict(bv_bwd=64, recompute_bwd=False),
-            "bwd-w8": dict(warps_bwd=8, bv_bwd=32),
-            "cps128": dict(chunks_per_segment=128),
-            "cps512": dict(chunks_per_segment=512),
+            "bwd-split16": dict(bwd_split=True, bk_bwd=16),
+            "bwd-split32": dict(bwd_split=True, bk_bwd=32),
+            "bwd-split32-w8": dict(bwd_split=True, bk_bwd=32, warps_bwd=8),
+            "bwd-split16-w2": dict(bwd_split=True, bk_bwd=16, warps_bwd=2),
+            "bwd-bv64-w8": dict(warps_bwd=8),
+            "bwd-bv32-keep": dict(bv_bwd=32),
         }
         for label, change in variants.items():
             launcher.select_config = lambda *a, _c=change: real(*a).with_(**_c)

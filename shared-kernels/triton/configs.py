@@ -27,6 +27,7 @@ class ChunkConfig:
     prep_chunks: chunks per program of the prep kernel (one per warp with warps_prep of them).
     precision_inverse: products of the (I - A_ab)^-1 series for bf16/fp16 inputs (fp32: ieee).
     recompute_bwd: the gradient kernel recomputes the chunk's factors after its V loop.
+    bwd_split: use chunk_bwd_split_kernel (passes over BK = bk_bwd wide column slices) instead.
     """
 
     precision: str
@@ -43,7 +44,9 @@ class ChunkConfig:
     stages_fwd: int = 2
     stages_state: int = 1
     stages_bwd: int = 1
-    recompute_bwd: bool = True
+    recompute_bwd: bool = False
+    bwd_split: bool = False
+    bk_bwd: int = 16
 
     def with_(self, **changes) -> "ChunkConfig":
         return replace(self, **changes)
@@ -69,7 +72,7 @@ def chunk_config(K: int, dtype: str, T: int, BH: int) -> ChunkConfig:
         precision=precision,
         bv_fwd=bv,
         bv_state=bv,
-        bv_bwd=16,
+        bv_bwd=min(K, 64),
         chunks_per_segment=cdiv(n_chunks, n_seg),
         warps_prep=1 if K <= 64 else 4,
         warps_bwd=4 if K <= 64 else 8,
