@@ -111,3 +111,14 @@ def test_missing_backend_names_install_command(tmp_path):
     """, KERNEL_BACKEND="jax")
     assert proc.returncode != 0
     assert "ImportError" in proc.stderr and "pip install rwkv-ops-jax" in proc.stderr
+
+
+def test_serving_entry_points_are_dispatched():
+    out = run_json("""
+        import json
+        import rwkv_ops, rwkv_ops.numpy as backend
+        names = ["generalized_delta_rule_inference", "generalized_delta_rule_varlen", "rwkv7_op_rnn",
+                 "generalized_delta_rule_single_step", "available_kernel_types"]
+        print(json.dumps([getattr(rwkv_ops, n) is getattr(backend, n) for n in names]))
+    """, KERNEL_BACKEND="numpy")
+    assert all(out)

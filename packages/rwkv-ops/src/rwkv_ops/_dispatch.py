@@ -67,22 +67,18 @@ def get_generalized_delta_rule(HEAD_SIZE=64, KERNEL_TYPE=None):
 
 
 def resolve(name: str):
+    """The value of ``rwkv_ops.<name>``: taken from the selected backend package once, then cached."""
     if name in _resolved:
         return _resolved[name]
     env = environment()
     _warn_once(env)
     module = backend_module(env.backend)
-    if name == "BACKEND":
-        value = env.backend
-    elif name == "KERNEL_TYPE":
-        value = env.kernel_type
-    elif name == "get_generalized_delta_rule":
-        value = get_generalized_delta_rule
-    elif name == "available_kernel_types":
-        value = module.available_kernel_types
-    else:
+    if name in ("generalized_delta_rule", "rwkv7_op", "RWKV7_USE_KERNEL"):
         op, use_kernel = module.get_generalized_delta_rule(KERNEL_TYPE=env.kernel_type)
         _resolved.update(generalized_delta_rule=op, rwkv7_op=op, RWKV7_USE_KERNEL=use_kernel)
-        value = _resolved[name]
-    _resolved[name] = value
-    return value
+    else:
+        # Every other name is the backend's own function of the same name (one face everywhere).
+        table = {"BACKEND": env.backend, "KERNEL_TYPE": env.kernel_type,
+                 "get_generalized_delta_rule": get_generalized_delta_rule}
+        _resolved[name] = table[name] if name in table else getattr(module, name)
+    return _resolved[name]

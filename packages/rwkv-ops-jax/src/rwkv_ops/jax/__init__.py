@@ -11,12 +11,19 @@ from rwkv_ops.jax.api import (
     get_generalized_delta_rule,
     rwkv7_op,
 )
+from rwkv_ops.jax.decode import generalized_delta_rule_single_step, rwkv7_op_rnn
+from rwkv_ops.jax.inference import generalized_delta_rule_inference
+from rwkv_ops.jax.varlen import generalized_delta_rule_varlen
 
 __version__ = "0.1.0"
 
 __all__ = [
     "available_kernel_types",
     "generalized_delta_rule",
+    "generalized_delta_rule_inference",
+    "generalized_delta_rule_single_step",
+    "generalized_delta_rule_varlen",
     "get_generalized_delta_rule",
     "rwkv7_op",
+    "rwkv7_op_rnn",
 ]
