@@ -10,6 +10,11 @@ profiler) with the bytes each kernel must move and the bandwidth that implies. `
 times a few alternative launch configurations.
 
     python benchmarks/triton_dev.py [--sweep] [--quick]
+
+Last measured (one H200, torch 2.11, Triton 3.6, default config; ms, peak GiB absolute):
+S fwd 2.99, fwd+bwd 14.86, peak 9.06 | L fwd 4.88, fwd+bwd 17.55 | error-shape worst: bf16
+1.8e-3, fp32 4.7e-7. S fwd+bwd per kernel: chunk_bwd 10.35, scan_fwd 1.87, prep 1.55,
+scan_bwd 1.14.
 """
 
 from __future__ import annotations
@@ -184,12 +189,11 @@ def main():
     if args.sweep:
         real = launcher.select_config
         variants = {
-            "bwd-split16": dict(bwd_split=True, bk_bwd=16),
-            "bwd-split32": dict(bwd_split=True, bk_bwd=32),
-            "bwd-split32-w8": dict(bwd_split=True, bk_bwd=32, warps_bwd=8),
-            "bwd-split16-w2": dict(bwd_split=True, bk_bwd=16, warps_bwd=2),
-            "bwd-bv64-w8": dict(warps_bwd=8),
-            "bwd-bv32-keep": dict(bv_bwd=32),
+            "prep-w2": dict(warps_prep=2),
+            "scan-stages1": dict(stages_fwd=1),
+            "bwd-bv32": dict(bv_bwd=32),
+            "bwd-w8": dict(warps_bwd=8),
+            "cps128": dict(chunks_per_segment=128),
         }
         for label, change in variants.items():
             launcher.select_config = lambda *a, _c=change: real(*a).with_(**_c)

@@ -132,14 +132,12 @@ def chunk_bwd_kernel(
     stride_b, stride_t, stride_h,
     K: tl.constexpr, BV: tl.constexpr,
     HAS_MASK: tl.constexpr, PREC: tl.constexpr, PREC_INV: tl.constexpr,
-    RECOMPUTE: tl.constexpr,
 ):
     """Gradients of r, w, k, v, a, b for one (batch, head, chunk). Grid: (NC * BH,).
 
     Inputs as in the forward; dy like r; ckpt: [B*H, NC, K, K] fp32 state entering each chunk;
     gck: [B*H, NC, K, K] fp32 state gradient at each chunk's end. Outputs: like their inputs.
-    PREC_INV: precision of the (I - A_ab)^-1 series (PREC, or "ieee"). RECOMPUTE: recompute the
-    chunk's factors after the V loop instead of keeping them in registers.
+    PREC_INV: precision of the (I - A_ab)^-1 series (PREC, or "ieee").
     """
     NV: tl.constexpr = K // BV
     pid = tl.program_id(0)
@@ -218,12 +216,6 @@ def chunk_bwd_kernel(
         db_bar = tl.dot(U, G_r, db_bar, input_precision=PREC)
         d_end += tl.sum(S0_f * G, axis=0)
 
-    if RECOMPUTE:
-        # the factors again, reloaded and recomputed: fewer registers live across the loop
-        q_r, k_r, a_r, b_r, r_s, a_s, k_bar, b_bar, e_in, e_ex, e_inv, to_mid, mid_to_end, \
-            decay_end, lam_raw = _chunk_factors(r_ptr + base, w_ptr + base, k_ptr + base,
-                                                a_ptr + base, b_ptr + base, t, T, cols, stride_t,
-                                                valid, PREC)
     dA_qk = tl.where(incl, dA_qk, 0.0)
     dA_qb = tl.where(incl, dA_qb, 0.0)
     dA_ak = tl.where(strict, dA_ak, 0.0)
@@ -269,139 +261,3 @@ def chunk_bwd_kernel(
     tl.store(da_ptr + out, da.to(da_ptr.dtype.element_ty), mask=inb)
     tl.store(db_ptr + out, db.to(db_ptr.dtype.element_ty), mask=inb)
 
-
-@triton.jit(do_not_specialize=["T", "H", "BH", "NC"])
-def chunk_bwd_split_kernel(
-    r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, mask_ptr, ckpt_ptr, gck_ptr,
-    dr_ptr, dw_ptr, dk_ptr, dv_ptr, da_ptr, db_ptr,
-    T, H, BH, NC,
-    stride_b, stride_t, stride_h,
-    K: tl.constexpr, BK: tl.constexpr,
-    HAS_MASK: tl.constexpr, PREC: tl.constexpr, PREC_INV: tl.constexpr,
-):
-    """``chunk_bwd_kernel`` reorganised over BK-wide slices of the K columns. Grid: (NC * BH,).
-
-    Every K-side quantity is per column except the L x L matrices, so the kernel makes two passes
-    over column slices: the first sums the L x L matrices and the V-side products with S0 and G
-    ([V, 16] tiles, V rows as the product rows); the second, with dY, dX, V, U and the L x L
-    gradients known, finishes each slice's r, w, k, a, b gradients. Only [V, 16], [16, 16] and
-    [16, BK] / [V, BK] tiles are ever live (the factors are recomputed in the second pass).
-    Arguments as for ``chunk_bwd_kernel``.
-    """
-    NKB: tl.constexpr = K // BK
-    pid = tl.program_id(0)
-    c = pid % NC
-    bh = pid // NC
-    b = bh // H
-    h = bh % H
-
-    rows = tl.arange(0, L_)
-    vrows = tl.arange(0, K)
-    kc = tl.arange(0, BK)
-    incl = rows[:, None] >= rows[None, :]
-    strict = rows[:, None] > rows[None, :]
-    base = b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
-    t = c * L_ + rows
-    valid = step_validity(mask_ptr + b.to(tl.int64) * T, t, T, HAS_MASK)
-    st_base = (bh.to(tl.int64) * NC + c) * K * K
-    inb = (t < T)[None, :]
-
-    # pass 1: L x L matrices, and S0 a_s^T, G b_bar^T, G k_bar^T as [V, L]
-    A_qk = tl.zeros([L_, L_], dtype=tl.float32)
-    A_qb = tl.zeros([L_, L_], dtype=tl.float32)
-    A_ak = tl.zeros([L_, L_], dtype=tl.float32)
-    A_ab = tl.zeros([L_, L_], dtype=tl.float32)
-    XSt = tl.zeros([K, L_], dtype=tl.float32)
-    GBt = tl.zeros([K, L_], dtype=tl.float32)
-    GKt = tl.zeros([K, L_], dtype=tl.float32)
-    for kb in range(0, NKB):
-        cols = kb * BK + kc
-        q_r, k_r, a_r, b_r, r_s, a_s, k_bar, b_bar, _e_in, _e_ex, _e_inv, _to_mid, _m2e, _dec, \
-            _lam = _chunk_factors(r_ptr + base, w_ptr + base, k_ptr + base, a_ptr + base,
-                                  b_ptr + base, t, T, cols, stride_t, valid, PREC)
-        A_qk = tl.dot(q_r, tl.trans(k_r), A_qk, input_precision=PREC)
-        A_qb = tl.dot(q_r, tl.trans(b_r), A_qb, input_precision=PREC)
-        A_ak = tl.dot(a_r, tl.trans(k_r), A_ak, input_precision=PREC)
-        A_ab = tl.dot(a_r, tl.trans(b_r), A_ab, input_precision=PREC)
-        sl = st_base + vrows[:, None] * K + cols[None, :]
-        S0 = tf32(tl.load(ckpt_ptr + sl), PREC)
-        Gs = tf32(tl.load(gck_ptr + sl), PREC)
-        XSt = tl.dot(S0, tl.trans(tf32(a_s, PREC)), XSt, input_precision=PREC)
-        GBt = tl.dot(Gs, tl.trans(tf32(b_bar, PREC)), GBt, input_precision=PREC)
-        GKt = tl.dot(Gs, tl.trans(tf32(k_bar, PREC)), GKt, input_precision=PREC)
-    # entries above the diagonal may have overflowed: select, never multiply
-    A_qk = tf32(tl.where(incl, A_qk, 0.0), PREC)
-    A_qb = tf32(tl.where(incl, A_qb, 0.0), PREC)
-    A_ak = tf32(tl.where(strict, A_ak, 0.0), PREC)
-    A_ab = tl.where(strict, A_ab, 0.0)
-    N = tf32(unit_lower_inverse(A_ab, PREC_INV), PREC)
-
-    # the V side, transposed: [V, L] tiles
-    vt_off = base + vrows[:, None] + t[None, :] * stride_t
-    Vt = tf32(tl.load(v_ptr + vt_off, mask=inb, other=0.0).to(tl.float32), PREC)
-    dYt = tl.load(dy_ptr + vt_off, mask=inb, other=0.0).to(tl.float32)
-    dYt = tf32(tl.where(valid[None, :], dYt, 0.0), PREC)
-    Xt = tl.dot(Vt, tl.trans(A_ak), XSt, input_precision=PREC)
-    Ut = tf32(tl.dot(tf32(Xt, PREC), tl.trans(N), input_precision=PREC), PREC)
-    dUt = tl.dot(dYt, A_qb, GBt, input_precision=PREC)
-    dXt = tf32(tl.dot(tf32(dUt, PREC), N, input_precision=PREC), PREC)
-    dvt = tl.dot(dYt, A_qk, GKt, input_precision=PREC)
-    dvt = tl.dot(dXt, A_ak, dvt, input_precision=PREC)
-    dvt = tl.where(valid[None, :], dvt, 0.0)
-    tl.store(dv_ptr + vt_off, dvt.to(dv_ptr.dtype.element_ty), mask=inb)
-
-    dYl = tl.trans(dYt)
-    dXl = tl.trans(dXt)
-    dA_qk = tl.where(incl, tl.dot(dYl, Vt, input_precision=PREC), 0.0)
-    dA_qb = tl.where(incl, tl.dot(dYl, Ut, input_precision=PREC), 0.0)
-    dA_ak = tl.where(strict, tl.dot(dXl, Vt, input_precision=PREC), 0.0)
-    dA_ab = tl.where(strict, tl.dot(dXl, Ut, input_precision=PREC), 0.0)
-
-    # pass 2: per column slice, every gradient of r, w, k, a, b
-    keep = valid[:, None]
-    for kb in range(0, NKB):
-        cols = kb * BK + kc
-        q_r, k_r, a_r, b_r, r_s, a_s, k_bar, b_bar, e_in, e_ex, e_inv, to_mid, mid_to_end, \
-            decay_end, lam_raw = _chunk_factors(r_ptr + base, w_ptr + base, k_ptr + base,
-                                                a_ptr + base, b_ptr + base, t, T, cols,
-                                                stride_t, valid, PREC)
-        sl = st_base + vrows[:, None] * K + cols[None, :]
-        S0f = tl.load(ckpt_ptr + sl)
-        Gf = tl.load(gck_ptr + sl)
-        S0 = tf32(S0f, PREC)
-        Gs = tf32(Gf, PREC)
-        dr_s = tl.dot(dYl, S0, input_precision=PREC)
-        da_s = tl.dot(dXl, S0, input_precision=PREC)
-        dk_bar = tl.dot(tl.trans(Vt), Gs, input_precision=PREC)
-        db_bar = tl.dot(tl.trans(Ut), Gs, input_precision=PREC)
-        d_end = tl.sum(S0f * Gf, axis=0)
-        # pair gradients on the tf32-exact factors (see chunk_bwd_kernel)
-        dq_t = tl.dot(dA_qk, k_r, input_precision=PREC)
-        dq_t = tl.dot(dA_qb, b_r, dq_t, input_precision=PREC)
-        dk_h = tl.dot(tl.trans(dA_qk), q_r, input_precision=PREC)
-        dk_h = tl.dot(tl.trans(dA_ak), a_r, dk_h, input_precision=PREC)
-        da_t = tl.dot(dA_ak, k_r, input_precision=PREC)
-        da_t = tl.dot(dA_ab, b_r, da_t, input_precision=PREC)
-        db_h = tl.dot(tl.trans(dA_qb), q_r, input_precision=PREC)
-        db_h = tl.dot(tl.trans(dA_ab), a_r, db_h, input_precision=PREC)
-
-        k_bar_t = dk_bar * k_bar + db_bar * b_bar
-        d_lin = dq_t * q_r + dr_s * r_s - dk_h * k_r - db_h * b_r - k_bar_t
-        d_lex = da_t * a_r + da_s * a_s
-        d_lend = tl.sum(k_bar_t, axis=0) + d_end * decay_end
-        d_lam = tl.cumsum(d_lin, axis=0, reverse=True) + tl.cumsum(d_lex, axis=0, reverse=True)
-        d_lam = d_lam - d_lex + d_lend[None, :]
-        dlam_dw = tl.where(lam_raw >= -FLOOR_, lam_raw,
-                           tl.where(lam_raw > -100.0, lam_raw * tl.exp(lam_raw + FLOOR_), 0.0))
-        dw = tl.where(keep, d_lam * dlam_dw, 0.0)
-        dr = tl.where(keep, (dq_t + dr_s * to_mid[None, :]) * e_in, 0.0)
-        da = tl.where(keep, (da_t + da_s * to_mid[None, :]) * e_ex, 0.0)
-        dk = tl.where(keep, (dk_h + dk_bar * mid_to_end[None, :]) * e_inv, 0.0)
-        db = tl.where(keep, (db_h + db_bar * mid_to_end[None, :]) * e_inv, 0.0)
-        out = base + t[:, None] * stride_t + cols[None, :]
-        ok = (t < T)[:, None]
-        tl.store(dr_ptr + out, dr.to(dr_ptr.dtype.element_ty), mask=ok)
-        tl.store(dw_ptr + out, dw.to(dw_ptr.dtype.element_ty), mask=ok)
-        tl.store(dk_ptr + out, dk.to(dk_ptr.dtype.element_ty), mask=ok)
-        tl.store(da_ptr + out, da.to(da_ptr.dtype.element_ty), mask=ok)
-        tl.store(db_ptr + out, db.to(db_ptr.dtype.element_ty), mask=ok)

@@ -145,19 +145,6 @@ def test_segments(cps, monkeypatch, poison_empty, request):
     check(errors, TOL[torch.float32, "full"], seed)
 
 
-@pytest.mark.parametrize("K,bk", [(32, 16), (64, 32)] + ([(128, 32)] if HAS_CUDA else []))
-def test_split_gradient_kernel(K, bk, monkeypatch, poison_empty, request):
-    """chunk_bwd_split_kernel (the gradient kernel over column slices), forced on."""
-    real = launcher.select_config
-    monkeypatch.setattr(launcher, "select_config",
-                        lambda *args: real(*args).with_(bwd_split=True, bk_bwd=bk))
-    seed = _seed(request)
-    T = 300 if HAS_CUDA else 33
-    check(run_case(seed, 2, T, 2, K, mask="random", decays="full"), TOL[torch.float32, "full"], seed)
-    if HAS_CUDA:
-        check(run_case(seed, 2, T, 2, K, torch.bfloat16), TOL[torch.bfloat16, "model"], seed)
-
-
 def test_float64_inputs(request):
     seed = _seed(request)
     x = make_inputs(1, 20, 2, 32, seed=seed)

@@ -233,22 +233,13 @@ def _backward_impl(r, w, k, v, a, b, initial_state, mask, ckpt, seg_m, wt, bt, r
         K=K, BV=bv, HAS_INIT=has_init, LOCAL=False, SAVE_CKPT=True, WRITE_END=need_ds0,
         PREC=prec, num_warps=cfg.warps_state, num_stages=cfg.stages_state)
     grads = [torch.empty(x.shape, dtype=x.dtype, device=dev) for x in (r, w, k, v, a, b)]
-    if cfg.bwd_split:
-        chunk_bwd.chunk_bwd_split_kernel[(NC * BH,)](
-            r, w, k, v, a, b, do, m, ckpt, gck,
-            *grads,
-            T, H, BH, NC, sb, st, sh,
-            K=K, BK=cfg.bk_bwd, HAS_MASK=has_mask, PREC=prec,
-            PREC_INV="ieee" if prec == "ieee" else cfg.precision_inverse,
-            num_warps=cfg.warps_bwd, num_stages=cfg.stages_bwd)
-    else:
-        chunk_bwd.chunk_bwd_kernel[(NC * BH,)](
-            r, w, k, v, a, b, do, m, ckpt, gck,
-            *grads,
-            T, H, BH, NC, sb, st, sh,
-            K=K, BV=cfg.bv_bwd, HAS_MASK=has_mask, PREC=prec,
-            PREC_INV="ieee" if prec == "ieee" else cfg.precision_inverse,
-            RECOMPUTE=cfg.recompute_bwd, num_warps=cfg.warps_bwd, num_stages=cfg.stages_bwd)
+    chunk_bwd.chunk_bwd_kernel[(NC * BH,)](
+        r, w, k, v, a, b, do, m, ckpt, gck,
+        *grads,
+        T, H, BH, NC, sb, st, sh,
+        K=K, BV=cfg.bv_bwd, HAS_MASK=has_mask, PREC=prec,
+        PREC_INV="ieee" if prec == "ieee" else cfg.precision_inverse,
+        num_warps=cfg.warps_bwd, num_stages=cfg.stages_bwd)
     return (*grads, ds0)
 
 
