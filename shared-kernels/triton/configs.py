@@ -26,6 +26,7 @@ class ChunkConfig:
     loop. chunks_per_segment: chunks per segment of the serial passes (all of them: no segments).
     prep_chunks: chunks per program of the prep kernel (one per warp with warps_prep of them).
     precision_inverse: products of the (I - A_ab)^-1 series for bf16/fp16 inputs (fp32: ieee).
+    recompute_bwd: the gradient kernel recomputes the chunk's factors after its V loop.
     """
 
     precision: str
@@ -42,6 +43,7 @@ class ChunkConfig:
     stages_fwd: int = 2
     stages_state: int = 1
     stages_bwd: int = 1
+    recompute_bwd: bool = False
 
     def with_(self, **changes) -> "ChunkConfig":
         return replace(self, **changes)

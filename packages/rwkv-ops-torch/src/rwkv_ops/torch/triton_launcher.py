@@ -239,7 +239,7 @@ def _backward_impl(r, w, k, v, a, b, initial_state, mask, ckpt, seg_m, wt, bt, r
         T, H, BH, NC, sb, st, sh,
         K=K, BV=cfg.bv_bwd, HAS_MASK=has_mask, PREC=prec,
         PREC_INV="ieee" if prec == "ieee" else cfg.precision_inverse,
-        num_warps=cfg.warps_bwd, num_stages=cfg.stages_bwd)
+        RECOMPUTE=cfg.recompute_bwd, num_warps=cfg.warps_bwd, num_stages=cfg.stages_bwd)
     return (*grads, ds0)
 
 
