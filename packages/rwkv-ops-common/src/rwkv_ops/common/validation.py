@@ -45,8 +45,19 @@ class Problem:
         return "[B, H, T, K]" if self.head_first else "[B, T, H, K]"
 
 
+def _dim(size):
+    """A size as an int when it is known; symbolic sizes (a JAX shape-polymorphic batch under
+    Keras, a None batch in a TensorFlow graph) are kept as they are."""
+    if size is None:
+        return None
+    try:
+        return int(size)
+    except Exception:  # jax InconclusiveDimensionOperation, TypeError, ...
+        return size
+
+
 def _fmt(shape: Sequence[int]) -> str:
-    return "[" + ", ".join(str(int(s)) for s in shape) + "]"
+    return "[" + ", ".join(str(_dim(s)) for s in shape) + "]"
 
 
 def _check_floating(name: str, info: TensorInfo) -> None:
@@ -95,9 +106,9 @@ def check_inputs(
     for name, info in infos.items():
         _check_floating(name, info)
     if head_first:
-        B, H, T, K = (int(s) for s in r.shape)
+        B, H, T, K = (_dim(s) for s in r.shape)
     else:
-        B, T, H, K = (int(s) for s in r.shape)
+        B, T, H, K = (_dim(s) for s in r.shape)
     if K == 0 or H == 0:
         raise ValueError(f"rwkv-ops: head size K and head count H must be >= 1, got shape {_fmt(r.shape)}.")
 
@@ -106,7 +117,7 @@ def check_inputs(
     if initial_state is not None:
         devices["initial_state"] = initial_state.device
         expected = (B, H, K, K)
-        shape = tuple(int(s) for s in initial_state.shape)
+        shape = tuple(_dim(s) for s in initial_state.shape)
         if len(shape) != 4 or shape[1:] != expected[1:] or shape[0] not in (1, B):
             raise ValueError(
                 f"rwkv-ops: `initial_state` has shape {_fmt(shape)} but expected {_fmt(expected)} "
@@ -116,7 +127,7 @@ def check_inputs(
         state_batch = shape[0]
     if mask is not None:
         devices["mask"] = mask.device
-        shape = tuple(int(s) for s in mask.shape)
+        shape = tuple(_dim(s) for s in mask.shape)
         if shape != (B, T):
             raise ValueError(
                 f"rwkv-ops: `mask` has shape {_fmt(shape)} but expected {_fmt((B, T))} ([B, T]; "

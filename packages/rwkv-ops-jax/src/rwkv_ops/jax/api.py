@@ -51,7 +51,7 @@ def tensor_info(x, device: str) -> TensorInfo:
     """Describe a jax array (or tracer) for :func:`rwkv_ops.common.check_inputs`."""
     dtype = jnp.dtype(x.dtype)
     bool_or_integer = dtype == jnp.bool_ or jnp.issubdtype(dtype, jnp.integer)
-    return TensorInfo(shape=tuple(int(s) for s in x.shape),
+    return TensorInfo(shape=tuple(x.shape),
                       is_floating=bool(jnp.issubdtype(dtype, jnp.floating)),
                       dtype=str(dtype), device=device, is_bool_or_integer=bool(bool_or_integer))
 
