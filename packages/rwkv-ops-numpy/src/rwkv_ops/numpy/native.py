@@ -69,23 +69,24 @@ def chunked_forward(r, w, k, v, a, b, s0, mask):
     L = CHUNK
     NC = -(-T // L)
     Tp = NC * L
-    m = np.ones((B, T), dtype=bool) if mask is None else mask.astype(bool)
     if Tp != T:
+        # Tail padding as identity steps: w = -inf (decay 1), k = a = 0; their outputs are cut off.
         pad = ((0, 0), (0, Tp - T), (0, 0), (0, 0))
-        r, w, k, v, a, b = (np.pad(x, pad) for x in (r, w, k, v, a, b))
-        m = np.pad(m, ((0, 0), (0, Tp - T)))
-    keep = m[:, :, None, None]
+        r, k, v, a, b = (np.pad(x, pad) for x in (r, k, v, a, b))
+        w = np.pad(w, pad, constant_values=-np.inf)
     with np.errstate(over="ignore"):
         lam = np.maximum(-np.exp(w), -LAMBDA_FLOOR[cd])
-    lam = np.where(keep, lam, 0).astype(cd)
-    k = np.where(keep, k, 0).astype(cd)
-    a = np.where(keep, a, 0).astype(cd)
+    if mask is not None:
+        keep = np.pad(mask.astype(bool), ((0, 0), (0, Tp - T)))[:, :, None, None]
+        lam = np.where(keep, lam, 0).astype(cd)
+        k = np.where(keep, k, 0).astype(cd)
+        a = np.where(keep, a, 0).astype(cd)
 
     def chunks(x):  # [B, Tp, H, K] -> [NC, B, H, L, K], contiguous: chunk c is one block
         return np.ascontiguousarray(x.reshape(B, NC, L, H, K).transpose(1, 0, 3, 2, 4))
 
     r, lam, k, v, a, b = (chunks(x) for x in (r, lam, k, v, a, b))
-    lam_in = np.cumsum(lam, axis=-2)          # Lam_i, inclusive
+    lam_in = np.tril(np.ones((L, L), dtype=cd)) @ lam   # Lam_i, inclusive (cumsum as a product)
     lam_mid = lam_in[..., CHUNK // 2 - 1: CHUNK // 2, :]
     lam_end = lam_in[..., -1:, :]
     # Two exponentials per element; every other factor is one of these times a per-chunk vector
@@ -94,25 +95,29 @@ def chunked_forward(r, w, k, v, a, b, s0, mask):
     e_ex = np.exp(lam_in - lam - lam_mid)      # exp(Lam_{i-1} - Lam_m)
     e_mid = np.exp(lam_mid)
     e_end = np.exp(lam_end - lam_mid)
-    q_t = r * e_in
-    a_t = a * e_ex
-    k_h = k / e_in                             # k_j exp(Lam_m - Lam_j)
-    b_h = b / e_in
+    # Stacked operands [q~; a~] and [k^; b^]: one product gives all four L x L blocks.
+    qa = np.empty(r.shape[:-2] + (2 * L, K), dtype=cd)
+    kb = np.empty_like(qa)
+    q_t = np.multiply(r, e_in, out=qa[..., :L, :])
+    a_t = np.multiply(a, e_ex, out=qa[..., L:, :])
+    k_h = np.divide(k, e_in, out=kb[..., :L, :])       # k_j exp(Lam_m - Lam_j)
+    b_h = np.divide(b, e_in, out=kb[..., L:, :])
     with np.errstate(over="ignore", invalid="ignore"):
         incl = np.tril(np.ones((L, L), dtype=bool))
         strict = np.tril(np.ones((L, L), dtype=bool), -1)
-        # One product gives all four L x L blocks: [q~; a~] [k^; b^]^T. Entries above the diagonal
-        # may overflow; they are dropped by selection.
-        full = np.concatenate([q_t, a_t], axis=-2) @ np.swapaxes(np.concatenate([k_h, b_h], axis=-2), -1, -2)
+        # Entries above the diagonal may overflow; they are dropped by selection.
+        full = qa @ np.swapaxes(kb, -1, -2)
         A_qk = np.where(incl, full[..., :L, :L], 0)
         A_qb = np.where(incl, full[..., :L, L:], 0)
         A_ak = np.where(strict, full[..., L:, :L], 0)
         A_ab = np.where(strict, full[..., L:, L:], 0)
-    r_s = q_t * e_mid                          # r exp(Lam_i)
-    a_s = a_t * e_mid                          # a exp(Lam_{i-1})
+    # The stacked operands are rescaled in place (fewer fresh temporaries: on CPU their page faults
+    # cost as much as the arithmetic): qa becomes [r_S; a_S], kb becomes [k_bar; b_bar].
+    np.multiply(qa, e_mid, out=qa)
+    r_s, a_s = qa[..., :L, :], qa[..., L:, :]  # r exp(Lam_i), a exp(Lam_{i-1})
     decay_end_t = np.swapaxes(e_end * e_mid, -1, -2)        # exp(Lam_L), [NC, B, H, K, 1]
-    k_bar_t = np.ascontiguousarray(np.swapaxes(k_h * e_end, -1, -2))   # k exp(Lam_L - Lam_j)
-    b_bar_t = np.ascontiguousarray(np.swapaxes(b_h * e_end, -1, -2))
+    np.multiply(kb, e_end, out=kb)             # k exp(Lam_L - Lam_j), b exp(Lam_L - Lam_j)
+    kb_bar_t = np.swapaxes(kb, -1, -2)         # [NC, B, H, K, 2L], a transposed view
 
     # With St = S^T (K x V): U = u0 + wa St, and Y = A_qk V + A_qb U + r_S St = y0 + q_eff St.
     sol = inverse_unit_lower(A_ab) @ np.concatenate([A_ak @ v, a_s], axis=-1)
@@ -120,15 +125,18 @@ def chunked_forward(r, w, k, v, a, b, s0, mask):
     via_u = A_qb @ sol
     y0 = A_qk @ v + via_u[..., :K]
     q_eff = np.ascontiguousarray(r_s + via_u[..., K:])
-    x_state_t = k_bar_t @ v                    # (V^T k_bar)^T, [NC, B, H, K, V]
 
-    # The only sequential part: the state scan over chunks, two small products per chunk.
+    # The only sequential part: the state scan over chunks, three small products per chunk.
+    # St_next = St diag(d_L) + [k_bar; b_bar]^T [V; U], with [V; U] assembled in one buffer.
     y = np.empty((NC, B, H, L, K), dtype=cd)
+    vu = np.empty((B, H, 2 * L, K), dtype=cd)
     St = np.ascontiguousarray(np.swapaxes(s0.astype(cd), -1, -2))
     for c in range(NC):
-        y[c] = y0[c] + q_eff[c] @ St
-        U = u0[c] + wa[c] @ St
-        St = St * decay_end_t[c] + b_bar_t[c] @ U + x_state_t[c]
+        np.add(y0[c], q_eff[c] @ St, out=y[c])
+        vu[:, :, :L] = v[c]
+        np.add(u0[c], wa[c] @ St, out=vu[:, :, L:])
+        St = St * decay_end_t[c] + kb_bar_t[c] @ vu
     y = y.transpose(1, 0, 3, 2, 4).reshape(B, Tp, H, K)[:, :T]
-    y = np.where(m[:, :T, None, None], y, 0)
+    if mask is not None:
+        y = np.where(mask.astype(bool)[:, :, None, None], y, 0)
     return y, np.swapaxes(St, -1, -2)
