@@ -30,7 +30,8 @@ SHAPES = {
     "quick": (1, 512, 4, 64),
 }
 ERROR_SHAPE = (2, 256, 4, 64)
-SWEEP_TOKENS = 8 * 4096
+# --sweep: T at a fixed number of tokens B x T (GPU, CPU).
+SWEEP = {True: (8 * 4096, (1024, 4096, 16384, 65536)), False: (4096, (256, 1024, 4096))}
 
 
 def _probe(backend: str) -> list:
@@ -106,7 +107,7 @@ def table(rows, shapes) -> str:
     return "\n".join(lines)
 
 
-def plot(rows, path) -> bool:
+def plot(rows, path, tokens) -> bool:
     try:
         import matplotlib
 
@@ -123,7 +124,7 @@ def plot(rows, path) -> bool:
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=impl)
         ax.set_xscale("log", base=2)
-        ax.set_xlabel(f"T (B x T = {SWEEP_TOKENS} tokens)")
+        ax.set_xlabel(f"T (B x T = {tokens} tokens)")
         ax.set_ylabel("ms")
         ax.set_title("forward" if key == "fwd_ms" else "forward + backward")
         ax.grid(alpha=0.3)
@@ -157,8 +158,9 @@ def main(argv=None) -> int:
     dtype = args.dtype or ("bfloat16" if gpu else "float32")
     impls = args.impl.split(",") if args.impl else discover(include_fla=not args.no_fla)
     sweep = []
+    tokens, lengths = SWEEP[gpu]
     if args.sweep:
-        sweep = [[max(1, SWEEP_TOKENS // t), t, shapes[0][2], shapes[0][3]] for t in (1024, 4096, 16384, 65536)]
+        sweep = [[max(1, tokens // t), t, shapes[0][2], shapes[0][3]] for t in lengths]
     print(f"rwkv-ops bench: {len(impls)} implementation(s): {', '.join(impls)}; shapes {shapes}; {dtype}",
           file=sys.stderr, flush=True)
     rows = []
@@ -179,7 +181,7 @@ def main(argv=None) -> int:
     with open(args.json, "w") as f:
         json.dump({"header": header, "rows": rows}, f, indent=1)
     print(f"\nresults: {os.path.abspath(args.json)}", file=sys.stderr)
-    if sweep and plot(rows, args.plot):
+    if sweep and plot(rows, args.plot, tokens):
         print(f"plot: {os.path.abspath(args.plot)}", file=sys.stderr)
     return 1 if any(r["kind"] == "failure" for r in rows) else 0
 

@@ -38,7 +38,7 @@ def _native(r, w, k, v, a, b, initial_state=None, output_final_state=True, head_
         y, s = chunked_forward(*xs, s0, None if mask is None else np.asarray(mask).astype(bool))
     if head_first:
         y = np.swapaxes(y, 1, 2)
-    return np.ascontiguousarray(y.astype(out_dtype)), (s if output_final_state else None)
+    return np.ascontiguousarray(y.astype(out_dtype, copy=False)), (s if output_final_state else None)
 
 
 def generalized_delta_rule(r, w, k, v, a, b, initial_state=None, output_final_state=True,
