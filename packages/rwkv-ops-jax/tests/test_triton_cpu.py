@@ -28,7 +28,8 @@ needs_interpreter = pytest.mark.skipif(
 
 def _python(code, **env):
     """Run ``code`` in a fresh interpreter (own environment, own JAX devices); return stdout."""
-    full_env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "XLA_FLAGS")}
+    full_env = {k: v for k, v in os.environ.items()
+                if k not in ("TRITON_INTERPRET", "XLA_FLAGS", "JAX_PLATFORMS")}
     full_env.update(env)
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
                           text=True, env=full_env, timeout=300)
@@ -146,7 +147,7 @@ def test_sharding_rule_on_four_devices():
             collectives(P("data", None, "model", None), P("data", "model"))
         except Exception as e:
             print("REFUSED", "needs the GPU path" in str(e))
-    """, TRITON_INTERPRET="1", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    """, TRITON_INTERPRET="1", JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
     lines = dict(line.split(" ", 1) for line in out.strip().splitlines())
     # (collectives, o's sharding, dr's sharding, d_initial_state's sharding)
     assert lines["B+H"] == "([], ('data', None, 'model'), ('data', None, 'model'), ('data', 'model'))", out
