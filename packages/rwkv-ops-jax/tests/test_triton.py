@@ -3,7 +3,7 @@
 On a machine whose JAX has a GPU backend and jax-triton, every test runs the real kernels and is
 marked ``gpu`` (``scripts/gpu_check.sh`` runs ``pytest -m gpu``). Elsewhere the same test bodies run
 the same kernels in Triton's CPU interpreter at small sizes, when triton and torch (the interpreter
-works on torch tensors) are importable: TRITON_INTERPRET=1 is set below, before any kernel loads.
+works on torch tensors) are importable: a fixture sets TRITON_INTERPRET=1 for these tests only.
 
 Inputs are fresh per run (seed printed in every assertion message; RWKV_OPS_TEST_SEED replays one).
 Tolerances (relative error ||x - ref|| / ||ref||, for o, the final state and all seven gradients):
@@ -13,7 +13,6 @@ run in TF32).
 """
 
 import importlib.util
-import os
 import re
 
 import jax
@@ -24,8 +23,6 @@ import pytest
 GPU = jax.default_backend() == "gpu" and importlib.util.find_spec("jax_triton") is not None
 INTERPRET = (not GPU and importlib.util.find_spec("triton") is not None
              and importlib.util.find_spec("torch") is not None)
-if INTERPRET:
-    os.environ["TRITON_INTERPRET"] = "1"
 
 from jax.sharding import Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
@@ -51,6 +48,15 @@ TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 1e-2}
 def sizes(gpu, interpreter):
     """The GPU grid, or the interpreter's small subset."""
     return gpu if GPU else interpreter
+
+
+@pytest.fixture(autouse=True)
+def interpreter(monkeypatch):
+    """Without a GPU: Triton's interpreter, for these tests only (the kernels are decorated on
+    first use, inside the first test; other test modules keep seeing no Triton path)."""
+    if INTERPRET:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    yield
 
 
 @pytest.fixture(autouse=True)
