@@ -75,7 +75,9 @@ def chunked_forward(r, w, k, v, a, b, s0, mask):
         r, k, v, a, b = (np.pad(x, pad) for x in (r, k, v, a, b))
         w = np.pad(w, pad, constant_values=-np.inf)
     with np.errstate(over="ignore"):
-        lam = np.maximum(-np.exp(w), -LAMBDA_FLOOR[cd])
+        lam = np.exp(w)                        # in place below: temporaries cost page faults
+    np.negative(lam, out=lam)
+    np.maximum(lam, -LAMBDA_FLOOR[cd], out=lam)
     if mask is not None:
         keep = np.pad(mask.astype(bool), ((0, 0), (0, Tp - T)))[:, :, None, None]
         lam = np.where(keep, lam, 0).astype(cd)
@@ -87,12 +89,14 @@ def chunked_forward(r, w, k, v, a, b, s0, mask):
 
     r, lam, k, v, a, b = (chunks(x) for x in (r, lam, k, v, a, b))
     lam_in = np.tril(np.ones((L, L), dtype=cd)) @ lam   # Lam_i, inclusive (cumsum as a product)
-    lam_mid = lam_in[..., CHUNK // 2 - 1: CHUNK // 2, :]
-    lam_end = lam_in[..., -1:, :]
+    lam_mid = lam_in[..., CHUNK // 2 - 1: CHUNK // 2, :].copy()
+    lam_end = lam_in[..., -1:, :].copy()
     # Two exponentials per element; every other factor is one of these times a per-chunk vector
     # (exp(Lam_m) >= e^-80 and exp(Lam_L - Lam_m) >= e^-80 stay normal numbers: no underflow).
-    e_in = np.exp(lam_in - lam_mid)            # exp(Lam_i - Lam_m)
-    e_ex = np.exp(lam_in - lam - lam_mid)      # exp(Lam_{i-1} - Lam_m)
+    # Computed in place: on CPU the page faults of fresh temporaries cost as much as the arithmetic.
+    rel = np.subtract(lam_in, lam_mid, out=lam_in)              # Lam_i - Lam_m
+    e_ex = np.exp(np.subtract(rel, lam, out=lam), out=lam)      # exp(Lam_{i-1} - Lam_m)
+    e_in = np.exp(rel, out=rel)                                 # exp(Lam_i - Lam_m)
     e_mid = np.exp(lam_mid)
     e_end = np.exp(lam_end - lam_mid)
     # Stacked operands [q~; a~] and [k^; b^]: one product gives all four L x L blocks.
