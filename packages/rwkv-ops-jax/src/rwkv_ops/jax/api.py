@@ -93,12 +93,12 @@ def _reason(kernel_type, head_size, automatic=False):
     requires a GPU backend, so that a Triton interpreter enabled for tests is never picked silently.
     """
     on_gpu = jax.default_backend() == "gpu"
+    if automatic and kernel_type in GPU_KERNEL_TYPES and not on_gpu:
+        return f"no GPU backend in JAX (jax.default_backend() is '{jax.default_backend()}')", True
     module, why = _load(kernel_type)
     if module is None:
         return why, not on_gpu  # no surprise on a machine without a GPU
     reason, quiet = module.unavailable_reason(head_size)
-    if reason is None and automatic and kernel_type in GPU_KERNEL_TYPES and not on_gpu:
-        return f"no GPU backend in JAX (jax.default_backend() is '{jax.default_backend()}')", True
     return reason, bool(quiet)
 
 
@@ -120,8 +120,9 @@ def _automatic(head_size):
 
 
 def available_kernel_types():
-    """Kernel types that can run on this machine, fastest first (["native"] without a GPU)."""
-    return [name for name, reason, _ in _candidates(None) if reason is None]
+    """Kernel types that can run on this machine, fastest first (["native"] without a GPU; Triton's
+    CPU interpreter, a testing device, does not count)."""
+    return [name for name, reason, _ in _candidates(None, automatic=True) if reason is None]
 
 
 def get_generalized_delta_rule(HEAD_SIZE=64, KERNEL_TYPE=None):

@@ -104,9 +104,12 @@ rwkv7_op = generalized_delta_rule
 def available_kernel_types(head_size: Optional[int] = None) -> list:
     """Kernel types that can run on this machine (for ``head_size`` when given), fastest first.
 
-    Always ends with "native".
+    Always ends with "native". GPU kernels count only with a CUDA GPU (Triton's CPU interpreter,
+    a testing device, does not).
     """
-    return [name for name, reason, _ in _candidates(head_size) if reason is None]
+    gpu = torch.cuda.is_available()
+    return [name for name, reason, _ in _candidates(head_size)
+            if reason is None and (gpu or name not in GPU_KERNEL_TYPES)]
 
 
 def get_generalized_delta_rule(HEAD_SIZE=64, KERNEL_TYPE=None):
