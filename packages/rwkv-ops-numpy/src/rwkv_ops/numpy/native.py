@@ -74,20 +74,24 @@ def chunked_forward(r, w, k, v, a, b, s0, mask):
         pad = ((0, 0), (0, Tp - T), (0, 0), (0, 0))
         r, k, v, a, b = (np.pad(x, pad) for x in (r, k, v, a, b))
         w = np.pad(w, pad, constant_values=-np.inf)
-    with np.errstate(over="ignore"):
-        lam = np.exp(w)                        # in place below: temporaries cost page faults
-    np.negative(lam, out=lam)
-    np.maximum(lam, -LAMBDA_FLOOR[cd], out=lam)
     if mask is not None:
         keep = np.pad(mask.astype(bool), ((0, 0), (0, Tp - T)))[:, :, None, None]
-        lam = np.where(keep, lam, 0).astype(cd)
+        w = np.where(keep, w, -np.inf)         # padded steps: decay 1, k = a = 0
         k = np.where(keep, k, 0).astype(cd)
         a = np.where(keep, a, 0).astype(cd)
 
-    def chunks(x):  # [B, Tp, H, K] -> [NC, B, H, L, K], contiguous: chunk c is one block
-        return np.ascontiguousarray(x.reshape(B, NC, L, H, K).transpose(1, 0, 3, 2, 4))
+    def chunks(x):  # [B, Tp, H, K] -> [NC, B, H, L, K], a view: chunk c is x[c]
+        return x.reshape(B, NC, L, H, K).transpose(1, 0, 3, 2, 4)
 
-    r, lam, k, v, a, b = (chunks(x) for x in (r, lam, k, v, a, b))
+    # r, k, a, b stay views: the products that consume them write contiguous chunk-major buffers
+    # (one pass instead of a transposing copy and then a product). v feeds matrix products: copy.
+    r, w, k, a, b = (chunks(x) for x in (r, w, k, a, b))
+    v = np.ascontiguousarray(chunks(v))
+    lam = np.empty(v.shape, dtype=cd)
+    with np.errstate(over="ignore"):
+        np.exp(w, out=lam)                     # in place: temporaries cost page faults
+    np.negative(lam, out=lam)
+    np.maximum(lam, -LAMBDA_FLOOR[cd], out=lam)
     lam_in = np.tril(np.ones((L, L), dtype=cd)) @ lam   # Lam_i, inclusive (cumsum as a product)
     lam_mid = lam_in[..., CHUNK // 2 - 1: CHUNK // 2, :].copy()
     lam_end = lam_in[..., -1:, :].copy()
