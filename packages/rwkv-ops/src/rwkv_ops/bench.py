@@ -144,7 +144,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-fla", action="store_true", help="leave flash-linear-attention out")
     parser.add_argument("--sweep", action="store_true", help="add T from 1024 to 65536 at a fixed token count (plot)")
     parser.add_argument("--no-error", action="store_true", help="skip the error measurement")
-    parser.add_argument("--timeout", type=int, default=900, help="seconds per implementation")
+    parser.add_argument("--timeout", type=int, default=900,
+                        help="seconds per implementation (flash-linear-attention autotunes for minutes)")
     parser.add_argument("--json", default="rwkv-ops-bench.json", help="where to write the results")
     parser.add_argument("--plot", default="rwkv-ops-bench.png", help="where to write the plot (with --sweep)")
     args = parser.parse_args(argv)
@@ -156,7 +157,12 @@ def main(argv=None) -> int:
         names = ["quick"] if args.quick else (["S", "L"] if gpu else ["cpu"])
     shapes = [list(SHAPES[n]) if n in SHAPES else [int(v) for v in n.split("x")] for n in names]
     dtype = args.dtype or ("bfloat16" if gpu else "float32")
-    impls = args.impl.split(",") if args.impl else discover(include_fla=not args.no_fla)
+    if args.impl:
+        impls = args.impl.split(",")
+    else:
+        impls = discover(include_fla=not args.no_fla)
+        if gpu:  # the NumPy path runs on the CPU: minutes per call at the GPU shapes
+            impls = [i for i in impls if not i.startswith("numpy:")]
     sweep = []
     tokens, lengths = SWEEP[gpu]
     if args.sweep:
