@@ -267,7 +267,7 @@ def test_explicit_request_names_the_reason():
 
 def test_cpu_tensors_and_unsupported_head_size_are_clear_errors(monkeypatch):
     x = [torch.randn(1, 4, 1, 48) for _ in NAMES]
-    with pytest.raises(KernelUnavailableError, match="needs CUDA tensors"):
+    with pytest.raises(KernelUnavailableError, match="CUDA kernels need CUDA tensors, got tensors on cpu"):
         cl.generalized_delta_rule(*x)
     monkeypatch.setattr(cl, "_check_device", lambda r: None)
     with pytest.raises(KernelUnavailableError, match=r"K in \{32, 64, 128\}, got K = 48"):

@@ -172,3 +172,16 @@ def check_head_size(K: int, supported: Sequence[int], kernel_type: str) -> Optio
         f"the {kernel_type} kernels support head sizes K in {{{sizes}}}, got K = {K}; "
         "use KERNEL_TYPE='native' (any K) or leave KERNEL_TYPE unset to fall back automatically"
     )
+
+
+def device_mismatch_reason(kernel_type: str, device: str, needed: str = "CUDA") -> str:
+    """Why ``kernel_type`` cannot take tensors on ``device`` (for KernelUnavailableError)."""
+    return f"the {kernel_type} kernels need {needed} tensors, got tensors on {device}"
+
+
+def static_sizes_required(backend: str, shape, dim: int) -> ValueError:
+    """The error for a size other than the batch that is unknown while tracing."""
+    return ValueError(
+        f"rwkv-ops: the {backend} backend needs static sizes T, H and K, got shape {shape} "
+        f"(dimension {dim} unknown while tracing); only the batch size may be None."
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from rwkv_ops.common import TensorInfo, check_inputs, choose_kernel_type, docs
+from rwkv_ops.common.validation import static_sizes_required
 from rwkv_ops.tensorflow.native import chunked_forward, chunked_forward_function, compute_dtype
 
 BACKEND = "tensorflow"
@@ -28,10 +29,7 @@ def tensor_info(x, device="cpu", batch=None) -> TensorInfo:
         shape[0] = batch
     for i, s in enumerate(shape):
         if s is None:
-            raise ValueError(
-                f"rwkv-ops: the tensorflow backend needs static sizes T, H and K, got shape "
-                f"{x.shape} (dimension {i} unknown while tracing); only the batch size may be None."
-            )
+            raise static_sizes_required("tensorflow", x.shape, i)
     dtype = tf.as_dtype(x.dtype)
     return TensorInfo(shape=tuple(shape), is_floating=bool(dtype.is_floating), dtype=dtype.name,
                       device=device, is_bool_or_integer=bool(dtype.is_bool or dtype.is_integer))

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from rwkv_ops.common import KernelUnavailableError, TensorInfo, check_head_size, check_inputs, docs
+from rwkv_ops.common.validation import device_mismatch_reason
 
 KERNEL_TYPE = "cuda"
 SUPPORTED_HEAD_SIZES = (32, 64, 128)
@@ -335,7 +336,8 @@ def tensor_info(x: Tensor) -> TensorInfo:
 def _check_device(r: Tensor) -> None:
     if r.device.type != "cuda":
         raise KernelUnavailableError(
-            f"rwkv-ops: KERNEL_TYPE='cuda' needs CUDA tensors, got tensors on {r.device}.")
+            f"rwkv-ops: KERNEL_TYPE='cuda' cannot run here with torch: "
+            f"{device_mismatch_reason('CUDA', r.device)}.")
 
 
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)

@@ -27,6 +27,7 @@ from typing import Optional
 import torch
 
 from rwkv_ops.common import KernelUnavailableError, TensorInfo, check_head_size, check_inputs, docs
+from rwkv_ops.common.validation import device_mismatch_reason
 
 KERNEL_TYPE = "triton"
 SUPPORTED_HEAD_SIZES = (32, 64, 128)
@@ -315,7 +316,7 @@ def generalized_delta_rule(r, w, k, v, a, b, initial_state=None, output_final_st
                      None if mask is None else _info(mask), head_first)
     reason = check_head_size(p.K, SUPPORTED_HEAD_SIZES, KERNEL_TYPE)
     if reason is None and r.device.type != "cuda" and not interpret_mode():
-        reason = f"the Triton kernels need CUDA tensors, got tensors on {r.device}"
+        reason = device_mismatch_reason("Triton", r.device)
     if reason is not None:
         raise KernelUnavailableError(
             f"rwkv-ops: KERNEL_TYPE='{KERNEL_TYPE}' cannot run here with torch: {reason}.")
