@@ -14,6 +14,8 @@ import time
 
 import numpy as np
 
+from rwkv_ops._frameworks import reference_errors
+
 
 def log(message: str) -> None:
     print(f"  [{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
@@ -52,37 +54,6 @@ def resolve(impl: str):
     return ADAPTERS[backend](), op, f"rwkv-ops {module.__version__} {backend} {kernel_type}"
 
 
-def error_row(adapter, op, dtype, shape, seed):
-    """Relative error of y, the final state and all seven gradients against float64 (protocol)."""
-    from rwkv_ops.numpy import reference
-    from rwkv_ops.numpy.testing import make_cotangents, make_inputs, rel_error
-
-    B, T, H, K = shape
-    x = make_inputs(B, T, H, K, seed=seed)
-    do, ds = make_cotangents((B, T, H, K), (B, H, K, K), seed=seed)
-    o, s, grads = adapter.run(op, x, dtype, grads=adapter.has_grad, do=do, dstate=ds)
-    # The reference sees the inputs rounded to the implementation's dtype, the state in fp32.
-    rounded = _rounded_inputs(x, dtype)
-    args = [rounded[n] for n in "rwkvab"]
-    ref_o, ref_s = reference.generalized_delta_rule_reference(*args, rounded["initial_state"])
-    errors = {"y": rel_error(o, ref_o), "final_state": rel_error(s, ref_s)}
-    if grads is not None:
-        ref = reference.generalized_delta_rule_backward(*args, rounded["initial_state"], do=do, dfinal_state=ds)
-        for name, g in zip(["r", "w", "k", "v", "a", "b", "initial_state"], ref):
-            errors["d" + name] = rel_error(grads[name], g)
-    return errors
-
-
-def _rounded_inputs(x, dtype):
-    """The inputs as the implementation sees them (rounded to dtype), back in float64."""
-    import ml_dtypes  # shipped with jax, tensorflow and keras; only needed for bfloat16
-
-    np_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
-    out = {n: x[n].astype(np_dtype).astype(np.float64) for n in "rwkvab"}
-    out["initial_state"] = x["initial_state"].astype(np.float32).astype(np.float64)
-    return out
-
-
 def main(argv=None) -> int:
     from rwkv_ops.numpy.testing import make_inputs, seed_from_env
 
@@ -96,7 +67,7 @@ def main(argv=None) -> int:
               "device": adapter.devices()[-1]})
         if cfg.get("error_shape"):
             log(f"{impl}: error against float64 at {cfg['error_shape']} (first call compiles)")
-            errors = error_row(adapter, op, dtype, cfg["error_shape"], seed)
+            errors = reference_errors(adapter, op, dtype, cfg["error_shape"], seed)
             emit({"impl": impl, "kind": "error", "shape": cfg["error_shape"], "errors": errors,
                   "worst": max(errors.values())})
         for shape in cfg["shapes"]:

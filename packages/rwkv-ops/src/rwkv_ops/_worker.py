@@ -10,8 +10,6 @@ import json
 import sys
 import traceback
 
-import numpy as np
-
 CHECK_SHAPE = dict(B=2, T=100, H=2, K=64)   # T not a multiple of the chunk on purpose
 TIME_SHAPE = dict(B=2, T=1024, H=8, K=64)
 TOLERANCE = {"float32": 1e-4}
@@ -21,9 +19,8 @@ def check_backend(backend: str, kernel_type=None, seed=None) -> dict:
     """Versions, devices, kernel types, a float64-reference check and a timing of one backend."""
     import importlib
 
-    from rwkv_ops._frameworks import ADAPTERS
-    from rwkv_ops.numpy import reference
-    from rwkv_ops.numpy.testing import make_cotangents, make_inputs, rel_error, seed_from_env
+    from rwkv_ops._frameworks import ADAPTERS, reference_errors
+    from rwkv_ops.numpy.testing import make_inputs, seed_from_env
 
     module = importlib.import_module(f"rwkv_ops.{backend}")
     adapter = ADAPTERS[backend]()
@@ -39,20 +36,9 @@ def check_backend(backend: str, kernel_type=None, seed=None) -> dict:
         "uses_gpu_kernel": bool(use_kernel),
     }
     seed = seed_from_env() if seed is None else seed
-    x = make_inputs(**CHECK_SHAPE, seed=seed)
     dtype = "float32"
-    x32 = {n: (v.astype(np.float32).astype(np.float64) if isinstance(v, np.ndarray) and v.dtype == np.float64 else v)
-           for n, v in x.items()}
-    do, ds = make_cotangents((CHECK_SHAPE["B"], CHECK_SHAPE["T"], CHECK_SHAPE["H"], CHECK_SHAPE["K"]),
-                             x["initial_state"].shape, seed=seed)
-    o, s, grads = adapter.run(op, x32, dtype, grads=adapter.has_grad, do=do, dstate=ds)
-    args = [x32[n] for n in "rwkvab"]
-    ref_o, ref_s = reference.generalized_delta_rule_reference(*args, x32["initial_state"])
-    errors = {"o": rel_error(o, ref_o), "final_state": rel_error(s, ref_s)}
-    if grads is not None:
-        ref_g = reference.generalized_delta_rule_backward(*args, x32["initial_state"], do=do, dfinal_state=ds)
-        for name, ref in zip(["r", "w", "k", "v", "a", "b", "initial_state"], ref_g):
-            errors["d" + name] = rel_error(grads[name], ref)
+    shape = [CHECK_SHAPE[n] for n in "BTHK"]
+    errors = reference_errors(adapter, op, dtype, shape, seed)
     worst = max(errors.values())
     report["check"] = {"seed": seed, "shape": CHECK_SHAPE, "dtype": dtype, "errors": errors,
                        "worst": worst, "tolerance": TOLERANCE[dtype], "passed": worst <= TOLERANCE[dtype]}

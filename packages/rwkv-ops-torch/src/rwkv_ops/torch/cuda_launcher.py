@@ -38,8 +38,9 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from rwkv_ops.common import KernelUnavailableError, TensorInfo, check_head_size, check_inputs, docs
+from rwkv_ops.common import KernelUnavailableError, check_head_size, docs
 from rwkv_ops.common.validation import device_mismatch_reason
+from rwkv_ops.torch.api import check_torch_inputs
 
 KERNEL_TYPE = "cuda"
 SUPPORTED_HEAD_SIZES = (32, 64, 128)
@@ -326,13 +327,6 @@ _fwd_op.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
 # Public entry point
 
 
-def tensor_info(x: Tensor) -> TensorInfo:
-    return TensorInfo(shape=tuple(x.shape), is_floating=x.is_floating_point(),
-                      dtype=str(x.dtype).replace("torch.", ""), device=str(x.device),
-                      is_bool_or_integer=x.dtype == torch.bool or not (x.is_floating_point()
-                                                                       or x.is_complex()))
-
-
 def _check_device(r: Tensor) -> None:
     if r.device.type != "cuda":
         raise KernelUnavailableError(
@@ -345,9 +339,7 @@ _KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 def generalized_delta_rule(r, w, k, v, a, b, initial_state=None, output_final_state=True,
                            head_first=False, *, mask=None):
-    p = check_inputs(*(tensor_info(x) for x in (r, w, k, v, a, b)),
-                     None if initial_state is None else tensor_info(initial_state),
-                     None if mask is None else tensor_info(mask), head_first)
+    p = check_torch_inputs(r, w, k, v, a, b, initial_state, mask, head_first)
     _check_device(r)
     reason = check_head_size(p.K, SUPPORTED_HEAD_SIZES, KERNEL_TYPE)
     if reason is not None:

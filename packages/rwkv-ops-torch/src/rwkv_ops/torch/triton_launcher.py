@@ -26,8 +26,9 @@ from typing import Optional
 
 import torch
 
-from rwkv_ops.common import KernelUnavailableError, TensorInfo, check_head_size, check_inputs, docs
+from rwkv_ops.common import KernelUnavailableError, check_head_size, docs
 from rwkv_ops.common.validation import device_mismatch_reason
+from rwkv_ops.torch.api import check_torch_inputs
 
 KERNEL_TYPE = "triton"
 SUPPORTED_HEAD_SIZES = (32, 64, 128)
@@ -301,19 +302,10 @@ torch.library.register_autograd("rwkv_ops::triton_gdr_fwd", _backward, setup_con
 # public function
 
 
-def _info(x) -> TensorInfo:
-    floating = x.is_floating_point()
-    return TensorInfo(shape=tuple(x.shape), is_floating=floating,
-                      dtype=str(x.dtype).replace("torch.", ""), device=str(x.device),
-                      is_bool_or_integer=not floating and not x.is_complex())
-
-
 def generalized_delta_rule(r, w, k, v, a, b, initial_state=None, output_final_state=True,
                            head_first=False, *, mask=None):
     xs = (r, w, k, v, a, b)
-    p = check_inputs(*(_info(x) for x in xs),
-                     None if initial_state is None else _info(initial_state),
-                     None if mask is None else _info(mask), head_first)
+    p = check_torch_inputs(*xs, initial_state, mask, head_first)
     reason = check_head_size(p.K, SUPPORTED_HEAD_SIZES, KERNEL_TYPE)
     if reason is None and r.device.type != "cuda" and not interpret_mode():
         reason = device_mismatch_reason("Triton", r.device)
