@@ -86,18 +86,25 @@ def _compute_precision(*xs) -> str:
 # forward
 
 
+def _launch_plan(r, w, k, v, a, b, head_first, chunks_per_segment):
+    """Sizes, strides, launch configuration and dot precision shared by forward and backward:
+    ((B, T, H, K), (stride_b, stride_t, stride_h), B*H, chunks, segments, config, precision)."""
+    (B, T, H, K), strides = _layout(r, head_first)
+    BH, NC = B * H, max(1, -(-T // CHUNK))
+    n_seg = -(-NC // chunks_per_segment)
+    cfg = select_config(K, r.dtype, T, BH)
+    return (B, T, H, K), strides, BH, NC, n_seg, cfg, _compute_precision(r, w, k, v, a, b)
+
+
 def _forward_impl(r, w, k, v, a, b, initial_state, mask, head_first, chunks_per_segment, save):
     chunk_fwd, _, _ = _kernels()
-    (B, T, H, K), (sb, st, sh) = _layout(r, head_first)
-    BH, NC = B * H, max(1, -(-T // CHUNK))
-    cfg = select_config(K, r.dtype, T, BH)
-    prec = _compute_precision(r, w, k, v, a, b)
+    (B, T, H, K), (sb, st, sh), BH, NC, n_seg, cfg, prec = _launch_plan(
+        r, w, k, v, a, b, head_first, chunks_per_segment)
     cps = chunks_per_segment
-    n_seg = -(-NC // cps)
     dev = r.device
     f32 = torch.float32
     has_mask = mask is not None
-    m = mask if has_mask else r
+    m = mask if has_mask else r  # any tensor stands in for an absent mask pointer
 
     tiles = [torch.empty((BH, NC, CHUNK, K), dtype=f32, device=dev) for _ in range(4)]
     wt, bt, kct, r2t = tiles
@@ -193,16 +200,13 @@ triton_gdr_fwd.register_fake(_forward_fake)
 def _backward_impl(r, w, k, v, a, b, initial_state, mask, ckpt, seg_m, wt, bt, r2t, dect, do,
                    dfinal, head_first, chunks_per_segment):
     chunk_fwd, chunk_bwd, _ = _kernels()
-    (B, T, H, K), (sb, st, sh) = _layout(r, head_first)
-    BH, NC = B * H, max(1, -(-T // CHUNK))
-    cfg = select_config(K, r.dtype, T, BH)
-    prec = _compute_precision(r, w, k, v, a, b)
+    (B, T, H, K), (sb, st, sh), BH, NC, n_seg, cfg, prec = _launch_plan(
+        r, w, k, v, a, b, head_first, chunks_per_segment)
     cps = chunks_per_segment
-    n_seg = -(-NC // cps)
     dev = r.device
     f32 = torch.float32
     has_mask = mask is not None
-    m = mask if has_mask else r
+    m = mask if has_mask else r  # any tensor stands in for an absent mask pointer
     has_init = dfinal is not None
     if has_init:
         init, init_sb, init_sh, init_ss = dfinal, H * K * K, K * K, 0
