@@ -44,3 +44,27 @@ Raises:
     ValueError for an unknown KERNEL_TYPE; KernelUnavailableError (a RuntimeError) when an explicitly
     requested kernel type cannot run here, saying why and what to install or set.
 """
+
+GENERALIZED_DELTA_RULE_INFERENCE = """Forward-only generalized delta rule ({framework}): the results of
+``generalized_delta_rule``, keeping nothing for a backward pass ({no_grad}).
+
+One function for a server: a padded batch (``mask``), packed sequences (``cu_seqlens``) or a
+single step (T = 1: the direct decode update, no chunking).
+
+Args:
+    r, w, k, v, a, b: [B, T, H, K] (head_first: [B, H, T, K]); with ``cu_seqlens``, packed
+        [1, total_T, H, K].
+    initial_state: optional [B, H, K, K] or [1, H, K, K]; with ``cu_seqlens``, [N, H, K, K].
+    output_final_state: when False the second result is None.
+    head_first: layout of the inputs and of o (not with ``cu_seqlens``).
+    mask: optional [B, T] (0 = padding); not with ``cu_seqlens``.
+    cu_seqlens: optional [N + 1] sequence boundaries of packed inputs (see
+        ``generalized_delta_rule_varlen``).
+
+Returns:
+    (o, final_state) as ``generalized_delta_rule`` (final_state [N, H, K, K] with cu_seqlens).
+
+Example::
+
+{example}
+"""

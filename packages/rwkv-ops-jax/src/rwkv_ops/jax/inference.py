@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rwkv_ops.common import docs
 from rwkv_ops.common.serving import check_inference_options
 from rwkv_ops.jax.api import as_arrays, generalized_delta_rule
 from rwkv_ops.jax.decode import rwkv7_op_rnn
@@ -21,31 +22,6 @@ from rwkv_ops.jax.varlen import generalized_delta_rule_varlen
 
 def generalized_delta_rule_inference(r, w, k, v, a, b, initial_state=None, output_final_state=True,
                                      head_first=False, *, mask=None, cu_seqlens=None):
-    """Forward-only generalized delta rule: the results of ``generalized_delta_rule``.
-
-    Args:
-        r, w, k, v, a, b: [B, T, H, K] (head_first: [B, H, T, K]); with ``cu_seqlens``, packed
-            [1, total_T, H, K].
-        initial_state: optional [B, H, K, K] or [1, H, K, K]; with ``cu_seqlens``, [N, H, K, K].
-        output_final_state: when False the second result is None.
-        head_first: layout of the inputs and of o (not with ``cu_seqlens``).
-        mask: optional [B, T] (0 = padding); not with ``cu_seqlens``.
-        cu_seqlens: optional [N + 1] concrete sequence boundaries of packed inputs (see
-            ``rwkv_ops.jax.varlen.generalized_delta_rule_varlen``).
-
-    Returns:
-        (o, final_state) as ``generalized_delta_rule`` (final_state [N, H, K, K] with cu_seqlens);
-        their gradient with respect to every input is zero.
-
-    Example::
-
-        >>> import jax
-        >>> from rwkv_ops.jax.inference import generalized_delta_rule_inference
-        >>> r, w, k, v, a, b = jax.random.normal(jax.random.key(0), (6, 2, 32, 4, 64))
-        >>> o, s = jax.jit(generalized_delta_rule_inference)(r, w, k, v, a, b)
-        >>> o.shape, s.shape
-        ((2, 32, 4, 64), (2, 4, 64, 64))
-    """
     check_inference_options(head_first, mask is not None, cu_seqlens is not None)
     r, w, k, v, a, b, initial_state, mask = as_arrays(r, w, k, v, a, b, initial_state, mask)
     r, w, k, v, a, b = (jax.lax.stop_gradient(x) for x in (r, w, k, v, a, b))
@@ -64,3 +40,14 @@ def generalized_delta_rule_inference(r, w, k, v, a, b, initial_state=None, outpu
         return o, (state if output_final_state else None)
     return generalized_delta_rule(r, w, k, v, a, b, initial_state, output_final_state, head_first,
                                   mask=mask)
+
+
+generalized_delta_rule_inference.__doc__ = docs.GENERALIZED_DELTA_RULE_INFERENCE.format(
+    framework="JAX", no_grad="the gradient with respect to every input is zero",
+    example="""    >>> import jax
+    >>> from rwkv_ops.jax.inference import generalized_delta_rule_inference
+    >>> r, w, k, v, a, b = jax.random.normal(jax.random.key(0), (6, 2, 32, 4, 64))
+    >>> o, s = jax.jit(generalized_delta_rule_inference)(r, w, k, v, a, b)
+    >>> o.shape, s.shape
+    ((2, 32, 4, 64), (2, 4, 64, 64))""",
+)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from rwkv_ops.common import docs
 from rwkv_ops.common.serving import check_inference_options
 from rwkv_ops.torch.api import generalized_delta_rule
 from rwkv_ops.torch.decode import rwkv7_op_rnn
@@ -19,31 +20,6 @@ from rwkv_ops.torch.varlen import generalized_delta_rule_varlen
 
 def generalized_delta_rule_inference(r, w, k, v, a, b, initial_state=None, output_final_state=True,
                                      head_first=False, *, mask=None, cu_seqlens=None):
-    """Forward-only generalized delta rule: the results of ``generalized_delta_rule``, no graph.
-
-    Args:
-        r, w, k, v, a, b: [B, T, H, K] (head_first: [B, H, T, K]); with ``cu_seqlens``, packed
-            [1, total_T, H, K].
-        initial_state: optional [B, H, K, K] or [1, H, K, K]; with ``cu_seqlens``, [N, H, K, K].
-        output_final_state: when False the second result is None.
-        head_first: layout of the inputs and of o (not with ``cu_seqlens``).
-        mask: optional [B, T] (0 = padding); not with ``cu_seqlens``.
-        cu_seqlens: optional [N + 1] sequence boundaries of packed inputs (see
-            ``rwkv_ops.torch.varlen.generalized_delta_rule_varlen``).
-
-    Returns:
-        (o, final_state) as ``generalized_delta_rule`` (final_state [N, H, K, K] with cu_seqlens),
-        with no autograd history.
-
-    Example::
-
-        >>> import torch
-        >>> from rwkv_ops.torch.inference import generalized_delta_rule_inference
-        >>> r, w, k, v, a, b = torch.randn(6, 2, 32, 4, 64).unbind(0)
-        >>> o, s = generalized_delta_rule_inference(r, w, k, v, a, b)
-        >>> o.shape, s.shape
-        (torch.Size([2, 32, 4, 64]), torch.Size([2, 4, 64, 64]))
-    """
     check_inference_options(head_first, mask is not None, cu_seqlens is not None)
     with torch.no_grad():
         if cu_seqlens is not None:
@@ -60,3 +36,14 @@ def generalized_delta_rule_inference(r, w, k, v, a, b, initial_state=None, outpu
             return o, (state if output_final_state else None)
         return generalized_delta_rule(r, w, k, v, a, b, initial_state, output_final_state,
                                       head_first, mask=mask)
+
+
+generalized_delta_rule_inference.__doc__ = docs.GENERALIZED_DELTA_RULE_INFERENCE.format(
+    framework="PyTorch", no_grad="no autograd history",
+    example="""    >>> import torch
+    >>> from rwkv_ops.torch.inference import generalized_delta_rule_inference
+    >>> r, w, k, v, a, b = torch.randn(6, 2, 32, 4, 64).unbind(0)
+    >>> o, s = generalized_delta_rule_inference(r, w, k, v, a, b)
+    >>> o.shape, s.shape
+    (torch.Size([2, 32, 4, 64]), torch.Size([2, 4, 64, 64]))""",
+)
