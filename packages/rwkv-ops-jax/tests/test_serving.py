@@ -10,7 +10,6 @@ significant bits), the fp32 state of a bf16 decode 1e-5.
 
 from __future__ import annotations
 
-import zlib
 
 import jax
 import jax.numpy as jnp
@@ -21,23 +20,13 @@ from rwkv_ops.jax import decode, inference, varlen
 from rwkv_ops.jax.api import generalized_delta_rule
 from rwkv_ops.numpy.reference import (generalized_delta_rule_backward,
                                       generalized_delta_rule_reference)
-from rwkv_ops.numpy.testing import make_cotangents, make_inputs, rel_error, seed_from_env
+from rwkv_ops.numpy.testing import assert_errors, make_cotangents, make_inputs, rel_error, seed_for
 
 HAS_GPU = jax.default_backend() == "gpu"
 NAMES = ("r", "w", "k", "v", "a", "b")
 GRAD_NAMES = ("dr", "dw", "dk", "dv", "da", "db", "ds0")
 TOL = {"model": 1e-5, "full": 1e-4}
 gpu_only = [pytest.mark.gpu, pytest.mark.skipif(not HAS_GPU, reason="needs a JAX GPU backend")]
-
-
-def _seed(request) -> int:
-    return seed_from_env() + zlib.crc32(request.node.name.encode()) % 1000
-
-
-def check(errors, tol, seed):
-    worst = max(errors, key=errors.get)
-    listing = " ".join(f"{n}={e:.2e}" for n, e in errors.items())
-    assert errors[worst] <= tol, f"seed={seed}: {worst} error {errors[worst]:.3e} > {tol:.0e} ({listing})"
 
 
 def _rounded(x, dtype):
@@ -62,7 +51,7 @@ def run_decode_chain(step, x, T, head_first, dtype=jnp.float32):
 @pytest.mark.parametrize("decays", ["model", "full"])
 @pytest.mark.parametrize("head_first", [False, True])
 def test_decode_chain(decays, head_first, request):
-    seed = _seed(request)
+    seed = seed_for(request)
     T = 20
     x = make_inputs(2, T, 3, 24, seed=seed, decays=decays, head_first=head_first)
     step = jax.jit(decode.rwkv7_op_rnn, static_argnums=7)
@@ -71,13 +60,13 @@ def test_decode_chain(decays, head_first, request):
     ref = _rounded(x, jnp.float32)
     y_ref, s_ref = generalized_delta_rule_reference(*(ref[n] for n in NAMES), x["initial_state"],
                                                     True, head_first)
-    check({"y": rel_error(o, y_ref), "state": rel_error(state, s_ref)}, TOL[decays], seed)
+    assert_errors({"y": rel_error(o, y_ref), "state": rel_error(state, s_ref)}, TOL[decays], seed)
 
 
 @pytest.mark.parametrize("decays", ["model", "full"])
 def test_decode_gradients(decays, request):
     """Three chained steps under jax.vjp vs the reference backward of the T = 3 sequence."""
-    seed = _seed(request)
+    seed = seed_for(request)
     B, T, H, K = 2, 3, 2, 16
     x = make_inputs(B, T, H, K, seed=seed, decays=decays)
     ins = [jnp.asarray(x[n], jnp.float32) for n in NAMES]
@@ -97,17 +86,17 @@ def test_decode_gradients(decays, request):
     refs = generalized_delta_rule_backward(*(np.asarray(v, np.float64) for v in ins),
                                            x["initial_state"], do=do, dfinal_state=dsT)
     errors = {n: rel_error(g, ref) for n, g, ref in zip(GRAD_NAMES, grads, refs)}
-    check(errors, TOL[decays], seed)
+    assert_errors(errors, TOL[decays], seed)
 
 
 def test_decode_broadcast_state(request):
-    seed = _seed(request)
+    seed = seed_for(request)
     x = make_inputs(3, 1, 2, 16, seed=seed, state_batch=1)
     o, state = decode.generalized_delta_rule_single_step(
         *(jnp.asarray(x[n], jnp.float32) for n in NAMES), jnp.asarray(x["initial_state"], jnp.float32))
     y_ref, s_ref = generalized_delta_rule_reference(*(x[n] for n in NAMES), x["initial_state"])
     assert state.shape == (3, 2, 16, 16)
-    check({"y": rel_error(o, y_ref), "state": rel_error(state, s_ref)}, TOL["model"], seed)
+    assert_errors({"y": rel_error(o, y_ref), "state": rel_error(state, s_ref)}, TOL["model"], seed)
 
 
 def test_decode_errors():
@@ -132,7 +121,7 @@ def test_decode_errors():
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("head_first", [False, True])
 def test_decode_triton_chain(dtype, head_first, request):
-    seed = _seed(request)
+    seed = seed_for(request)
     T = 20
     x = make_inputs(4, T, 3, 64, seed=seed, decays="full", head_first=head_first)
     step = jax.jit(decode.decode_triton, static_argnums=7, donate_argnums=6)
@@ -142,14 +131,14 @@ def test_decode_triton_chain(dtype, head_first, request):
     y_ref, s_ref = generalized_delta_rule_reference(*(ref[n] for n in NAMES), x["initial_state"],
                                                     True, head_first)
     errors = {"y": rel_error(np.asarray(o, np.float32), y_ref), "state": rel_error(state, s_ref)}
-    check(errors, TOL["full"] if dtype == jnp.float32 else 4e-3, seed)
-    check({"state": errors["state"]}, TOL["full"], seed)
+    assert_errors(errors, TOL["full"] if dtype == jnp.float32 else 4e-3, seed)
+    assert_errors({"state": errors["state"]}, TOL["full"], seed)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_GPU, reason="needs a JAX GPU backend")
 def test_decode_triton_gradient_is_native(request):
-    seed = _seed(request)
+    seed = seed_for(request)
     x = make_inputs(2, 1, 2, 32, seed=seed)
     ins = [jnp.asarray(x[n], jnp.float32) for n in NAMES] + [jnp.asarray(x["initial_state"], jnp.float32)]
 
@@ -176,7 +165,7 @@ def _varlen_case(seed, lengths, H=2, K=32):
 
 @pytest.mark.parametrize("lengths", [(5, 16, 33, 1), (3, 0, 17)])
 def test_varlen_matches_each_sequence(lengths, request):
-    seed = _seed(request)
+    seed = seed_for(request)
     packed, per_seq, cu = _varlen_case(seed, lengths)
     ins = [jnp.asarray(packed[n], jnp.float32) for n in NAMES]
     s0 = jnp.asarray(packed["initial_state"], jnp.float32)
@@ -197,7 +186,7 @@ def test_varlen_matches_each_sequence(lengths, request):
             errors[f"y{i}"] = rel_error(o[:, lo:hi], y_ref)
             for name, g, ref in zip(GRAD_NAMES[:6], grads, refs):
                 errors[f"{name}{i}"] = rel_error(g[:, lo:hi], ref)
-    check(errors, TOL["model"], seed)
+    assert_errors(errors, TOL["model"], seed)
 
 
 def test_varlen_errors():
@@ -223,7 +212,7 @@ def test_varlen_errors():
 
 @pytest.mark.parametrize("case", ["dense", "mask", "single_step", "varlen"])
 def test_inference_equals_training_forward(case, request):
-    seed = _seed(request)
+    seed = seed_for(request)
     T = 1 if case == "single_step" else 21
     x = make_inputs(2, T, 2, 32, seed=seed, mask="random" if case == "mask" else None)
     ins = [jnp.asarray(x[n], jnp.float32) for n in NAMES]
@@ -243,10 +232,10 @@ def test_inference_equals_training_forward(case, request):
         grads = jax.grad(lambda *a: jnp.sum(run(*a)[0]), argnums=(0, 6))(*ins, s0)
         for g in grads:
             assert not np.any(np.asarray(g)), "the inference op must pass no gradient"
-    check({"y": rel_error(o, o_train), "state": rel_error(s, s_train)}, 1e-6, seed)
+    assert_errors({"y": rel_error(o, o_train), "state": rel_error(s, s_train)}, 1e-6, seed)
     y_ref, s_ref = generalized_delta_rule_reference(*(x[n] for n in NAMES), x["initial_state"],
                                                     mask=x["mask"])
-    check({"y": rel_error(np.asarray(o).reshape(y_ref.shape), y_ref),
+    assert_errors({"y": rel_error(np.asarray(o).reshape(y_ref.shape), y_ref),
            "state": rel_error(s, s_ref)}, TOL["model"], seed)
 
 

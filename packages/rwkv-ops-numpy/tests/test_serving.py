@@ -8,7 +8,6 @@ decays, 1e-4 with decays down to 0 (SPEC).
 
 from __future__ import annotations
 
-import zlib
 
 import numpy as np
 import pytest
@@ -17,27 +16,17 @@ from rwkv_ops.numpy.api import generalized_delta_rule
 from rwkv_ops.numpy.decode import generalized_delta_rule_single_step, rwkv7_op_rnn
 from rwkv_ops.numpy.inference import generalized_delta_rule_inference
 from rwkv_ops.numpy.reference import generalized_delta_rule_reference
-from rwkv_ops.numpy.testing import make_inputs, rel_error, seed_from_env
+from rwkv_ops.numpy.testing import assert_errors, make_inputs, rel_error, seed_for
 from rwkv_ops.numpy.varlen import generalized_delta_rule_varlen
 
 NAMES = ("r", "w", "k", "v", "a", "b")
 TOL = {"model": 1e-5, "full": 1e-4}
 
 
-def _seed(request) -> int:
-    return seed_from_env() + zlib.crc32(request.node.name.encode()) % 1000
-
-
-def check(errors, tol, seed):
-    worst = max(errors, key=errors.get)
-    listing = " ".join(f"{n}={e:.2e}" for n, e in errors.items())
-    assert errors[worst] <= tol, f"seed={seed}: {worst} error {errors[worst]:.3e} > {tol:.0e} ({listing})"
-
-
 @pytest.mark.parametrize("decays", ["model", "full"])
 @pytest.mark.parametrize("head_first", [False, True])
 def test_decode_chain(decays, head_first, request):
-    seed = _seed(request)
+    seed = seed_for(request)
     T = 20
     x = make_inputs(2, T, 3, 24, seed=seed, decays=decays, head_first=head_first)
     axis = 2 if head_first else 1
@@ -52,16 +41,16 @@ def test_decode_chain(decays, head_first, request):
     y_ref, s_ref = generalized_delta_rule_reference(*(x[n].astype(np.float32) for n in NAMES),
                                                     x["initial_state"].astype(np.float32), True,
                                                     head_first)
-    check({"y": rel_error(o, y_ref), "state": rel_error(state, s_ref)}, TOL[decays], seed)
+    assert_errors({"y": rel_error(o, y_ref), "state": rel_error(state, s_ref)}, TOL[decays], seed)
 
 
 def test_decode_broadcast_state_and_float64(request):
-    seed = _seed(request)
+    seed = seed_for(request)
     x = make_inputs(3, 1, 2, 16, seed=seed, state_batch=1)
     o, state = generalized_delta_rule_single_step(*(x[n] for n in NAMES), x["initial_state"])
     y_ref, s_ref = generalized_delta_rule_reference(*(x[n] for n in NAMES), x["initial_state"])
     assert o.dtype == np.float64 and state.shape == (3, 2, 16, 16)
-    check({"y": rel_error(o, y_ref), "state": rel_error(state, s_ref)}, 1e-12, seed)
+    assert_errors({"y": rel_error(o, y_ref), "state": rel_error(state, s_ref)}, 1e-12, seed)
 
 
 def test_decode_errors():
@@ -79,7 +68,7 @@ def test_decode_errors():
 
 @pytest.mark.parametrize("lengths", [(5, 16, 33, 1), (3, 0, 17)])
 def test_varlen_matches_each_sequence(lengths, request):
-    seed = _seed(request)
+    seed = seed_for(request)
     per_seq = [make_inputs(1, n, 2, 16, seed=seed + i) for i, n in enumerate(lengths)]
     packed = [np.concatenate([s[n] for s in per_seq], axis=1).astype(np.float32) for n in NAMES]
     s0 = np.concatenate([s["initial_state"] for s in per_seq]).astype(np.float32)
@@ -92,7 +81,7 @@ def test_varlen_matches_each_sequence(lengths, request):
         errors[f"state{i}"] = rel_error(final[i:i + 1], s_ref)
         if hi > lo:
             errors[f"y{i}"] = rel_error(o[:, lo:hi], y_ref)
-    check(errors, TOL["model"], seed)
+    assert_errors(errors, TOL["model"], seed)
 
 
 def test_varlen_errors():
@@ -111,7 +100,7 @@ def test_varlen_errors():
 
 @pytest.mark.parametrize("case", ["dense", "mask", "single_step", "varlen"])
 def test_inference_equals_training_forward(case, request):
-    seed = _seed(request)
+    seed = seed_for(request)
     T = 1 if case == "single_step" else 21
     x = make_inputs(2, T, 2, 16, seed=seed, mask="random" if case == "mask" else None)
     xs = [x[n].astype(np.float32) for n in NAMES]
@@ -123,9 +112,9 @@ def test_inference_equals_training_forward(case, request):
     else:
         o, s = generalized_delta_rule_inference(*xs, s0, mask=x["mask"])
         o_train, s_train = generalized_delta_rule(*xs, s0, mask=x["mask"])
-    check({"y": rel_error(o, o_train), "state": rel_error(s, s_train)}, 1e-6, seed)
+    assert_errors({"y": rel_error(o, o_train), "state": rel_error(s, s_train)}, 1e-6, seed)
     y_ref, s_ref = generalized_delta_rule_reference(*xs, s0, mask=x["mask"])
-    check({"y": rel_error(o.reshape(y_ref.shape), y_ref), "state": rel_error(s, s_ref)},
+    assert_errors({"y": rel_error(o.reshape(y_ref.shape), y_ref), "state": rel_error(s, s_ref)},
           TOL["model"], seed)
 
 

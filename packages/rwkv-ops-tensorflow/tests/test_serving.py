@@ -8,7 +8,6 @@ decays, 1e-4 with decays down to 0 (SPEC).
 
 from __future__ import annotations
 
-import zlib
 
 import numpy as np
 import pytest
@@ -16,7 +15,7 @@ import tensorflow as tf
 
 from rwkv_ops.numpy.reference import (generalized_delta_rule_backward,
                                       generalized_delta_rule_reference)
-from rwkv_ops.numpy.testing import make_cotangents, make_inputs, rel_error, seed_from_env
+from rwkv_ops.numpy.testing import assert_errors, make_cotangents, make_inputs, rel_error, seed_for
 from rwkv_ops.tensorflow.api import generalized_delta_rule
 from rwkv_ops.tensorflow.decode import generalized_delta_rule_single_step, rwkv7_op_rnn
 from rwkv_ops.tensorflow.inference import generalized_delta_rule_inference
@@ -25,16 +24,6 @@ from rwkv_ops.tensorflow.varlen import generalized_delta_rule_varlen
 NAMES = ("r", "w", "k", "v", "a", "b")
 GRAD_NAMES = ("dr", "dw", "dk", "dv", "da", "db", "ds0")
 TOL = {"model": 1e-5, "full": 1e-4}
-
-
-def _seed(request) -> int:
-    return seed_from_env() + zlib.crc32(request.node.name.encode()) % 1000
-
-
-def check(errors, tol, seed):
-    worst = max(errors, key=errors.get)
-    listing = " ".join(f"{n}={e:.2e}" for n, e in errors.items())
-    assert errors[worst] <= tol, f"seed={seed}: {worst} error {errors[worst]:.3e} > {tol:.0e} ({listing})"
 
 
 def f32(x):
@@ -48,7 +37,7 @@ def f32(x):
 @pytest.mark.parametrize("decays", ["model", "full"])
 @pytest.mark.parametrize("head_first", [False, True])
 def test_decode_chain(decays, head_first, request):
-    seed = _seed(request)
+    seed = seed_for(request)
     T = 20
     x = make_inputs(2, T, 3, 24, seed=seed, decays=decays, head_first=head_first)
     axis = 2 if head_first else 1
@@ -66,13 +55,13 @@ def test_decode_chain(decays, head_first, request):
     xs = [x[n].astype(np.float32) for n in NAMES]
     y_ref, s_ref = generalized_delta_rule_reference(*xs, x["initial_state"].astype(np.float32),
                                                     True, head_first)
-    check({"y": rel_error(o, y_ref), "state": rel_error(state, s_ref)}, TOL[decays], seed)
+    assert_errors({"y": rel_error(o, y_ref), "state": rel_error(state, s_ref)}, TOL[decays], seed)
 
 
 @pytest.mark.parametrize("decays", ["model", "full"])
 def test_decode_gradients(decays, request):
     """Three chained steps under tf.GradientTape vs the reference backward of the T = 3 sequence."""
-    seed = _seed(request)
+    seed = seed_for(request)
     B, T, H, K = 2, 3, 2, 16
     x = make_inputs(B, T, H, K, seed=seed, decays=decays)
     ins = [f32(x[n]) for n in NAMES]
@@ -91,16 +80,16 @@ def test_decode_gradients(decays, request):
                                            x["initial_state"].astype(np.float32), do=do,
                                            dfinal_state=dsT)
     errors = {n: rel_error(g, ref) for n, g, ref in zip(GRAD_NAMES, grads, refs)}
-    check(errors, TOL[decays], seed)
+    assert_errors(errors, TOL[decays], seed)
 
 
 def test_decode_broadcast_state(request):
-    seed = _seed(request)
+    seed = seed_for(request)
     x = make_inputs(3, 1, 2, 16, seed=seed, state_batch=1)
     o, state = generalized_delta_rule_single_step(*(x[n] for n in NAMES), x["initial_state"])
     y_ref, s_ref = generalized_delta_rule_reference(*(x[n] for n in NAMES), x["initial_state"])
     assert o.dtype == tf.float64 and state.shape == (3, 2, 16, 16)
-    check({"y": rel_error(o, y_ref), "state": rel_error(state, s_ref)}, 1e-12, seed)
+    assert_errors({"y": rel_error(o, y_ref), "state": rel_error(state, s_ref)}, 1e-12, seed)
 
 
 def test_decode_errors():
@@ -122,7 +111,7 @@ def test_decode_errors():
 
 @pytest.mark.parametrize("lengths", [(5, 16, 33, 1), (3, 0, 17)])
 def test_varlen_matches_each_sequence(lengths, request):
-    seed = _seed(request)
+    seed = seed_for(request)
     per_seq = [make_inputs(1, n, 2, 16, seed=seed + i) for i, n in enumerate(lengths)]
     ins = [f32(np.concatenate([s[n] for s in per_seq], axis=1)) for n in NAMES]
     s0 = f32(np.concatenate([s["initial_state"] for s in per_seq]))
@@ -146,7 +135,7 @@ def test_varlen_matches_each_sequence(lengths, request):
             errors[f"y{i}"] = rel_error(o[:, lo:hi], y_ref)
             for name, g, ref in zip(GRAD_NAMES[:6], grads, refs):
                 errors[f"{name}{i}"] = rel_error(g[:, lo:hi], ref)
-    check(errors, TOL["model"], seed)
+    assert_errors(errors, TOL["model"], seed)
 
 
 def test_varlen_errors():
@@ -174,7 +163,7 @@ def test_varlen_errors():
 
 @pytest.mark.parametrize("case", ["dense", "mask", "single_step", "varlen"])
 def test_inference_equals_training_forward(case, request):
-    seed = _seed(request)
+    seed = seed_for(request)
     T = 1 if case == "single_step" else 21
     x = make_inputs(2, T, 2, 16, seed=seed, mask="random" if case == "mask" else None)
     ins = [tf.Variable(x[n].astype(np.float32)) for n in NAMES]
@@ -189,10 +178,10 @@ def test_inference_equals_training_forward(case, request):
             o_train, s_train = generalized_delta_rule(*ins, s0, mask=x["mask"])
     assert all(g is None for g in tape.gradient([o, s], ins + [s0])), "inference ops were taped"
     assert all(g is not None for g in tape.gradient([o_train, s_train], ins + [s0]))
-    check({"y": rel_error(o, o_train), "state": rel_error(s, s_train)}, 1e-6, seed)
+    assert_errors({"y": rel_error(o, o_train), "state": rel_error(s, s_train)}, 1e-6, seed)
     y_ref, s_ref = generalized_delta_rule_reference(*(x[n] for n in NAMES), x["initial_state"],
                                                     mask=x["mask"])
-    check({"y": rel_error(tf.reshape(o, y_ref.shape), y_ref), "state": rel_error(s, s_ref)},
+    assert_errors({"y": rel_error(tf.reshape(o, y_ref.shape), y_ref), "state": rel_error(s, s_ref)},
           TOL["model"], seed)
 
 

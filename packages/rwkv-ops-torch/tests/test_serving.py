@@ -12,7 +12,6 @@ rounded to 8 significant bits), the fp32 state of a bf16 decode 1e-5 (only the i
 
 from __future__ import annotations
 
-import zlib
 
 import numpy as np
 import pytest
@@ -21,7 +20,7 @@ import torch
 from rwkv_ops.common import KernelUnavailableError
 from rwkv_ops.numpy.reference import (generalized_delta_rule_backward,
                                       generalized_delta_rule_reference)
-from rwkv_ops.numpy.testing import make_cotangents, make_inputs, rel_error, seed_from_env
+from rwkv_ops.numpy.testing import assert_errors, make_cotangents, make_inputs, rel_error, seed_for
 from rwkv_ops.torch import decode, inference, varlen
 from rwkv_ops.torch.api import generalized_delta_rule
 
@@ -32,16 +31,6 @@ GRAD_NAMES = ("dr", "dw", "dk", "dv", "da", "db", "ds0")
 TOL = {"model": 1e-5, "full": 1e-4}
 # the interpreter reports exp overflowing to inf for huge w (d = 0 exactly, as intended)
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
-
-
-def _seed(request) -> int:
-    return seed_from_env() + zlib.crc32(request.node.name.encode()) % 1000
-
-
-def check(errors, tol, seed):
-    worst = max(errors, key=errors.get)
-    listing = " ".join(f"{n}={e:.2e}" for n, e in errors.items())
-    assert errors[worst] <= tol, f"seed={seed}: {worst} error {errors[worst]:.3e} > {tol:.0e} ({listing})"
 
 
 def _step_slices(x, t, head_first, dtype, device=DEVICE):
@@ -75,13 +64,13 @@ def _reference(x, dtype, head_first=False):
 @pytest.mark.parametrize("decays", ["model", "full"])
 @pytest.mark.parametrize("head_first", [False, True])
 def test_decode_native_chain(decays, head_first, request):
-    seed = _seed(request)
+    seed = seed_for(request)
     T = 20
     x = make_inputs(2, T, 3, 24, seed=seed, decays=decays, head_first=head_first)
     o, state = run_decode_chain(decode.decode_native, x, T, head_first, device="cpu")
     _, (y_ref, s_ref) = _reference(x, torch.float32, head_first)
     assert o.dtype == torch.float32 and state.dtype == torch.float32
-    check({"y": rel_error(o.numpy(), y_ref), "state": rel_error(state.numpy(), s_ref)},
+    assert_errors({"y": rel_error(o.numpy(), y_ref), "state": rel_error(state.numpy(), s_ref)},
           TOL[decays], seed)
 
 
@@ -89,7 +78,7 @@ def test_decode_native_chain(decays, head_first, request):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("inplace", [False, True])
 def test_decode_triton_chain(K, dtype, inplace, poison_empty, request):
-    seed = _seed(request)
+    seed = seed_for(request)
     T = 20 if HAS_CUDA else 6
     head_first = inplace          # both layouts, without doubling the interpreter's work
     x = make_inputs(3, T, 2, K, seed=seed, decays="full", head_first=head_first)
@@ -99,19 +88,19 @@ def test_decode_triton_chain(K, dtype, inplace, poison_empty, request):
     tol_y = TOL["full"] if dtype == torch.float32 else 4e-3
     errors = {"y": rel_error(o.float().cpu().numpy(), y_ref),
               "state": rel_error(state.cpu().numpy(), s_ref)}
-    check(errors, tol_y, seed)
-    check({"state": errors["state"]}, TOL["full"], seed)
+    assert_errors(errors, tol_y, seed)
+    assert_errors({"state": errors["state"]}, TOL["full"], seed)
 
 
 def test_decode_triton_broadcast_state(poison_empty, request):
-    seed = _seed(request)
+    seed = seed_for(request)
     x = make_inputs(3, 1, 2, 32, seed=seed, state_batch=1)
     ts = _step_slices(x, 0, False, torch.float32)
     s0 = torch.tensor(x["initial_state"], dtype=torch.float32, device=DEVICE)
     o, state = decode.decode_triton(*ts, s0)
     y_ref, s_ref = generalized_delta_rule_reference(*(x[n] for n in NAMES), x["initial_state"])
     assert state.shape == (3, 2, 32, 32)
-    check({"y": rel_error(o.cpu().numpy(), y_ref), "state": rel_error(state.cpu().numpy(), s_ref)},
+    assert_errors({"y": rel_error(o.cpu().numpy(), y_ref), "state": rel_error(state.cpu().numpy(), s_ref)},
           TOL["model"], seed)
     with pytest.raises(ValueError, match="inplace=True needs a state of shape"):
         decode.decode_triton(*ts, s0, inplace=True)
@@ -119,7 +108,7 @@ def test_decode_triton_broadcast_state(poison_empty, request):
 
 def test_decode_triton_equals_native(request):
     """Kernel and native update agree to fp32 rounding on one step (both layouts in memory)."""
-    seed = _seed(request)
+    seed = seed_for(request)
     x = make_inputs(2, 1, 3, 64, seed=seed, decays="full")
     ts = _step_slices(x, 0, False, torch.float32)
     s0 = torch.tensor(x["initial_state"], dtype=torch.float32, device=DEVICE)
@@ -132,7 +121,7 @@ def test_decode_triton_equals_native(request):
 @pytest.mark.parametrize("decays", ["model", "full"])
 def test_decode_gradients(decays, request):
     """Three chained native steps under autograd vs the reference backward of the T = 3 sequence."""
-    seed = _seed(request)
+    seed = seed_for(request)
     B, T, H, K = 2, 3, 2, 16
     x = make_inputs(B, T, H, K, seed=seed, decays=decays)
     ts = [torch.tensor(x[n], requires_grad=True) for n in NAMES]    # float64 leaves
@@ -150,11 +139,11 @@ def test_decode_gradients(decays, request):
     rounded = [v.detach().double().numpy() for v in leaves]
     refs = generalized_delta_rule_backward(*rounded, x["initial_state"], do=do, dfinal_state=dsT)
     errors = {n: rel_error(g.numpy(), ref) for n, g, ref in zip(GRAD_NAMES, grads, refs)}
-    check(errors, TOL[decays], seed)
+    assert_errors(errors, TOL[decays], seed)
 
 
 def test_decode_dispatch_and_inplace(request):
-    seed = _seed(request)
+    seed = seed_for(request)
     x = make_inputs(2, 1, 2, 32, seed=seed)
     ts = _step_slices(x, 0, False, torch.float32)
     s0 = torch.tensor(x["initial_state"], dtype=torch.float32, device=DEVICE)
@@ -162,7 +151,7 @@ def test_decode_dispatch_and_inplace(request):
     state = s0.clone()
     o, new = decode.rwkv7_op_rnn(*ts, state, inplace=True)
     assert new is state
-    check({"y": rel_error(o.cpu().numpy(), o_ref), "state": rel_error(state.cpu().numpy(), s_ref)},
+    assert_errors({"y": rel_error(o.cpu().numpy(), o_ref), "state": rel_error(state.cpu().numpy(), s_ref)},
           TOL["model"], seed)
     assert decode.generalized_delta_rule_single_step is decode.rwkv7_op_rnn
     # a gradient request takes the native path on every device, and gets its gradient
@@ -209,7 +198,7 @@ def _varlen_case(seed, lengths, H=2, K=32, decays="model"):
 
 @pytest.mark.parametrize("lengths", [LENGTHS, (3, 0, 17), (9, 9, 9)])
 def test_varlen_matches_each_sequence(lengths, request):
-    seed = _seed(request)
+    seed = seed_for(request)
     packed, per_seq, cu = _varlen_case(seed, lengths)
     ts = [torch.tensor(packed[n], dtype=torch.float32, device=DEVICE, requires_grad=True)
           for n in NAMES]
@@ -234,11 +223,11 @@ def test_varlen_matches_each_sequence(lengths, request):
             errors[f"y{i}"] = rel_error(o[:, lo:hi].detach().cpu().numpy(), y_ref)
             for name, g, ref in zip(GRAD_NAMES[:6], grads, refs):
                 errors[f"{name}{i}"] = rel_error(g[:, lo:hi], ref)
-    check(errors, TOL["model"], seed)
+    assert_errors(errors, TOL["model"], seed)
 
 
 def test_varlen_without_state(request):
-    seed = _seed(request)
+    seed = seed_for(request)
     packed, per_seq, cu = _varlen_case(seed, (7, 20))
     ts = [torch.tensor(packed[n], dtype=torch.float32, device=DEVICE) for n in NAMES]
     o, final = varlen.generalized_delta_rule_varlen(*ts, cu.tolist(), output_final_state=True)
@@ -246,7 +235,7 @@ def test_varlen_without_state(request):
     assert none is None and torch.equal(o, o2)
     for i, (x, lo, hi) in enumerate(zip(per_seq, cu[:-1], cu[1:])):
         y_ref, s_ref = generalized_delta_rule_reference(*(x[n] for n in NAMES), None)
-        check({"y": rel_error(o[:, lo:hi].cpu().numpy(), y_ref),
+        assert_errors({"y": rel_error(o[:, lo:hi].cpu().numpy(), y_ref),
                "state": rel_error(final[i:i + 1].cpu().numpy(), s_ref)}, TOL["model"], seed)
 
 
@@ -275,7 +264,7 @@ def test_varlen_errors():
 
 @pytest.mark.parametrize("case", ["dense", "mask", "single_step", "varlen"])
 def test_inference_equals_training_forward(case, request):
-    seed = _seed(request)
+    seed = seed_for(request)
     T = 1 if case == "single_step" else 21
     x = make_inputs(2, T, 2, 32, seed=seed, mask="random" if case == "mask" else None)
     ts = [torch.tensor(x[n], dtype=torch.float32, device=DEVICE, requires_grad=True)
@@ -294,10 +283,10 @@ def test_inference_equals_training_forward(case, request):
     assert o.dtype == o_train.dtype and s.dtype == s_train.dtype
     errors = {"y": rel_error(o.cpu().numpy(), o_train.detach().cpu().numpy()),
               "state": rel_error(s.cpu().numpy(), s_train.detach().cpu().numpy())}
-    check(errors, 1e-6, seed)
+    assert_errors(errors, 1e-6, seed)
     y_ref, s_ref = generalized_delta_rule_reference(*(x[n] for n in NAMES), x["initial_state"],
                                                     mask=x["mask"])
-    check({"y": rel_error(o.reshape(y_ref.shape).cpu().numpy(), y_ref),
+    assert_errors({"y": rel_error(o.reshape(y_ref.shape).cpu().numpy(), y_ref),
            "state": rel_error(s.cpu().numpy(), s_ref)}, TOL["model"], seed)
     with torch.inference_mode():
         o2, _ = inference.generalized_delta_rule_inference(*(t.detach() for t in ts), s0.detach(),
@@ -335,7 +324,7 @@ def _capture(fn):
 @pytest.mark.gpu
 def test_decode_cuda_graph(request):
     """One in-place decode step captured once and replayed per token: the serving loop."""
-    seed = _seed(request)
+    seed = seed_for(request)
     B, T, H, K = 4, 12, 3, 64
     x = make_inputs(B, T, H, K, seed=seed)
     steps = [_step_slices(x, t, False, torch.bfloat16) for t in range(T)]
@@ -354,14 +343,14 @@ def test_decode_cuda_graph(request):
     _, (y_ref, s_ref) = _reference(x, torch.bfloat16)
     errors = {"y": rel_error(torch.cat(ys, 1).float().cpu().numpy(), y_ref),
               "state": rel_error(state.cpu().numpy(), s_ref)}
-    check(errors, 4e-3, seed)
-    check({"state": errors["state"]}, TOL["model"], seed)
+    assert_errors(errors, 4e-3, seed)
+    assert_errors({"state": errors["state"]}, TOL["model"], seed)
 
 
 @pytest.mark.gpu
 def test_inference_shape_protocol_cuda(request):
     """bf16 at the protocol's error shape through the Triton forward, no checkpoints kept."""
-    seed = _seed(request)
+    seed = seed_for(request)
     x = make_inputs(2, 256, 4, 64, seed=seed)
     ts = [torch.tensor(x[n], dtype=torch.bfloat16, device="cuda", requires_grad=True) for n in NAMES]
     s0 = torch.tensor(x["initial_state"], dtype=torch.float32, device="cuda")
@@ -372,5 +361,5 @@ def test_inference_shape_protocol_cuda(request):
     expected = o.numel() * o.element_size() + s.numel() * 4
     assert held <= expected + (1 << 20), f"inference kept {held} bytes, outputs are {expected}"
     _, (y_ref, s_ref) = _reference(x, torch.bfloat16)
-    check({"y": rel_error(o.float().cpu().numpy(), y_ref),
+    assert_errors({"y": rel_error(o.float().cpu().numpy(), y_ref),
            "state": rel_error(s.cpu().numpy(), s_ref)}, 3e-3, seed)

@@ -96,3 +96,19 @@ def assert_close(name, x, ref, tol):
     err = rel_error(x, ref)
     assert err <= tol, f"{name}: relative error {err:.3e} > tolerance {tol:.1e}"
     return err
+
+
+def seed_for(request) -> int:
+    """A per-test seed: the run's seed (``seed_from_env``) offset by the test's name, so that
+    parametrised cases draw different inputs and a failure names a seed to replay."""
+    import zlib
+
+    return seed_from_env() + zlib.crc32(request.node.name.encode()) % 1000
+
+
+def assert_errors(errors, tol, seed):
+    """Assert every relative error in ``errors`` ({name: error}) is within ``tol``; the message
+    lists them all with the seed."""
+    worst = max(errors, key=errors.get)
+    listing = " ".join(f"{n}={e:.2e}" for n, e in errors.items())
+    assert errors[worst] <= tol, f"seed={seed}: {worst} error {errors[worst]:.3e} > {tol:.0e} ({listing})"
