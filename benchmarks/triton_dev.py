@@ -165,6 +165,7 @@ def main():
     parser.add_argument("--sweep", action="store_true", help="also time alternative configs")
     parser.add_argument("--quick", action="store_true", help="shorter do_bench windows")
     parser.add_argument("--no-errors", action="store_true")
+    parser.add_argument("--only", default="", help="comma-separated sweep variants to run")
     args = parser.parse_args()
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
           f"triton {triton.__version__}")
@@ -189,12 +190,18 @@ def main():
     if args.sweep:
         real = launcher.select_config
         variants = {
-            "prep-w2": dict(warps_prep=2),
-            "scan-stages1": dict(stages_fwd=1),
-            "bwd-bv32": dict(bv_bwd=32),
+            "unfused-fwd": dict(fused_fwd=False),
+            "fwd-w8": dict(warps_fwd=8),
+            "fwd-stages1": dict(stages_fwd=1),
             "bwd-w8": dict(warps_bwd=8),
-            "cps128": dict(chunks_per_segment=128),
+            "bwd-bv32": dict(bv_bwd=32),
+            "bwd-recompute": dict(recompute_bwd=True),
+            "bwd-recompute-w8": dict(recompute_bwd=True, warps_bwd=8),
+            "bwd-bv32-w8": dict(bv_bwd=32, warps_bwd=8),
+            "state-w8": dict(warps_state=8),
         }
+        if args.only:
+            variants = {k: v for k, v in variants.items() if k in args.only.split(",")}
         for label, change in variants.items():
             launcher.select_config = lambda *a, _c=change: real(*a).with_(**_c)
             for name in SHAPES:
@@ -205,8 +212,9 @@ def main():
                     listing = "  ".join(f"{k.replace('_kernel', '')}={v:.3f}x{counts[k]}"
                                         for k, v in sorted(times.items(), key=lambda kv: -kv[1])
                                         if v > 0.02)
-                    print(f"  [{label}] {name}: total {sum(times.values()):7.3f} ms | {listing}",
-                          flush=True)
+                    infer_times, _ = kernel_times(rows[name][3].infer)
+                    print(f"  [{label}] {name}: fwd {sum(infer_times.values()):7.3f} ms, fwd+bwd "
+                          f"{sum(times.values()):7.3f} ms | {listing}", flush=True)
                 except Exception as error:  # a config that does not compile is a result too
                     print(f"  [{label}] {name} failed: {type(error).__name__}: {str(error)[:300]}")
         launcher.select_config = real

@@ -6,6 +6,8 @@
 # Logs and results go to $OUT (default .gpu-out/). Wheels for packages the machine lacks (keras,
 # jax-triton, fla-core, ...) may be put in .whl/ and are installed into a private folder first.
 # Usage: scripts/gpu_check.sh [tests|bench|all] [extra bench args...]
+#        scripts/gpu_check.sh run COMMAND...   (any command in the same environment, e.g. a
+#        development benchmark: scripts/gpu_check.sh run python3 benchmarks/triton_dev.py --sweep)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-.gpu-out}
@@ -27,6 +29,10 @@ export PYTHONUNBUFFERED=1
     python3 -c "import jax; print('jax', jax.__version__, jax.devices())" 2>&1 | tail -1
     nvcc --version | tail -2
 } 2>&1 | tee "$OUT/machine.txt"
+
+if [ "$what" = run ]; then
+    exec "$@"
+fi
 
 status=0
 if [ "$what" = all ] || [ "$what" = tests ]; then

@@ -98,30 +98,20 @@ def chunk_scan_bwd_kernel(
 @triton.jit
 def _chunk_factors(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, t, T, cols, stride_t, valid,
                    PREC: tl.constexpr):
-    """The mid-anchored factors of one chunk ([CHUNK, K] each; see chunk_fwd.py)."""
+    """The mid-anchored factors of one chunk, as the products use them (tf32-exact in tf32 mode):
+    q~, k^, a~, b^ ([CHUNK, K]) and the exponentials e_in, e_ex, e_inv ([CHUNK, K]), to_mid,
+    mid_to_end, decay_end ([K]) and lambda before the floor ([CHUNK, K]); see chunk_fwd.py."""
     w = load_tile(w_ptr, t, T, cols, stride_t)
-    lam_raw = -tl.exp(w)
     lam_in, lam_ex, lam_mid, lam_end = chunk_log_decays(w, valid)
     e_in = tl.exp(lam_in - lam_mid[None, :])
     e_ex = tl.exp(lam_ex - lam_mid[None, :])
     e_inv = tl.exp(lam_mid[None, :] - lam_in)
-    to_mid = tl.exp(lam_mid)
-    mid_to_end = tl.exp(lam_end - lam_mid)
-    decay_end = tl.exp(lam_end)
-    rr = load_tile(r_ptr, t, T, cols, stride_t)
-    kk = tl.where(valid[:, None], load_tile(k_ptr, t, T, cols, stride_t), 0.0)
-    aa = tl.where(valid[:, None], load_tile(a_ptr, t, T, cols, stride_t), 0.0)
-    bb = load_tile(b_ptr, t, T, cols, stride_t)
-    q_t = rr * e_in
-    a_t = aa * e_ex
-    k_h = kk * e_inv
-    b_h = bb * e_inv
-    r_s = q_t * to_mid[None, :]
-    a_s = a_t * to_mid[None, :]
-    k_bar = k_h * mid_to_end[None, :]
-    b_bar = b_h * mid_to_end[None, :]
-    return (tf32(q_t, PREC), tf32(k_h, PREC), tf32(a_t, PREC), tf32(b_h, PREC), r_s, a_s, k_bar,
-            b_bar, e_in, e_ex, e_inv, to_mid, mid_to_end, decay_end, lam_raw)
+    q_t = load_tile(r_ptr, t, T, cols, stride_t) * e_in
+    a_t = tl.where(valid[:, None], load_tile(a_ptr, t, T, cols, stride_t), 0.0) * e_ex
+    k_h = tl.where(valid[:, None], load_tile(k_ptr, t, T, cols, stride_t), 0.0) * e_inv
+    b_h = load_tile(b_ptr, t, T, cols, stride_t) * e_inv
+    return (q_t, k_h, a_t, b_h, e_in, e_ex, e_inv, tl.exp(lam_mid), tl.exp(lam_end - lam_mid),
+            tl.exp(lam_end), -tl.exp(w))
 
 
 @triton.jit(do_not_specialize=["T", "H", "BH", "NC"])
@@ -138,9 +128,11 @@ def chunk_bwd_kernel(
 
     Inputs as in the forward; dy like r; ckpt: [B*H, NC, K, K] fp32 state entering each chunk;
     gck: [B*H, NC, K, K] fp32 state gradient at each chunk's end. Outputs: like their inputs.
-    PREC_INV: precision of the (I - A_ab)^-1 series (PREC, or "ieee"). RECOMPUTE: reload and
-    recompute the chunk's factors after the V loop instead of keeping them in registers (fewer
-    spills, more instructions; measured slower on an H200 at K = 64: 14.1 vs 10.35 ms at shape S).
+    PREC_INV: precision of the (I - A_ab)^-1 series (PREC, or "ieee"). RECOMPUTE: reload the
+    inputs and recompute q~, k^, a~, b^ after the V loop instead of keeping them in registers
+    through it (fewer live registers, more instructions).
+    Register budget: through the V loop only the loop's operands, its accumulators and the
+    factors it reads stay live; everything else is rebuilt from the (cached) inputs after it.
     """
     NV: tl.constexpr = K // BV
     pid = tl.program_id(0)
@@ -157,20 +149,23 @@ def chunk_bwd_kernel(
     t = c * L_ + rows
     valid = step_validity(mask_ptr + b.to(tl.int64) * T, t, T, HAS_MASK)
 
-    q_r, k_r, a_r, b_r, r_s, a_s, k_bar, b_bar, e_in, e_ex, e_inv, to_mid, mid_to_end, decay_end, \
-        lam_raw = _chunk_factors(r_ptr + base, w_ptr + base, k_ptr + base, a_ptr + base,
-                                 b_ptr + base, t, T, cols, stride_t, valid, PREC)
-    A_qk = tl.where(incl, tl.dot(q_r, tl.trans(k_r), input_precision=PREC), 0.0)
-    A_qb = tl.where(incl, tl.dot(q_r, tl.trans(b_r), input_precision=PREC), 0.0)
+    q_t, k_h, a_t, b_h, e_in, e_ex, e_inv, to_mid, mid_to_end, decay_end, lam_raw = _chunk_factors(
+        r_ptr + base, w_ptr + base, k_ptr + base, a_ptr + base, b_ptr + base, t, T, cols,
+        stride_t, valid, PREC)
+    q_r = tf32(q_t, PREC)
+    k_r = tf32(k_h, PREC)
+    a_r = tf32(a_t, PREC)
+    b_r = tf32(b_h, PREC)
+    # the loop's K-side operands, rounded from the unrounded factors exactly as the forward does
+    a_s = tf32(a_t * to_mid[None, :], PREC)
+    k_bar = tf32(k_h * mid_to_end[None, :], PREC)
+    b_bar = tf32(b_h * mid_to_end[None, :], PREC)
+    A_qk = tf32(tl.where(incl, tl.dot(q_r, tl.trans(k_r), input_precision=PREC), 0.0), PREC)
+    A_qb = tf32(tl.where(incl, tl.dot(q_r, tl.trans(b_r), input_precision=PREC), 0.0), PREC)
     A_ak = tl.where(strict, tl.dot(a_r, tl.trans(k_r), input_precision=PREC), 0.0)
     A_ab = tl.where(strict, tl.dot(a_r, tl.trans(b_r), input_precision=PREC), 0.0)
     N = tf32(unit_lower_inverse(A_ab, PREC_INV), PREC)
-    A_qk_r = tf32(A_qk, PREC)
-    A_qb_r = tf32(A_qb, PREC)
-    A_ak_r = tf32(A_ak, PREC)
-    a_s_r = tf32(a_s, PREC)
-    k_bar_r = tf32(k_bar, PREC)
-    b_bar_r = tf32(b_bar, PREC)
+    A_ak = tf32(A_ak, PREC)
 
     # K-side partial sums over all V rows
     dA_qk = tl.zeros([L_, L_], dtype=tl.float32)
@@ -186,25 +181,23 @@ def chunk_bwd_kernel(
     for vb in range(0, NV):
         vcol = vb * BV + tl.arange(0, BV)
         tile = vcol[:, None] * K + cols[None, :]
-        vv = load_tile(v_ptr + base, t, T, vcol, stride_t)
-        dy = tl.where(valid[:, None], load_tile(dy_ptr + base, t, T, vcol, stride_t), 0.0)
-        S0_f = tl.load(ckpt_ptr + st_base + tile)
-        S0 = tf32(S0_f, PREC)
-        G = tl.load(gck_ptr + st_base + tile)
-        G_r = tf32(G, PREC)
-        vv = tf32(vv, PREC)
-        dy = tf32(dy, PREC)
+        vv = tf32(load_tile(v_ptr + base, t, T, vcol, stride_t), PREC)
+        dy = tf32(tl.where(valid[:, None], load_tile(dy_ptr + base, t, T, vcol, stride_t), 0.0),
+                  PREC)
+        # the states only ever enter products (and d_end): one rounded copy of each
+        S0 = tf32(tl.load(ckpt_ptr + st_base + tile), PREC)
+        G = tf32(tl.load(gck_ptr + st_base + tile), PREC)
 
-        X = tl.dot(A_ak_r, vv, input_precision=PREC)
-        X = tl.dot(a_s_r, tl.trans(S0), X, input_precision=PREC)
+        X = tl.dot(A_ak, vv, input_precision=PREC)
+        X = tl.dot(a_s, tl.trans(S0), X, input_precision=PREC)
         U = tf32(tl.dot(N, tf32(X, PREC), input_precision=PREC), PREC)
-        dU = tl.dot(tl.trans(A_qb_r), dy, input_precision=PREC)
-        dU = tl.dot(b_bar_r, tl.trans(G_r), dU, input_precision=PREC)
+        dU = tl.dot(tl.trans(A_qb), dy, input_precision=PREC)
+        dU = tl.dot(b_bar, tl.trans(G), dU, input_precision=PREC)
         dX = tf32(tl.dot(tl.trans(N), tf32(dU, PREC), input_precision=PREC), PREC)
 
-        dv = tl.dot(tl.trans(A_qk_r), dy, input_precision=PREC)
-        dv = tl.dot(tl.trans(A_ak_r), dX, dv, input_precision=PREC)
-        dv = tl.dot(k_bar_r, tl.trans(G_r), dv, input_precision=PREC)
+        dv = tl.dot(tl.trans(A_qk), dy, input_precision=PREC)
+        dv = tl.dot(tl.trans(A_ak), dX, dv, input_precision=PREC)
+        dv = tl.dot(k_bar, tl.trans(G), dv, input_precision=PREC)
         dv = tl.where(valid[:, None], dv, 0.0)
         tl.store(dv_ptr + base + t[:, None] * stride_t + vcol[None, :],
                  dv.to(dv_ptr.dtype.element_ty), mask=(t < T)[:, None])
@@ -215,15 +208,20 @@ def chunk_bwd_kernel(
         dA_ab = tl.dot(dX, tl.trans(U), dA_ab, input_precision=PREC)
         dr_s = tl.dot(dy, S0, dr_s, input_precision=PREC)
         da_s = tl.dot(dX, S0, da_s, input_precision=PREC)
-        dk_bar = tl.dot(vv, G_r, dk_bar, input_precision=PREC)
-        db_bar = tl.dot(U, G_r, db_bar, input_precision=PREC)
-        d_end += tl.sum(S0_f * G, axis=0)
+        dk_bar = tl.dot(vv, G, dk_bar, input_precision=PREC)
+        db_bar = tl.dot(U, G, db_bar, input_precision=PREC)
+        d_end += tl.sum(S0 * G, axis=0)
 
+    # rebuilt after the loop (the inputs are in cache): the exponentials, and with RECOMPUTE the
+    # rounded factors too; the same instructions give the same values
+    q_t, k_h, a_t, b_h, e_in, e_ex, e_inv, to_mid, mid_to_end, decay_end, lam_raw = _chunk_factors(
+        r_ptr + base, w_ptr + base, k_ptr + base, a_ptr + base, b_ptr + base, t, T, cols,
+        stride_t, valid, PREC)
     if RECOMPUTE:
-        q_r, k_r, a_r, b_r, r_s, a_s, k_bar, b_bar, e_in, e_ex, e_inv, to_mid, mid_to_end, \
-            decay_end, lam_raw = _chunk_factors(r_ptr + base, w_ptr + base, k_ptr + base,
-                                                a_ptr + base, b_ptr + base, t, T, cols, stride_t,
-                                                valid, PREC)
+        q_r = tf32(q_t, PREC)
+        k_r = tf32(k_h, PREC)
+        a_r = tf32(a_t, PREC)
+        b_r = tf32(b_h, PREC)
     dA_qk = tl.where(incl, dA_qk, 0.0)
     dA_qb = tl.where(incl, dA_qb, 0.0)
     dA_ak = tl.where(strict, dA_ak, 0.0)
@@ -242,7 +240,7 @@ def chunk_bwd_kernel(
 
     # d/dLam of every factor; the anchor Lam_mid cancels exactly (each pair product is free of it)
     k_bar_t = dk_bar * k_bar + db_bar * b_bar
-    d_lin = dq_t * q_r + dr_s * r_s - dk_h * k_r - db_h * b_r - k_bar_t
+    d_lin = dq_t * q_r + dr_s * (q_t * to_mid[None, :]) - dk_h * k_r - db_h * b_r - k_bar_t
     d_lex = da_t * a_r + da_s * a_s
     d_lend = tl.sum(k_bar_t, axis=0) + d_end * decay_end
     # dlam_t = sum_{i >= t} d_lin_i + sum_{i > t} d_lex_i + d_lend

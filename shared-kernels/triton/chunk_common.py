@@ -109,3 +109,49 @@ def unit_lower_inverse(A, PREC: tl.constexpr):
     P1 = tf32(tl.dot(eye + A, eye + A2, input_precision=PREC), PREC)
     P2 = tf32(tl.dot(eye + A4, eye + A8, input_precision=PREC), PREC)
     return tl.dot(P1, P2, input_precision=PREC)
+
+
+@triton.jit
+def chunk_tiles(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, t, T, cols, stride_t, valid,
+                PREC: tl.constexpr, PREC_INV: tl.constexpr):
+    """The K-side tiles of one chunk (see chunk_fwd.py), from the inputs at rows t.
+
+    Returns W, b_bar, Kc, R2 ([CHUNK, K]), Qc ([CHUNK, CHUNK]) and dec ([K]); the product operands
+    among them are rounded to tf32 in tf32 mode. Rows of R2 and Qc at invalid steps are 0.
+    """
+    rows = tl.arange(0, L_)
+    incl = rows[:, None] >= rows[None, :]
+    strict = rows[:, None] > rows[None, :]
+    keep = valid[:, None]
+    w = load_tile(w_ptr, t, T, cols, stride_t)
+    lam_in, lam_ex, lam_mid, lam_end = chunk_log_decays(w, valid)
+    mid = lam_mid[None, :]
+    to_mid = tl.exp(lam_mid)[None, :]
+    mid_to_end = tl.exp(lam_end - lam_mid)[None, :]
+    # k_hat, b_hat = x exp(Lam_mid - Lam_i); a~ = a exp(Lam_{i-1} - Lam_mid); q~ = r exp(Lam_i - Lam_mid)
+    e_inv = tl.exp(mid - lam_in)
+    k_h = tl.where(keep, load_tile(k_ptr, t, T, cols, stride_t), 0.0) * e_inv
+    b_h = load_tile(b_ptr, t, T, cols, stride_t) * e_inv
+    b_bar = tf32(b_h * mid_to_end, PREC)
+    q_t = load_tile(r_ptr, t, T, cols, stride_t) * tl.exp(lam_in - mid)
+    a_t = tl.where(keep, load_tile(a_ptr, t, T, cols, stride_t), 0.0) * tl.exp(lam_ex - mid)
+    q_r = tf32(q_t, PREC)
+    a_r = tf32(a_t, PREC)
+    kT = tl.trans(tf32(k_h, PREC))
+    bT = tl.trans(tf32(b_h, PREC))
+    # pair products carry exactly the decay between their steps; entries above the diagonal may
+    # overflow and are selected away, never multiplied by 0
+    A_ab = tl.where(strict, tl.dot(a_r, bT, input_precision=PREC), 0.0)
+    A_ak = tl.where(strict, tl.dot(a_r, kT, input_precision=PREC), 0.0)
+    A_qb = tl.where(incl, tl.dot(q_r, bT, input_precision=PREC), 0.0)
+    A_qk = tl.where(incl, tl.dot(q_r, kT, input_precision=PREC), 0.0)
+    N = tf32(unit_lower_inverse(A_ab, PREC_INV), PREC)
+    W = tf32(tl.dot(N, tf32(a_t * to_mid, PREC), input_precision=PREC), PREC)
+    Ak = tf32(tl.dot(N, tf32(A_ak, PREC), input_precision=PREC), PREC)
+    Kc = tf32(tl.dot(tl.trans(Ak), b_bar, k_h * mid_to_end, input_precision=PREC), PREC)
+    A_qb_r = tf32(A_qb, PREC)
+    R2 = tl.dot(A_qb_r, W, q_t * to_mid, input_precision=PREC)
+    R2 = tf32(tl.where(keep, R2, 0.0), PREC)
+    Qc = tl.dot(A_qb_r, Ak, A_qk, input_precision=PREC)
+    Qc = tf32(tl.where(keep, Qc, 0.0), PREC)
+    return W, b_bar, Kc, R2, Qc, tl.exp(lam_end)

@@ -30,7 +30,7 @@ Buffers of the K-side tiles: [B*H, NC, 16, K] (W, b_bar, Kc, R2), [B*H, NC, 16, 
 import triton
 import triton.language as tl
 
-from .chunk_common import L_, chunk_log_decays3, tf32, unit_lower_inverse3
+from .chunk_common import L_, chunk_log_decays3, chunk_tiles, tf32, unit_lower_inverse3
 
 
 @triton.jit(do_not_specialize=["T", "H", "BH", "NC"])
@@ -199,6 +199,110 @@ def chunk_scan_fwd_kernel(
         if WRITE_Y:
             R2 = tl.load(r2t_ptr + cbase + ktile)
             Qc = tl.load(qct_ptr + (bh.to(tl.int64) * NC + c) * L_ * L_ + qtile)
+            Yt = tl.dot(S_r, tl.trans(R2), input_precision=PREC)
+            Yt = tl.dot(Vt, tl.trans(Qc), Yt, input_precision=PREC)
+            tl.store(y_ptr + vt_off + t0 * stride_t, Yt.to(y_ptr.dtype.element_ty), mask=inb[None, :])
+        X1 = tl.dot(S_r, tl.trans(Wc), input_precision=PREC)
+        S = S * dec[None, :]
+        S = tl.dot(Vt, Kc, S, input_precision=PREC)
+        S = tl.dot(tf32(X1, PREC), Bc, S, input_precision=PREC)
+
+    if WRITE_END:
+        ep = bh.to(tl.int64) * send_sbh + seg.to(tl.int64) * send_ss + state_tile
+        if LOCAL:
+            if is_m:
+                tl.store(mend_ptr + ep, S)
+            else:
+                tl.store(send_ptr + ep, S)
+        else:
+            # only the segment holding the last chunk has the final state
+            if c_hi >= NC:
+                tl.store(send_ptr + ep, S)
+
+
+@triton.jit(do_not_specialize=["T", "H", "BH", "NC", "CPS"])
+def chunk_fwd_kernel(
+    r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, mask_ptr, init_ptr,
+    y_ptr, send_ptr, mend_ptr, ckpt_ptr, wo_ptr, bo_ptr, r2o_ptr, deco_ptr,
+    T, H, BH, NC, CPS,
+    stride_b, stride_t, stride_h,
+    init_sb, init_sh, init_ss,
+    send_sbh, send_ss,
+    K: tl.constexpr, BV: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_INIT: tl.constexpr, LOCAL: tl.constexpr,
+    WRITE_Y: tl.constexpr, SAVE: tl.constexpr, WRITE_END: tl.constexpr,
+    PREC: tl.constexpr, PREC_INV: tl.constexpr,
+):
+    """The whole forward of one segment of chunks in one pass: each chunk's K-side tiles are
+    computed in registers (``chunk_tiles``) right before the state update that uses them, so
+    nothing but the inputs, o and the states touches memory. Grid: (n_blocks * BH * n_segments,),
+    n_blocks = K // BV (2 K // BV when LOCAL: the second half computes M's rows).
+
+    r, w, k, v, a, b: [B, T, H, K] by (stride_b, stride_t, stride_h), unit stride over K; mask
+    [B, T] when HAS_MASK. init: the state entering each segment at init + b * init_sb +
+    h * init_sh + segment * init_ss ([K, K] row-major, any float dtype; zero without HAS_INIT).
+    y: like v (WRITE_Y). send / mend: end state (LOCAL: and M) at ptr + bh * send_sbh +
+    segment * send_ss; without LOCAL only the last segment writes. SAVE (the backward's
+    residuals): ckpt [B*H, NC, K, K] fp32, the state entering every chunk, and the tiles
+    W, b_bar, R2 [B*H, NC, 16, K] and dec [B*H, NC, K] (written by the first value block).
+    The V-side tiles are handled transposed ([BV, 16]), so every product has the BV rows as M.
+    """
+    NV: tl.constexpr = K // BV
+    NB: tl.constexpr = 2 * NV if LOCAL else NV
+    pid = tl.program_id(0)
+    blk = pid % NB
+    bh = (pid // NB) % BH
+    seg = pid // (NB * BH)
+    b = bh // H
+    h = bh % H
+    is_m = blk >= NV
+    vb = blk % NV
+
+    rows = tl.arange(0, L_)
+    cols = tl.arange(0, K)
+    vrow = vb * BV + tl.arange(0, BV)
+    state_tile = vrow[:, None] * K + cols[None, :]
+    ktile = rows[:, None] * K + cols[None, :]
+    base = b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
+    vt_off = base + vrow[:, None] + rows[None, :] * stride_t            # [BV, L] view of v / y
+
+    if HAS_INIT:
+        ip = init_ptr + b.to(tl.int64) * init_sb + h.to(tl.int64) * init_sh + seg.to(tl.int64) * init_ss
+        S = tl.load(ip + state_tile).to(tl.float32)
+    else:
+        S = tl.zeros([BV, K], dtype=tl.float32)
+    if LOCAL:
+        # the blocks of M start from the identity's rows; those of S_loc from zero
+        eye = tl.where(vrow[:, None] == cols[None, :], 1.0, 0.0)
+        S = tl.where(is_m, eye, tl.zeros([BV, K], dtype=tl.float32))
+    v_scale = tl.where(is_m, 0.0, 1.0)
+
+    c_lo = seg * CPS
+    c_hi = tl.minimum(c_lo + CPS, NC)
+    for c in range(c_lo, c_hi):
+        t0 = c * L_
+        t = t0 + rows
+        inb = t < T
+        valid = inb
+        if HAS_MASK:
+            m = tl.load(mask_ptr + b.to(tl.int64) * T + t, mask=inb, other=0)
+            valid = inb & (m != 0)
+        Wc, Bc, Kc, R2, Qc, dec = chunk_tiles(r_ptr + base, w_ptr + base, k_ptr + base,
+                                              a_ptr + base, b_ptr + base, t, T, cols, stride_t,
+                                              valid, PREC, PREC_INV)
+        Vt = tl.load(v_ptr + vt_off + t0 * stride_t, mask=inb[None, :], other=0.0).to(tl.float32)
+        if LOCAL:
+            Vt = Vt * v_scale
+        if SAVE:
+            chunk = bh.to(tl.int64) * NC + c
+            tl.store(ckpt_ptr + chunk * K * K + state_tile, S)
+            if vb == 0:
+                tl.store(wo_ptr + chunk * L_ * K + ktile, Wc)
+                tl.store(bo_ptr + chunk * L_ * K + ktile, Bc)
+                tl.store(r2o_ptr + chunk * L_ * K + ktile, R2)
+                tl.store(deco_ptr + chunk * K + cols, dec)
+        S_r = tf32(S, PREC)
+        if WRITE_Y:
             Yt = tl.dot(S_r, tl.trans(R2), input_precision=PREC)
             Yt = tl.dot(Vt, tl.trans(Qc), Yt, input_precision=PREC)
             tl.store(y_ptr + vt_off + t0 * stride_t, Yt.to(y_ptr.dtype.element_ty), mask=inb[None, :])

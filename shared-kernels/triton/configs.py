@@ -27,6 +27,8 @@ class ChunkConfig:
     prep_chunks: chunks per program of the prep kernel (one per warp with warps_prep of them).
     precision_inverse: products of the (I - A_ab)^-1 series for bf16/fp16 inputs (fp32: ieee).
     recompute_bwd: the gradient kernel recomputes the chunk's factors after its V loop.
+    fused_fwd: one forward kernel computes each chunk's tiles in registers (``chunk_fwd_kernel``)
+    instead of a prep kernel writing them to memory for the scan.
     """
 
     precision: str
@@ -44,6 +46,7 @@ class ChunkConfig:
     stages_state: int = 1
     stages_bwd: int = 1
     recompute_bwd: bool = False
+    fused_fwd: bool = True
 
     def with_(self, **changes) -> "ChunkConfig":
         return replace(self, **changes)
