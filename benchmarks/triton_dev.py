@@ -103,6 +103,20 @@ def errors_at_error_shape(dtype, seed=1234):
     return errs
 
 
+def no_grad_errors(dtype=torch.bfloat16, seed=1234):
+    """Relative errors of o and the final state of a forward under no_grad (error shape)."""
+    B, T, H, K = 2, 256, 4, 64
+    x = make_inputs(B, T, H, K, seed=seed)
+    ts = [torch.tensor(x[n], dtype=dtype, device="cuda") for n in NAMES]
+    s0 = torch.tensor(x["initial_state"], dtype=torch.float32, device="cuda")
+    with torch.no_grad():
+        o, final = launcher.generalized_delta_rule(*ts, s0)
+    rounded = [t.double().cpu().numpy() for t in ts]
+    y_ref, s_ref = generalized_delta_rule_reference(*rounded, x["initial_state"])
+    return {"y": rel_error(o.double().cpu().numpy(), y_ref),
+            "state": rel_error(final.double().cpu().numpy(), s_ref)}
+
+
 def kernel_bytes(B, T, H, K, n_seg):
     """Bytes each kernel must move at least (bf16 I/O, fp32 tiles and checkpoints), by name."""
     tok = B * T * H * K * 2          # one bf16 [B, T, H, K] tensor
@@ -177,6 +191,9 @@ def main():
             print(f"error {str(dtype):15s} worst {worst}={errs[worst]:.2e}  "
                   + " ".join(f"{k}={v:.1e}" for k, v in errs.items()), flush=True)
 
+        errs = no_grad_errors()
+        print(f"error under no_grad (bf16): y {errs['y']:.2e} state {errs['state']:.2e}")
+
     rows = run_table(args.quick, "default")
     print("\n| shape | fwd ms | fwd+bwd ms | peak GiB |\n|---|---|---|---|")
     for name, (fwd, both, peak, _) in rows.items():
@@ -190,15 +207,16 @@ def main():
     if args.sweep:
         real = launcher.select_config
         variants = {
-            "unfused-fwd": dict(fused_fwd=False),
-            "fwd-w8": dict(warps_fwd=8),
-            "fwd-stages1": dict(stages_fwd=1),
-            "bwd-w8": dict(warps_bwd=8),
-            "bwd-bv32": dict(bv_bwd=32),
+            "bf16-tiles": dict(tile_dtype_no_grad="bfloat16"),
+            "fwd-bv32": dict(bv_fwd=32, bv_state=32),
+            "fwd-bv32-w2": dict(bv_fwd=32, warps_fwd=2),
+            "bf16-tiles-bv32": dict(tile_dtype_no_grad="bfloat16", bv_fwd=32),
+            "prep-w2": dict(warps_prep=2),
+            "bwd-transposed": dict(transposed_bwd=True),
+            "bwd-transposed-recompute": dict(transposed_bwd=True, recompute_bwd=True),
+            "bwd-transposed-w8": dict(transposed_bwd=True, warps_bwd=8),
             "bwd-recompute": dict(recompute_bwd=True),
-            "bwd-recompute-w8": dict(recompute_bwd=True, warps_bwd=8),
-            "bwd-bv32-w8": dict(bv_bwd=32, warps_bwd=8),
-            "state-w8": dict(warps_state=8),
+            "bwd-stages2": dict(stages_bwd=2),
         }
         if args.only:
             variants = {k: v for k, v in variants.items() if k in args.only.split(",")}
@@ -212,6 +230,10 @@ def main():
                     listing = "  ".join(f"{k.replace('_kernel', '')}={v:.3f}x{counts[k]}"
                                         for k, v in sorted(times.items(), key=lambda kv: -kv[1])
                                         if v > 0.02)
+                    if name == "S":
+                        errs = no_grad_errors()
+                        print(f"  [{label}] no_grad error: y {errs['y']:.2e} state "
+                              f"{errs['state']:.2e}", flush=True)
                     infer_times, _ = kernel_times(rows[name][3].infer)
                     print(f"  [{label}] {name}: fwd {sum(infer_times.values()):7.3f} ms, fwd+bwd "
                           f"{sum(times.values()):7.3f} ms | {listing}", flush=True)

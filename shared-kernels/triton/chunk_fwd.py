@@ -30,7 +30,7 @@ Buffers of the K-side tiles: [B*H, NC, 16, K] (W, b_bar, Kc, R2), [B*H, NC, 16, 
 import triton
 import triton.language as tl
 
-from .chunk_common import L_, chunk_log_decays3, chunk_tiles, tf32, unit_lower_inverse3
+from .chunk_common import L_, chunk_log_decays3, tf32, unit_lower_inverse3
 
 
 @triton.jit(do_not_specialize=["T", "H", "BH", "NC"])
@@ -47,7 +47,8 @@ def chunk_prep_kernel(
     r, w, k, a, b: [B, T, H, K] by (stride_b, stride_t, stride_h), unit stride over K.
     mask: [B, T] (0 = padding) when HAS_MASK. Outputs as in the module docstring; rows of R2 and Qc
     at padded or masked steps are 0 (so are their outputs, and their dy never reaches the state).
-    In tf32 mode the tiles are stored rounded to tf32 (they are only ever product operands).
+    In tf32 mode the tiles are stored rounded to tf32 (they are only ever product operands); the
+    W, b_bar, Kc, R2, Qc buffers may also be 16-bit (a forward that keeps nothing for a backward).
     """
     n_blk = tl.cdiv(NC, G)
     cb = tl.program_id(0) % n_blk
@@ -91,7 +92,7 @@ def chunk_prep_kernel(
     bb = tl.load(b_ptr + base + offs, mask=ld, other=0.0).to(tl.float32)
     b_h = bb * e_inv
     b_bar = tf32(b_h * mid_to_end, PREC)
-    tl.store(bo_ptr + out0 + tiles, b_bar, mask=ok)
+    tl.store(bo_ptr + out0 + tiles, b_bar.to(bo_ptr.dtype.element_ty), mask=ok)
     rr = tl.load(r_ptr + base + offs, mask=ld, other=0.0).to(tl.float32)
     q_t = rr * tl.exp(lam_in - mid)
     aa = tl.where(keep, tl.load(a_ptr + base + offs, mask=ld, other=0.0).to(tl.float32), 0.0)
@@ -111,18 +112,19 @@ def chunk_prep_kernel(
 
     W = tl.dot(N, tf32(a_t * to_mid, PREC), input_precision=PREC)
     W_r = tf32(W, PREC)
-    tl.store(wo_ptr + out0 + tiles, W_r, mask=ok)
+    tl.store(wo_ptr + out0 + tiles, W_r.to(wo_ptr.dtype.element_ty), mask=ok)
     Ak = tf32(tl.dot(N, tf32(A_ak, PREC), input_precision=PREC), PREC)
     Kc = tl.dot(tl.trans(Ak, 0, 2, 1), b_bar, k_h * mid_to_end, input_precision=PREC)
-    tl.store(kco_ptr + out0 + tiles, tf32(Kc, PREC), mask=ok)
+    tl.store(kco_ptr + out0 + tiles, tf32(Kc, PREC).to(kco_ptr.dtype.element_ty), mask=ok)
     A_qb_r = tf32(A_qb, PREC)
     R2 = tl.dot(A_qb_r, W_r, q_t * to_mid, input_precision=PREC)
     R2 = tl.where(keep, R2, 0.0)
-    tl.store(r2o_ptr + out0 + tiles, tf32(R2, PREC), mask=ok)
+    tl.store(r2o_ptr + out0 + tiles, tf32(R2, PREC).to(r2o_ptr.dtype.element_ty), mask=ok)
     Qc = tl.dot(A_qb_r, Ak, A_qk, input_precision=PREC)
     Qc = tl.where(keep, Qc, 0.0)
     sq = (gi[:, None, None] * L_ + rows[None, :, None]) * L_ + rows[None, None, :]
-    tl.store(qco_ptr + (bh.to(tl.int64) * NC + cb * G) * L_ * L_ + sq, tf32(Qc, PREC), mask=ok)
+    tl.store(qco_ptr + (bh.to(tl.int64) * NC + cb * G) * L_ * L_ + sq,
+             tf32(Qc, PREC).to(qco_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit(do_not_specialize=["T", "H", "BH", "NC", "CPS"])
@@ -185,9 +187,9 @@ def chunk_scan_fwd_kernel(
         t0 = c * L_
         inb = (t0 + rows) < T
         cbase = (bh.to(tl.int64) * NC + c) * L_ * K
-        Wc = tl.load(wt_ptr + cbase + ktile)
-        Bc = tl.load(bt_ptr + cbase + ktile)
-        Kc = tl.load(kct_ptr + cbase + ktile)
+        Wc = tl.load(wt_ptr + cbase + ktile).to(tl.float32)
+        Bc = tl.load(bt_ptr + cbase + ktile).to(tl.float32)
+        Kc = tl.load(kct_ptr + cbase + ktile).to(tl.float32)
         dec = tl.load(dect_ptr + (bh.to(tl.int64) * NC + c) * K + cols)
         Vt = tl.load(v_ptr + vt_off + t0 * stride_t, mask=inb[None, :], other=0.0).to(tl.float32)
         if LOCAL:
@@ -197,112 +199,8 @@ def chunk_scan_fwd_kernel(
             tl.store(ckpt_ptr + (bh.to(tl.int64) * NC + c) * K * K + state_tile, S)
         S_r = tf32(S, PREC)
         if WRITE_Y:
-            R2 = tl.load(r2t_ptr + cbase + ktile)
-            Qc = tl.load(qct_ptr + (bh.to(tl.int64) * NC + c) * L_ * L_ + qtile)
-            Yt = tl.dot(S_r, tl.trans(R2), input_precision=PREC)
-            Yt = tl.dot(Vt, tl.trans(Qc), Yt, input_precision=PREC)
-            tl.store(y_ptr + vt_off + t0 * stride_t, Yt.to(y_ptr.dtype.element_ty), mask=inb[None, :])
-        X1 = tl.dot(S_r, tl.trans(Wc), input_precision=PREC)
-        S = S * dec[None, :]
-        S = tl.dot(Vt, Kc, S, input_precision=PREC)
-        S = tl.dot(tf32(X1, PREC), Bc, S, input_precision=PREC)
-
-    if WRITE_END:
-        ep = bh.to(tl.int64) * send_sbh + seg.to(tl.int64) * send_ss + state_tile
-        if LOCAL:
-            if is_m:
-                tl.store(mend_ptr + ep, S)
-            else:
-                tl.store(send_ptr + ep, S)
-        else:
-            # only the segment holding the last chunk has the final state
-            if c_hi >= NC:
-                tl.store(send_ptr + ep, S)
-
-
-@triton.jit(do_not_specialize=["T", "H", "BH", "NC", "CPS"])
-def chunk_fwd_kernel(
-    r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, mask_ptr, init_ptr,
-    y_ptr, send_ptr, mend_ptr, ckpt_ptr, wo_ptr, bo_ptr, r2o_ptr, deco_ptr,
-    T, H, BH, NC, CPS,
-    stride_b, stride_t, stride_h,
-    init_sb, init_sh, init_ss,
-    send_sbh, send_ss,
-    K: tl.constexpr, BV: tl.constexpr,
-    HAS_MASK: tl.constexpr, HAS_INIT: tl.constexpr, LOCAL: tl.constexpr,
-    WRITE_Y: tl.constexpr, SAVE: tl.constexpr, WRITE_END: tl.constexpr,
-    PREC: tl.constexpr, PREC_INV: tl.constexpr,
-):
-    """The whole forward of one segment of chunks in one pass: each chunk's K-side tiles are
-    computed in registers (``chunk_tiles``) right before the state update that uses them, so
-    nothing but the inputs, o and the states touches memory. Grid: (n_blocks * BH * n_segments,),
-    n_blocks = K // BV (2 K // BV when LOCAL: the second half computes M's rows).
-
-    r, w, k, v, a, b: [B, T, H, K] by (stride_b, stride_t, stride_h), unit stride over K; mask
-    [B, T] when HAS_MASK. init: the state entering each segment at init + b * init_sb +
-    h * init_sh + segment * init_ss ([K, K] row-major, any float dtype; zero without HAS_INIT).
-    y: like v (WRITE_Y). send / mend: end state (LOCAL: and M) at ptr + bh * send_sbh +
-    segment * send_ss; without LOCAL only the last segment writes. SAVE (the backward's
-    residuals): ckpt [B*H, NC, K, K] fp32, the state entering every chunk, and the tiles
-    W, b_bar, R2 [B*H, NC, 16, K] and dec [B*H, NC, K] (written by the first value block).
-    The V-side tiles are handled transposed ([BV, 16]), so every product has the BV rows as M.
-    """
-    NV: tl.constexpr = K // BV
-    NB: tl.constexpr = 2 * NV if LOCAL else NV
-    pid = tl.program_id(0)
-    blk = pid % NB
-    bh = (pid // NB) % BH
-    seg = pid // (NB * BH)
-    b = bh // H
-    h = bh % H
-    is_m = blk >= NV
-    vb = blk % NV
-
-    rows = tl.arange(0, L_)
-    cols = tl.arange(0, K)
-    vrow = vb * BV + tl.arange(0, BV)
-    state_tile = vrow[:, None] * K + cols[None, :]
-    ktile = rows[:, None] * K + cols[None, :]
-    base = b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
-    vt_off = base + vrow[:, None] + rows[None, :] * stride_t            # [BV, L] view of v / y
-
-    if HAS_INIT:
-        ip = init_ptr + b.to(tl.int64) * init_sb + h.to(tl.int64) * init_sh + seg.to(tl.int64) * init_ss
-        S = tl.load(ip + state_tile).to(tl.float32)
-    else:
-        S = tl.zeros([BV, K], dtype=tl.float32)
-    if LOCAL:
-        # the blocks of M start from the identity's rows; those of S_loc from zero
-        eye = tl.where(vrow[:, None] == cols[None, :], 1.0, 0.0)
-        S = tl.where(is_m, eye, tl.zeros([BV, K], dtype=tl.float32))
-    v_scale = tl.where(is_m, 0.0, 1.0)
-
-    c_lo = seg * CPS
-    c_hi = tl.minimum(c_lo + CPS, NC)
-    for c in range(c_lo, c_hi):
-        t0 = c * L_
-        t = t0 + rows
-        inb = t < T
-        valid = inb
-        if HAS_MASK:
-            m = tl.load(mask_ptr + b.to(tl.int64) * T + t, mask=inb, other=0)
-            valid = inb & (m != 0)
-        Wc, Bc, Kc, R2, Qc, dec = chunk_tiles(r_ptr + base, w_ptr + base, k_ptr + base,
-                                              a_ptr + base, b_ptr + base, t, T, cols, stride_t,
-                                              valid, PREC, PREC_INV)
-        Vt = tl.load(v_ptr + vt_off + t0 * stride_t, mask=inb[None, :], other=0.0).to(tl.float32)
-        if LOCAL:
-            Vt = Vt * v_scale
-        if SAVE:
-            chunk = bh.to(tl.int64) * NC + c
-            tl.store(ckpt_ptr + chunk * K * K + state_tile, S)
-            if vb == 0:
-                tl.store(wo_ptr + chunk * L_ * K + ktile, Wc)
-                tl.store(bo_ptr + chunk * L_ * K + ktile, Bc)
-                tl.store(r2o_ptr + chunk * L_ * K + ktile, R2)
-                tl.store(deco_ptr + chunk * K + cols, dec)
-        S_r = tf32(S, PREC)
-        if WRITE_Y:
+            R2 = tl.load(r2t_ptr + cbase + ktile).to(tl.float32)
+            Qc = tl.load(qct_ptr + (bh.to(tl.int64) * NC + c) * L_ * L_ + qtile).to(tl.float32)
             Yt = tl.dot(S_r, tl.trans(R2), input_precision=PREC)
             Yt = tl.dot(Vt, tl.trans(Qc), Yt, input_precision=PREC)
             tl.store(y_ptr + vt_off + t0 * stride_t, Yt.to(y_ptr.dtype.element_ty), mask=inb[None, :])

@@ -27,8 +27,9 @@ class ChunkConfig:
     prep_chunks: chunks per program of the prep kernel (one per warp with warps_prep of them).
     precision_inverse: products of the (I - A_ab)^-1 series for bf16/fp16 inputs (fp32: ieee).
     recompute_bwd: the gradient kernel recomputes the chunk's factors after its V loop.
-    fused_fwd: one forward kernel computes each chunk's tiles in registers (``chunk_fwd_kernel``)
-    instead of a prep kernel writing them to memory for the scan.
+    transposed_bwd: the gradient kernel's V loop runs on transposed tiles (products with 64 rows).
+    tile_dtype_no_grad: storage dtype of the prep tiles W, b_bar, Kc, R2, Qc when no backward will
+    read them (inference / no_grad); the chunk decays and all arithmetic stay fp32.
     """
 
     precision: str
@@ -46,7 +47,8 @@ class ChunkConfig:
     stages_state: int = 1
     stages_bwd: int = 1
     recompute_bwd: bool = False
-    fused_fwd: bool = True
+    transposed_bwd: bool = False
+    tile_dtype_no_grad: str = "float32"
 
     def with_(self, **changes) -> "ChunkConfig":
         return replace(self, **changes)

@@ -95,9 +95,8 @@ def _entries() -> dict:
     # The entries reach the shared kernels and triton.language through module globals, which every
     # Triton version resolves (not all resolve closures). The module is bound as `tl`: Triton's
     # interpreter recognises constexpr annotations by that exact spelling.
-    global tl, _chunk_prep_kernel, _chunk_fwd_kernel, _chunk_scan_fwd_kernel, _state_combine_kernel
-    global layout_strides, state_strides, end_strides
-    global _chunk_scan_bwd_kernel, _chunk_bwd_kernel, _chunk_bwd_split_kernel
+    global tl, _chunk_prep_kernel, _chunk_scan_fwd_kernel, _state_combine_kernel
+    global _chunk_scan_bwd_kernel, _chunk_bwd_kernel
     if _ENTRIES:
         return _ENTRIES
     import triton
@@ -106,7 +105,6 @@ def _entries() -> dict:
     from rwkv_ops.jax._triton import chunk_bwd, chunk_fwd
 
     _chunk_prep_kernel = chunk_fwd.chunk_prep_kernel
-    _chunk_fwd_kernel = chunk_fwd.chunk_fwd_kernel
     _chunk_scan_fwd_kernel = chunk_fwd.chunk_scan_fwd_kernel
     _state_combine_kernel = chunk_fwd.state_combine_kernel
     _chunk_scan_bwd_kernel = chunk_bwd.chunk_scan_bwd_kernel
@@ -119,50 +117,6 @@ def _entries() -> dict:
     # (T may come in as i32 or, when 1, as a constant); head_first: (t, h) = (K, T*K), else (H*K, K).
     # INIT_MODE of the state entering a scan: 0 none, 1 [B, H, K, K], 2 [1, H, K, K] (broadcast),
     # 3 one per segment [B, H, NSEG, K, K]. Per-segment outputs are [B, H, NSEG, K, K].
-
-    @triton.jit
-    def layout_strides(T, H: tl.constexpr, K: tl.constexpr, HEAD_FIRST: tl.constexpr):
-        T64 = T + tl.zeros([], dtype=tl.int64)
-        if HEAD_FIRST:
-            return T64 * (H * K), K, T64 * K
-        return T64 * (H * K), H * K, K
-
-    @triton.jit
-    def state_strides(NSEG, H: tl.constexpr, K: tl.constexpr, INIT_MODE: tl.constexpr):
-        # (batch, head, segment) strides of the state entering a scan, by INIT_MODE
-        if INIT_MODE == 1:
-            return H * K * K, K * K, 0
-        elif INIT_MODE == 2:
-            return 0, K * K, 0
-        elif INIT_MODE == 3:
-            return NSEG * (H * K * K), NSEG * (K * K), K * K
-        return 0, 0, 0
-
-    @triton.jit
-    def end_strides(NSEG, K: tl.constexpr, LOCAL: tl.constexpr):
-        # (sequence, segment) strides of a scan's end states: per segment when LOCAL
-        if LOCAL:
-            return NSEG * (K * K), K * K
-        return K * K, 0
-
-    @triton.jit
-    def rwkv_gdr_fwd(r, w, k, v, a, b, mask, init,
-                     T_p1, BH_p1, NC_p1, CPS_p1, NSEG_p1,
-                     y, send, mend, ckpt, wo, bo, r2o, deco,
-                     H: tl.constexpr, K: tl.constexpr, BV: tl.constexpr,
-                     HEAD_FIRST: tl.constexpr, HAS_MASK: tl.constexpr, INIT_MODE: tl.constexpr,
-                     LOCAL: tl.constexpr, WRITE_Y: tl.constexpr, SAVE: tl.constexpr,
-                     WRITE_END: tl.constexpr, PREC: tl.constexpr, PREC_INV: tl.constexpr):
-        T, BH, NC, CPS, NSEG = T_p1 - 1, BH_p1 - 1, NC_p1 - 1, CPS_p1 - 1, NSEG_p1 - 1
-        stride_b, stride_t, stride_h = layout_strides(T, H, K, HEAD_FIRST)
-        init_sb, init_sh, init_ss = state_strides(NSEG, H, K, INIT_MODE)
-        send_sbh, send_ss = end_strides(NSEG, K, LOCAL)
-        _chunk_fwd_kernel(r, w, k, v, a, b, mask, init, y, send, mend, ckpt, wo, bo, r2o, deco,
-                          T, H, BH, NC, CPS, stride_b, stride_t, stride_h,
-                          init_sb, init_sh, init_ss, send_sbh, send_ss,
-                          K=K, BV=BV, HAS_MASK=HAS_MASK, HAS_INIT=INIT_MODE != 0, LOCAL=LOCAL,
-                          WRITE_Y=WRITE_Y, SAVE=SAVE, WRITE_END=WRITE_END, PREC=PREC,
-                          PREC_INV=PREC_INV)
 
     @triton.jit
     def rwkv_gdr_prep(r, w, k, a, b, mask,
@@ -289,7 +243,7 @@ def _entries() -> dict:
                      dr, dw, dk, dv, da, db,
                      H: tl.constexpr, K: tl.constexpr, BV: tl.constexpr,
                      HEAD_FIRST: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr,
-                     PREC_INV: tl.constexpr, RECOMPUTE: tl.constexpr):
+                     PREC_INV: tl.constexpr, RECOMPUTE: tl.constexpr, TRANSPOSED: tl.constexpr):
         T, BH, NC = T_p1 - 1, BH_p1 - 1, NC_p1 - 1
         T64 = T + tl.zeros([], dtype=tl.int64)
         stride_b = T64 * (H * K)
@@ -302,35 +256,11 @@ def _entries() -> dict:
         _chunk_bwd_kernel(r, w, k, v, a, b, dy, mask, ckpt, gck, dr, dw, dk, dv, da, db,
                           T, H, BH, NC, stride_b, stride_t, stride_h,
                           K=K, BV=BV, HAS_MASK=HAS_MASK, PREC=PREC, PREC_INV=PREC_INV,
-                          RECOMPUTE=RECOMPUTE)
+                          RECOMPUTE=RECOMPUTE, TRANSPOSED=TRANSPOSED)
 
-    _ENTRIES.update(fwd=rwkv_gdr_fwd, prep=rwkv_gdr_prep, scan_fwd=rwkv_gdr_scan_fwd, combine=rwkv_gdr_combine,
+    _ENTRIES.update(prep=rwkv_gdr_prep, scan_fwd=rwkv_gdr_scan_fwd, combine=rwkv_gdr_combine,
                     scan_bwd=rwkv_gdr_scan_bwd, bwd=rwkv_gdr_bwd)
 
-    # the column-sliced variant of the gradient kernel, used where the configuration asks for it
-    _chunk_bwd_split_kernel = getattr(chunk_bwd, "chunk_bwd_split_kernel", None)
-    if _chunk_bwd_split_kernel is not None:
-        @triton.jit
-        def rwkv_gdr_bwd_split(r, w, k, v, a, b, dy, mask, ckpt, gck,
-                               T_p1, BH_p1, NC_p1,
-                               dr, dw, dk, dv, da, db,
-                               H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
-                               HEAD_FIRST: tl.constexpr, HAS_MASK: tl.constexpr,
-                               PREC: tl.constexpr, PREC_INV: tl.constexpr):
-            T, BH, NC = T_p1 - 1, BH_p1 - 1, NC_p1 - 1
-            T64 = T + tl.zeros([], dtype=tl.int64)
-            stride_b = T64 * (H * K)
-            if HEAD_FIRST:
-                stride_t = K
-                stride_h = T64 * K
-            else:
-                stride_t = H * K
-                stride_h = K
-            _chunk_bwd_split_kernel(r, w, k, v, a, b, dy, mask, ckpt, gck, dr, dw, dk, dv, da, db,
-                                    T, H, BH, NC, stride_b, stride_t, stride_h,
-                                    K=K, BK=BK, HAS_MASK=HAS_MASK, PREC=PREC, PREC_INV=PREC_INV)
-
-        _ENTRIES["bwd_split"] = rwkv_gdr_bwd_split
     return _ENTRIES
 
 
@@ -454,59 +384,43 @@ def _forward_local(static, *arrays):
     prec = _precision(arrays[:6])
     m = r if mask is None else mask
 
-    save = static.save
-    tile = _sds((B, H, NC, CHUNK, K))
+    # product operands of the scan; a backward reads W, b_bar, R2 too (then always fp32)
+    tile_dtype = jnp.float32 if static.save else jnp.dtype(cfg.tile_dtype_no_grad)
+    tile, G = _sds((B, H, NC, CHUNK, K), tile_dtype), cfg.prep_chunks
+    wt, bt, kct, r2t, qct, dect = _launch(
+        "prep", (r, w, k, a, b, m), (T, BH, NC),
+        (tile, tile, tile, tile, _sds((B, H, NC, CHUNK, CHUNK), tile_dtype), _sds((B, H, NC, K))),
+        (-(-NC // G) * BH,), cfg.warps_prep, 3,
+        H=H, K=K, G=G, HEAD_FIRST=static.head_first, HAS_MASK=mask is not None, PREC=prec,
+        PREC_INV=_inverse_precision(prec, cfg))
+
     bv = cfg.bv_fwd
     nv = K // bv
-    scalars = (T, BH, NC, cps, n_seg)
-    if cfg.fused_fwd:
-        # residual tiles W, b_bar, R2, dec come out of the scan itself
-        kept = (tile, tile, tile, _sds((B, H, NC, K))) if save else (_UNUSED,) * 4
-        inputs = (r, w, k, v, a, b, m)
-        common = dict(H=H, K=K, BV=bv, HEAD_FIRST=static.head_first, HAS_MASK=mask is not None,
-                      PREC=prec, PREC_INV=_inverse_precision(prec, cfg))
-
-        def scan(init, init_mode, grid, y_out, ckpt_out, end_outs, **flags):
-            outs = _launch("fwd", inputs + (init,), scalars,
-                           (y_out, *end_outs, ckpt_out) + (kept if flags["SAVE"] else (_UNUSED,) * 4),
-                           grid, cfg.warps_fwd, cfg.stages_fwd, INIT_MODE=init_mode,
-                           **common, **flags)
-            return outs[0], outs[1], outs[2], outs[3], outs[4:]
-    else:
-        G = cfg.prep_chunks
-        wt, bt, kct, r2t, qct, dect = _launch(
-            "prep", (r, w, k, a, b, m), (T, BH, NC),
-            (tile, tile, tile, tile, _sds((B, H, NC, CHUNK, CHUNK)), _sds((B, H, NC, K))),
-            (-(-NC // G) * BH,), cfg.warps_prep, 3,
-            H=H, K=K, G=G, HEAD_FIRST=static.head_first, HAS_MASK=mask is not None, PREC=prec,
-            PREC_INV=_inverse_precision(prec, cfg))
-        tiles = (v, wt, bt, kct, r2t, qct, dect)
-        common = dict(H=H, K=K, BV=bv, HEAD_FIRST=static.head_first, PREC=prec)
-
-        def scan(init, init_mode, grid, y_out, ckpt_out, end_outs, SAVE, **flags):
-            y, ckpt, send, mend = _launch("scan_fwd", tiles + (init,), scalars,
-                                          (y_out, ckpt_out, *end_outs), grid, cfg.warps_fwd,
-                                          cfg.stages_fwd, INIT_MODE=init_mode, SAVE_CKPT=SAVE,
-                                          **common, **flags)
-            return y, send, mend, ckpt, (wt, bt, r2t, dect)
-
+    common = dict(H=H, K=K, BV=bv, HEAD_FIRST=static.head_first, PREC=prec)
     init, init_mode = (r, 0) if s0 is None else (s0, static.init_mode)
+    tiles = (v, wt, bt, kct, r2t, qct, dect)
+    scalars = (T, BH, NC, cps, n_seg)
     seg_m = None
     if n_seg > 1:
         seg = _sds((B, H, n_seg, K, K))
-        _, loc, seg_m, _, _ = scan(r, 0, (2 * nv * BH * n_seg,), _UNUSED, _UNUSED, (seg, seg),
-                                   LOCAL=True, WRITE_Y=False, SAVE=False, WRITE_END=True)
+        _, _, loc, seg_m = _launch(
+            "scan_fwd", tiles + (r,), scalars, (_UNUSED, _UNUSED, seg, seg),
+            (2 * nv * BH * n_seg,), cfg.warps_fwd, cfg.stages_fwd,
+            INIT_MODE=0, LOCAL=True, WRITE_Y=False, SAVE_CKPT=False, WRITE_END=True, **common)
         (starts,) = _launch(
             "combine", (loc, seg_m, init), (BH, n_seg), (seg,), (K // COMBINE_ROWS * BH,), 4, 3,
             H=H, K=K, BV=COMBINE_ROWS, INIT_MODE=init_mode, REVERSE=False)
         init, init_mode = starts, 3
-    y, final, _, ckpt, residual_tiles = scan(
-        init, init_mode, (nv * BH * n_seg,), _sds(r.shape, r.dtype),
-        _sds((B, H, NC, K, K)) if save else _UNUSED, (_sds((B, H, K, K)), _UNUSED),
-        LOCAL=False, WRITE_Y=True, SAVE=save, WRITE_END=True)
+    save = static.save
+    outs = (_sds(r.shape, r.dtype), _sds((B, H, NC, K, K)) if save else _UNUSED,
+            _sds((B, H, K, K)), _UNUSED)
+    y, ckpt, final, _ = _launch(
+        "scan_fwd", tiles + (init,), scalars, outs, (nv * BH * n_seg,),
+        cfg.warps_fwd, cfg.stages_fwd,
+        INIT_MODE=init_mode, LOCAL=False, WRITE_Y=True, SAVE_CKPT=save, WRITE_END=True, **common)
     if not save:
         return y, final
-    return (y, final, ckpt) + ((seg_m,) if n_seg > 1 else ()) + tuple(residual_tiles)
+    return (y, final, ckpt) + ((seg_m,) if n_seg > 1 else ()) + (wt, bt, r2t, dect)
 
 
 def _backward_local(static, *arrays):
@@ -554,10 +468,8 @@ def _backward_local(static, *arrays):
                  cfg.warps_bwd, cfg.stages_bwd)
     flags = dict(H=H, K=K, HEAD_FIRST=static.head_first, HAS_MASK=mask is not None, PREC=prec,
                  PREC_INV=_inverse_precision(prec, cfg))
-    if getattr(cfg, "bwd_split", False):
-        grads = _launch("bwd_split", *grad_args, BK=cfg.bk_bwd, **flags)
-    else:
-        grads = _launch("bwd", *grad_args, BV=cfg.bv_bwd, RECOMPUTE=cfg.recompute_bwd, **flags)
+    grads = _launch("bwd", *grad_args, BV=cfg.bv_bwd, RECOMPUTE=cfg.recompute_bwd,
+                    TRANSPOSED=cfg.transposed_bwd, **flags)
     return tuple(grads) + ((ds0,) if need_ds0 else ())
 
 

@@ -105,46 +105,24 @@ def _forward_impl(r, w, k, v, a, b, initial_state, mask, head_first, chunks_per_
     f32 = torch.float32
     has_mask = mask is not None
     m = mask if has_mask else r  # any tensor stands in for an absent mask pointer
-    prec_inv = "ieee" if prec == "ieee" else cfg.precision_inverse
 
-    def kept(*shape):
-        return torch.empty(shape if save else (0,), dtype=f32, device=dev)
-
-    # the backward's residuals: W, b_bar, R2 tiles and chunk decays
-    wt, bt, r2t, dect = (kept(BH, NC, CHUNK, K), kept(BH, NC, CHUNK, K), kept(BH, NC, CHUNK, K),
-                         kept(BH, NC, K))
-    if cfg.fused_fwd:
-        def scan(grid, init, y, ckpt, send, mend, init_strides, send_strides, **flags):
-            chunk_fwd.chunk_fwd_kernel[grid](
-                r, w, k, v, a, b, m, init,
-                y, send, mend, ckpt, wt, bt, r2t, dect,
-                T, H, BH, NC, cps, sb, st, sh, *init_strides, *send_strides,
-                K=K, BV=cfg.bv_fwd, HAS_MASK=has_mask, SAVE=flags.pop("SAVE_CKPT"), PREC=prec,
-                PREC_INV=prec_inv, num_warps=cfg.warps_fwd, num_stages=cfg.stages_fwd, **flags)
-    else:
-        kct = torch.empty((BH, NC, CHUNK, K), dtype=f32, device=dev)
-        qct = torch.empty((BH, NC, CHUNK, CHUNK), dtype=f32, device=dev)
-        if not save:
-            wt, bt, r2t = (torch.empty((BH, NC, CHUNK, K), dtype=f32, device=dev) for _ in range(3))
-            dect = torch.empty((BH, NC, K), dtype=f32, device=dev)
-        G = cfg.prep_chunks
-        chunk_fwd.chunk_prep_kernel[(-(-NC // G) * BH,)](
-            r, w, k, a, b, m,
-            wt, bt, kct, r2t, qct, dect,
-            T, H, BH, NC, sb, st, sh,
-            K=K, G=G, HAS_MASK=has_mask, PREC=prec, PREC_INV=prec_inv, num_warps=cfg.warps_prep)
-
-        def scan(grid, init, y, ckpt, send, mend, init_strides, send_strides, **flags):
-            chunk_fwd.chunk_scan_fwd_kernel[grid](
-                v, wt, bt, kct, r2t, qct, dect, init,
-                y, ckpt, send, mend,
-                T, H, BH, NC, cps, sb, st, sh, *init_strides, *send_strides,
-                K=K, BV=cfg.bv_fwd, PREC=prec, num_warps=cfg.warps_fwd,
-                num_stages=cfg.stages_fwd, **flags)
+    # product operands of the scan; a backward reads W, b_bar, R2 too (then always fp32)
+    tile_dtype = f32 if save else getattr(torch, cfg.tile_dtype_no_grad)
+    tiles = [torch.empty((BH, NC, CHUNK, K), dtype=tile_dtype, device=dev) for _ in range(4)]
+    wt, bt, kct, r2t = tiles
+    qct = torch.empty((BH, NC, CHUNK, CHUNK), dtype=tile_dtype, device=dev)
+    dect = torch.empty((BH, NC, K), dtype=f32, device=dev)
+    G = cfg.prep_chunks
+    chunk_fwd.chunk_prep_kernel[(-(-NC // G) * BH,)](
+        r, w, k, a, b, m,
+        wt, bt, kct, r2t, qct, dect,
+        T, H, BH, NC, sb, st, sh,
+        K=K, G=G, HAS_MASK=has_mask, PREC=prec,
+        PREC_INV="ieee" if prec == "ieee" else cfg.precision_inverse, num_warps=cfg.warps_prep)
 
     y = torch.empty(r.shape, dtype=r.dtype, device=dev)
     final = torch.empty((B, H, K, K), dtype=f32, device=dev)
-    ckpt = kept(BH, NC, K, K)
+    ckpt = torch.empty((BH, NC, K, K) if save else (0,), dtype=f32, device=dev)
     has_init = initial_state is not None
     if has_init:
         init_sb = 0 if initial_state.shape[0] == 1 else H * K * K
@@ -152,21 +130,32 @@ def _forward_impl(r, w, k, v, a, b, initial_state, mask, head_first, chunks_per_
     else:
         init, init_sb, init_sh, init_ss = r, 0, 0, 0
     seg_m = torch.empty((BH, n_seg, K, K) if (save and n_seg > 1) else (0,), dtype=f32, device=dev)
-    nv = K // cfg.bv_fwd
+    bv = cfg.bv_fwd
+    nv = K // bv
+    scan = chunk_fwd.chunk_scan_fwd_kernel
     if n_seg > 1:
         loc = torch.empty((BH, n_seg, K, K), dtype=f32, device=dev)
         trans = seg_m if seg_m.numel() else torch.empty((BH, n_seg, K, K), dtype=f32, device=dev)
-        scan((2 * nv * BH * n_seg,), r, y, y, loc, trans, (0, 0, 0), (n_seg * K * K, K * K),
-             HAS_INIT=False, LOCAL=True, WRITE_Y=False, SAVE_CKPT=False, WRITE_END=True)
+        scan[(2 * nv * BH * n_seg,)](
+            v, wt, bt, kct, r2t, qct, dect, r,
+            y, y, loc, trans,
+            T, H, BH, NC, cps, sb, st, sh, 0, 0, 0, n_seg * K * K, K * K,
+            K=K, BV=bv, HAS_INIT=False, LOCAL=True, WRITE_Y=False, SAVE_CKPT=False,
+            WRITE_END=True, PREC=prec, num_warps=cfg.warps_fwd, num_stages=cfg.stages_fwd)
         starts = torch.empty((BH, n_seg, K, K), dtype=f32, device=dev)
         chunk_fwd.state_combine_kernel[(K // COMBINE_ROWS * BH,)](
             loc, trans, init, starts, H, BH, n_seg, init_sb, init_sh,
             K=K, BV=COMBINE_ROWS, HAS_INIT=has_init, REVERSE=False, num_warps=4)
         init, init_sb, init_sh, init_ss = starts, H * n_seg * K * K, n_seg * K * K, K * K
         has_init = True
-    scan((nv * BH * n_seg,), init, y, ckpt if save else y, final, final,
-         (init_sb, init_sh, init_ss), (K * K, 0),
-         HAS_INIT=has_init, LOCAL=False, WRITE_Y=True, SAVE_CKPT=save, WRITE_END=True)
+    scan[(nv * BH * n_seg,)](
+        v, wt, bt, kct, r2t, qct, dect, init,
+        y, ckpt if save else y, final, final,
+        T, H, BH, NC, cps, sb, st, sh, init_sb, init_sh, init_ss, K * K, 0,
+        K=K, BV=bv, HAS_INIT=has_init, LOCAL=False, WRITE_Y=True, SAVE_CKPT=save,
+        WRITE_END=True, PREC=prec, num_warps=cfg.warps_fwd, num_stages=cfg.stages_fwd)
+    if not save:
+        wt, bt, r2t, dect = (torch.empty((0,), dtype=f32, device=dev) for _ in range(4))
     return y, final, ckpt, seg_m, wt, bt, r2t, dect
 
 
@@ -258,7 +247,7 @@ def _backward_impl(r, w, k, v, a, b, initial_state, mask, ckpt, seg_m, wt, bt, r
         T, H, BH, NC, sb, st, sh,
         K=K, BV=cfg.bv_bwd, HAS_MASK=has_mask, PREC=prec,
         PREC_INV="ieee" if prec == "ieee" else cfg.precision_inverse,
-        RECOMPUTE=cfg.recompute_bwd, num_warps=cfg.warps_bwd, num_stages=cfg.stages_bwd)
+        RECOMPUTE=cfg.recompute_bwd, TRANSPOSED=cfg.transposed_bwd, num_warps=cfg.warps_bwd, num_stages=cfg.stages_bwd)
     return (*grads, ds0)
 
 
