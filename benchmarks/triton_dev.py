@@ -11,10 +11,7 @@ times a few alternative launch configurations.
 
     python benchmarks/triton_dev.py [--sweep] [--quick]
 
-Last measured (one H200, torch 2.11, Triton 3.6, default config; ms, peak GiB absolute):
-S fwd 2.99, fwd+bwd 14.86, peak 9.06 | L fwd 4.88, fwd+bwd 17.55 | error-shape worst: bf16
-1.8e-3, fp32 4.7e-7. S fwd+bwd per kernel: chunk_bwd 10.35, scan_fwd 1.87, prep 1.55,
-scan_bwd 1.14.
+Results and the sweeps tried so far: docs/benchmarks.md ("Where the Triton time goes").
 """
 
 from __future__ import annotations
@@ -207,15 +204,12 @@ def main():
     if args.sweep:
         real = launcher.select_config
         variants = {
-            "bf16-tiles": dict(tile_dtype_no_grad="bfloat16"),
-            "fwd-bv32": dict(bv_fwd=32, bv_state=32),
-            "fwd-bv32-w2": dict(bv_fwd=32, warps_fwd=2),
-            "bf16-tiles-bv32": dict(tile_dtype_no_grad="bfloat16", bv_fwd=32),
+            "fwd-bv64-w4": dict(bv_fwd=64, warps_fwd=4),
+            "fwd-stages1": dict(stages_fwd=1),
             "prep-w2": dict(warps_prep=2),
-            "bwd-transposed": dict(transposed_bwd=True),
-            "bwd-transposed-recompute": dict(transposed_bwd=True, recompute_bwd=True),
-            "bwd-transposed-w8": dict(transposed_bwd=True, warps_bwd=8),
-            "bwd-recompute": dict(recompute_bwd=True),
+            "state-bv32-w2": dict(bv_state=32, warps_state=2),
+            "bwd-w8": dict(warps_bwd=8),
+            "bwd-bv32": dict(bv_bwd=32),
             "bwd-stages2": dict(stages_bwd=2),
         }
         if args.only:

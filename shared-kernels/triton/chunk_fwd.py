@@ -47,8 +47,7 @@ def chunk_prep_kernel(
     r, w, k, a, b: [B, T, H, K] by (stride_b, stride_t, stride_h), unit stride over K.
     mask: [B, T] (0 = padding) when HAS_MASK. Outputs as in the module docstring; rows of R2 and Qc
     at padded or masked steps are 0 (so are their outputs, and their dy never reaches the state).
-    In tf32 mode the tiles are stored rounded to tf32 (they are only ever product operands); the
-    W, b_bar, Kc, R2, Qc buffers may also be 16-bit (a forward that keeps nothing for a backward).
+    In tf32 mode the tiles are stored rounded to tf32 (they are only ever product operands).
     """
     n_blk = tl.cdiv(NC, G)
     cb = tl.program_id(0) % n_blk
@@ -92,7 +91,7 @@ def chunk_prep_kernel(
     bb = tl.load(b_ptr + base + offs, mask=ld, other=0.0).to(tl.float32)
     b_h = bb * e_inv
     b_bar = tf32(b_h * mid_to_end, PREC)
-    tl.store(bo_ptr + out0 + tiles, b_bar.to(bo_ptr.dtype.element_ty), mask=ok)
+    tl.store(bo_ptr + out0 + tiles, b_bar, mask=ok)
     rr = tl.load(r_ptr + base + offs, mask=ld, other=0.0).to(tl.float32)
     q_t = rr * tl.exp(lam_in - mid)
     aa = tl.where(keep, tl.load(a_ptr + base + offs, mask=ld, other=0.0).to(tl.float32), 0.0)
@@ -112,19 +111,18 @@ def chunk_prep_kernel(
 
     W = tl.dot(N, tf32(a_t * to_mid, PREC), input_precision=PREC)
     W_r = tf32(W, PREC)
-    tl.store(wo_ptr + out0 + tiles, W_r.to(wo_ptr.dtype.element_ty), mask=ok)
+    tl.store(wo_ptr + out0 + tiles, W_r, mask=ok)
     Ak = tf32(tl.dot(N, tf32(A_ak, PREC), input_precision=PREC), PREC)
     Kc = tl.dot(tl.trans(Ak, 0, 2, 1), b_bar, k_h * mid_to_end, input_precision=PREC)
-    tl.store(kco_ptr + out0 + tiles, tf32(Kc, PREC).to(kco_ptr.dtype.element_ty), mask=ok)
+    tl.store(kco_ptr + out0 + tiles, tf32(Kc, PREC), mask=ok)
     A_qb_r = tf32(A_qb, PREC)
     R2 = tl.dot(A_qb_r, W_r, q_t * to_mid, input_precision=PREC)
     R2 = tl.where(keep, R2, 0.0)
-    tl.store(r2o_ptr + out0 + tiles, tf32(R2, PREC).to(r2o_ptr.dtype.element_ty), mask=ok)
+    tl.store(r2o_ptr + out0 + tiles, tf32(R2, PREC), mask=ok)
     Qc = tl.dot(A_qb_r, Ak, A_qk, input_precision=PREC)
     Qc = tl.where(keep, Qc, 0.0)
     sq = (gi[:, None, None] * L_ + rows[None, :, None]) * L_ + rows[None, None, :]
-    tl.store(qco_ptr + (bh.to(tl.int64) * NC + cb * G) * L_ * L_ + sq,
-             tf32(Qc, PREC).to(qco_ptr.dtype.element_ty), mask=ok)
+    tl.store(qco_ptr + (bh.to(tl.int64) * NC + cb * G) * L_ * L_ + sq, tf32(Qc, PREC), mask=ok)
 
 
 @triton.jit(do_not_specialize=["T", "H", "BH", "NC", "CPS"])
@@ -187,9 +185,9 @@ def chunk_scan_fwd_kernel(
         t0 = c * L_
         inb = (t0 + rows) < T
         cbase = (bh.to(tl.int64) * NC + c) * L_ * K
-        Wc = tl.load(wt_ptr + cbase + ktile).to(tl.float32)
-        Bc = tl.load(bt_ptr + cbase + ktile).to(tl.float32)
-        Kc = tl.load(kct_ptr + cbase + ktile).to(tl.float32)
+        Wc = tl.load(wt_ptr + cbase + ktile)
+        Bc = tl.load(bt_ptr + cbase + ktile)
+        Kc = tl.load(kct_ptr + cbase + ktile)
         dec = tl.load(dect_ptr + (bh.to(tl.int64) * NC + c) * K + cols)
         Vt = tl.load(v_ptr + vt_off + t0 * stride_t, mask=inb[None, :], other=0.0).to(tl.float32)
         if LOCAL:
@@ -199,8 +197,8 @@ def chunk_scan_fwd_kernel(
             tl.store(ckpt_ptr + (bh.to(tl.int64) * NC + c) * K * K + state_tile, S)
         S_r = tf32(S, PREC)
         if WRITE_Y:
-            R2 = tl.load(r2t_ptr + cbase + ktile).to(tl.float32)
-            Qc = tl.load(qct_ptr + (bh.to(tl.int64) * NC + c) * L_ * L_ + qtile).to(tl.float32)
+            R2 = tl.load(r2t_ptr + cbase + ktile)
+            Qc = tl.load(qct_ptr + (bh.to(tl.int64) * NC + c) * L_ * L_ + qtile)
             Yt = tl.dot(S_r, tl.trans(R2), input_precision=PREC)
             Yt = tl.dot(Vt, tl.trans(Qc), Yt, input_precision=PREC)
             tl.store(y_ptr + vt_off + t0 * stride_t, Yt.to(y_ptr.dtype.element_ty), mask=inb[None, :])

@@ -243,7 +243,7 @@ def _entries() -> dict:
                      dr, dw, dk, dv, da, db,
                      H: tl.constexpr, K: tl.constexpr, BV: tl.constexpr,
                      HEAD_FIRST: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr,
-                     PREC_INV: tl.constexpr, RECOMPUTE: tl.constexpr, TRANSPOSED: tl.constexpr):
+                     PREC_INV: tl.constexpr):
         T, BH, NC = T_p1 - 1, BH_p1 - 1, NC_p1 - 1
         T64 = T + tl.zeros([], dtype=tl.int64)
         stride_b = T64 * (H * K)
@@ -255,8 +255,7 @@ def _entries() -> dict:
             stride_h = K
         _chunk_bwd_kernel(r, w, k, v, a, b, dy, mask, ckpt, gck, dr, dw, dk, dv, da, db,
                           T, H, BH, NC, stride_b, stride_t, stride_h,
-                          K=K, BV=BV, HAS_MASK=HAS_MASK, PREC=PREC, PREC_INV=PREC_INV,
-                          RECOMPUTE=RECOMPUTE, TRANSPOSED=TRANSPOSED)
+                          K=K, BV=BV, HAS_MASK=HAS_MASK, PREC=PREC, PREC_INV=PREC_INV)
 
     _ENTRIES.update(prep=rwkv_gdr_prep, scan_fwd=rwkv_gdr_scan_fwd, combine=rwkv_gdr_combine,
                     scan_bwd=rwkv_gdr_scan_bwd, bwd=rwkv_gdr_bwd)
@@ -384,12 +383,10 @@ def _forward_local(static, *arrays):
     prec = _precision(arrays[:6])
     m = r if mask is None else mask
 
-    # product operands of the scan; a backward reads W, b_bar, R2 too (then always fp32)
-    tile_dtype = jnp.float32 if static.save else jnp.dtype(cfg.tile_dtype_no_grad)
-    tile, G = _sds((B, H, NC, CHUNK, K), tile_dtype), cfg.prep_chunks
+    tile, G = _sds((B, H, NC, CHUNK, K)), cfg.prep_chunks
     wt, bt, kct, r2t, qct, dect = _launch(
         "prep", (r, w, k, a, b, m), (T, BH, NC),
-        (tile, tile, tile, tile, _sds((B, H, NC, CHUNK, CHUNK), tile_dtype), _sds((B, H, NC, K))),
+        (tile, tile, tile, tile, _sds((B, H, NC, CHUNK, CHUNK)), _sds((B, H, NC, K))),
         (-(-NC // G) * BH,), cfg.warps_prep, 3,
         H=H, K=K, G=G, HEAD_FIRST=static.head_first, HAS_MASK=mask is not None, PREC=prec,
         PREC_INV=_inverse_precision(prec, cfg))
@@ -468,8 +465,7 @@ def _backward_local(static, *arrays):
                  cfg.warps_bwd, cfg.stages_bwd)
     flags = dict(H=H, K=K, HEAD_FIRST=static.head_first, HAS_MASK=mask is not None, PREC=prec,
                  PREC_INV=_inverse_precision(prec, cfg))
-    grads = _launch("bwd", *grad_args, BV=cfg.bv_bwd, RECOMPUTE=cfg.recompute_bwd,
-                    TRANSPOSED=cfg.transposed_bwd, **flags)
+    grads = _launch("bwd", *grad_args, BV=cfg.bv_bwd, **flags)
     return tuple(grads) + ((ds0,) if need_ds0 else ())
 
 

@@ -106,11 +106,9 @@ def _forward_impl(r, w, k, v, a, b, initial_state, mask, head_first, chunks_per_
     has_mask = mask is not None
     m = mask if has_mask else r  # any tensor stands in for an absent mask pointer
 
-    # product operands of the scan; a backward reads W, b_bar, R2 too (then always fp32)
-    tile_dtype = f32 if save else getattr(torch, cfg.tile_dtype_no_grad)
-    tiles = [torch.empty((BH, NC, CHUNK, K), dtype=tile_dtype, device=dev) for _ in range(4)]
+    tiles = [torch.empty((BH, NC, CHUNK, K), dtype=f32, device=dev) for _ in range(4)]
     wt, bt, kct, r2t = tiles
-    qct = torch.empty((BH, NC, CHUNK, CHUNK), dtype=tile_dtype, device=dev)
+    qct = torch.empty((BH, NC, CHUNK, CHUNK), dtype=f32, device=dev)
     dect = torch.empty((BH, NC, K), dtype=f32, device=dev)
     G = cfg.prep_chunks
     chunk_fwd.chunk_prep_kernel[(-(-NC // G) * BH,)](
@@ -247,7 +245,7 @@ def _backward_impl(r, w, k, v, a, b, initial_state, mask, ckpt, seg_m, wt, bt, r
         T, H, BH, NC, sb, st, sh,
         K=K, BV=cfg.bv_bwd, HAS_MASK=has_mask, PREC=prec,
         PREC_INV="ieee" if prec == "ieee" else cfg.precision_inverse,
-        RECOMPUTE=cfg.recompute_bwd, TRANSPOSED=cfg.transposed_bwd, num_warps=cfg.warps_bwd, num_stages=cfg.stages_bwd)
+        num_warps=cfg.warps_bwd, num_stages=cfg.stages_bwd)
     return (*grads, ds0)
 
 
