@@ -18,13 +18,13 @@ The segment algebra (s.7) applies to G as well: G_start = G_end M^T + G_loc, wit
 import triton
 import triton.language as tl
 
-from .chunk_common import (FLOOR_, L_, chunk_log_decays, load_tile, step_validity, tf32,
-                           unit_lower_inverse)
+from .chunk_common import (FLOOR_, L_, chunk_log_decays, load_tile, sequence_span, step_validity,
+                           tf32, unit_lower_inverse)
 
 
 @triton.jit(do_not_specialize=["T", "H", "BH", "NC", "CPS"])
 def chunk_scan_bwd_kernel(
-    dy_ptr, wt_ptr, bt_ptr, r2t_ptr, dect_ptr, init_ptr,
+    dy_ptr, wt_ptr, bt_ptr, r2t_ptr, dect_ptr, init_ptr, cu_ptr,
     gck_ptr, gend_ptr,
     T, H, BH, NC, CPS,
     stride_b, stride_t, stride_h,
@@ -32,7 +32,7 @@ def chunk_scan_bwd_kernel(
     gend_sbh, gend_ss,
     K: tl.constexpr, BV: tl.constexpr,
     HAS_INIT: tl.constexpr, LOCAL: tl.constexpr, SAVE_CKPT: tl.constexpr,
-    WRITE_END: tl.constexpr, PREC: tl.constexpr,
+    WRITE_END: tl.constexpr, PREC: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """Reverse scan of the state gradient over one segment. Grid: (K // BV * BH * n_segments,).
 
@@ -42,7 +42,7 @@ def chunk_scan_bwd_kernel(
     without HAS_INIT). gck: [B*H, NC, K, K] fp32, the gradient at the end of every chunk
     (SAVE_CKPT). gend: the gradient at the segment's start, at gend + bh * gend_sbh +
     segment * gend_ss; LOCAL writes it for every segment, otherwise only segment 0 (the
-    initial-state gradient).
+    initial-state gradient). VARLEN: packed sequences (cu, as in the forward kernels).
     """
     NV: tl.constexpr = K // BV
     pid = tl.program_id(0)
@@ -57,7 +57,8 @@ def chunk_scan_bwd_kernel(
     vrow = vb * BV + tl.arange(0, BV)
     state_tile = vrow[:, None] * K + cols[None, :]
     ktile = rows[:, None] * K + cols[None, :]
-    base = b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
+    seq, T_n = sequence_span(cu_ptr, b, T, stride_b, stride_t, VARLEN)
+    base = seq + h.to(tl.int64) * stride_h
     vt_off = base + vrow[:, None] + rows[None, :] * stride_t
 
     if HAS_INIT:
@@ -71,7 +72,7 @@ def chunk_scan_bwd_kernel(
     for i in range(0, c_hi - c_lo):
         c = c_hi - 1 - i
         t0 = c * L_
-        inb = (t0 + rows) < T
+        inb = (t0 + rows) < T_n
         cbase = (bh.to(tl.int64) * NC + c) * L_ * K
         Wc = tl.load(wt_ptr + cbase + ktile)
         Bc = tl.load(bt_ptr + cbase + ktile)
@@ -116,18 +117,19 @@ def _chunk_factors(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, t, T, cols, stride_t, vali
 
 @triton.jit(do_not_specialize=["T", "H", "BH", "NC"])
 def chunk_bwd_kernel(
-    r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, mask_ptr, ckpt_ptr, gck_ptr,
+    r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, mask_ptr, ckpt_ptr, gck_ptr, cu_ptr,
     dr_ptr, dw_ptr, dk_ptr, dv_ptr, da_ptr, db_ptr,
     T, H, BH, NC,
     stride_b, stride_t, stride_h,
     K: tl.constexpr, BV: tl.constexpr,
-    HAS_MASK: tl.constexpr, PREC: tl.constexpr, PREC_INV: tl.constexpr,
+    HAS_MASK: tl.constexpr, PREC: tl.constexpr, PREC_INV: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """Gradients of r, w, k, v, a, b for one (batch, head, chunk). Grid: (NC * BH,).
 
     Inputs as in the forward; dy like r; ckpt: [B*H, NC, K, K] fp32 state entering each chunk;
     gck: [B*H, NC, K, K] fp32 state gradient at each chunk's end. Outputs: like their inputs.
-    PREC_INV: precision of the (I - A_ab)^-1 series (PREC, or "ieee").
+    PREC_INV: precision of the (I - A_ab)^-1 series (PREC, or "ieee"). VARLEN: packed sequences
+    (cu, as in the forward); a chunk wholly past its sequence's end stores nothing.
     Layout: the V loop works on [BV, 16] V-side tiles and [K, 16] K-side sums, so every product
     with a state operand has 64 rows; the factors it does not read are rebuilt after it from the
     cached inputs instead of being kept live (the kernel is register-bound: 255 registers at
@@ -145,12 +147,13 @@ def chunk_bwd_kernel(
     cols = tl.arange(0, K)
     incl = rows[:, None] >= rows[None, :]
     strict = rows[:, None] > rows[None, :]
-    base = b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
+    seq, T_n = sequence_span(cu_ptr, b, T, stride_b, stride_t, VARLEN)
+    base = seq + h.to(tl.int64) * stride_h
     t = c * L_ + rows
-    valid = step_validity(mask_ptr + b.to(tl.int64) * T, t, T, HAS_MASK)
+    valid = step_validity(mask_ptr + b.to(tl.int64) * T, t, T_n, HAS_MASK)
 
     q_t, k_h, a_t, b_h, e_in, e_ex, e_inv, to_mid, mid_to_end, decay_end, lam_raw = _chunk_factors(
-        r_ptr + base, w_ptr + base, k_ptr + base, a_ptr + base, b_ptr + base, t, T, cols,
+        r_ptr + base, w_ptr + base, k_ptr + base, a_ptr + base, b_ptr + base, t, T_n, cols,
         stride_t, valid, PREC)
     q_r = tf32(q_t, PREC)
     k_r = tf32(k_h, PREC)
@@ -184,7 +187,7 @@ def chunk_bwd_kernel(
         vcol = vb * BV + tl.arange(0, BV)
         tile = vcol[:, None] * K + cols[None, :]
         vt = base + vcol[:, None] + t[None, :] * stride_t
-        inb = (t < T)[None, :]
+        inb = (t < T_n)[None, :]
         vvT = tf32(tl.load(v_ptr + vt, mask=inb, other=0.0).to(tl.float32), PREC)
         dyT = tl.load(dy_ptr + vt, mask=valid[None, :], other=0.0).to(tl.float32)
         dyT = tf32(dyT, PREC)
@@ -221,7 +224,7 @@ def chunk_bwd_kernel(
     # rebuilt after the loop from the (cached) inputs rather than kept live through it; the same
     # instructions give the same values
     q_t, k_h, a_t, b_h, e_in, e_ex, e_inv, to_mid, mid_to_end, decay_end, lam_raw = _chunk_factors(
-        r_ptr + base, w_ptr + base, k_ptr + base, a_ptr + base, b_ptr + base, t, T, cols,
+        r_ptr + base, w_ptr + base, k_ptr + base, a_ptr + base, b_ptr + base, t, T_n, cols,
         stride_t, valid, PREC)
     q_r = tf32(q_t, PREC)
     k_r = tf32(k_h, PREC)
@@ -265,7 +268,7 @@ def chunk_bwd_kernel(
     db = tl.where(keep, (db_h + db_bar * mid_to_end[None, :]) * e_inv, 0.0)
 
     out = base + t[:, None] * stride_t + cols[None, :]
-    inb = (t < T)[:, None]
+    inb = (t < T_n)[:, None]
     tl.store(dr_ptr + out, dr.to(dr_ptr.dtype.element_ty), mask=inb)
     tl.store(dw_ptr + out, dw.to(dw_ptr.dtype.element_ty), mask=inb)
     tl.store(dk_ptr + out, dk.to(dk_ptr.dtype.element_ty), mask=inb)

@@ -1,5 +1,5 @@
-"""Pieces every chunk kernel shares: tile loads, step validity, the chunk's decay factors, the
-unit-lower-triangular inverse.
+"""Pieces every chunk kernel shares: the sequence a program works on, tile loads, step validity,
+the chunk's decay factors, the unit-lower-triangular inverse.
 
 The algebra is that of ``rwkv_ops.numpy.native`` (chunks of CHUNK = 16 steps, every pairwise
 decay factorised around the chunk's middle step, lambda clamped at -LAMBDA_FLOOR), written for
@@ -17,6 +17,26 @@ LAMBDA_FLOOR = 10.0
 L_ = tl.constexpr(CHUNK)
 MID_ = tl.constexpr(CHUNK // 2 - 1)
 FLOOR_ = tl.constexpr(LAMBDA_FLOOR)
+
+
+@triton.jit
+def sequence_span(cu_ptr, b, T, stride_b, stride_t, VARLEN: tl.constexpr):
+    """(64-bit element offset of sequence b's first step, its length) for the chunk kernels.
+
+    Dense (VARLEN=False): b is the batch index, the offset b * stride_b, the length the launch's T
+    (cu_ptr is not read). Packed (VARLEN=True): b is the sequence index n of N sequences packed
+    along T as [1, total_T, H, K]; cu (int32 [N + 1]) holds the boundaries, so the sequence starts
+    at cu[n] * stride_t and has cu[n + 1] - cu[n] steps (stride_b unused). The launch's T is then
+    the longest length: steps from the sequence's own length on are identity steps in every kernel.
+    """
+    if VARLEN:
+        bos = tl.load(cu_ptr + b)
+        T_n = tl.load(cu_ptr + b + 1) - bos
+        off = bos.to(tl.int64) * stride_t
+    else:
+        off = b.to(tl.int64) * stride_b
+        T_n = T
+    return off, T_n
 
 
 @triton.jit

@@ -23,6 +23,10 @@ segment's state from zero (rows 0..K-1) and its transition M (from S = I with v 
 ``state_combine_kernel`` chains them, and the ordinary scan runs each segment from its true start.
 
 Kernel signature order (shared with JAX): input pointers, output pointers, then scalars/constexprs.
+With ``VARLEN`` the inputs are N sequences packed along T ([1, total_T, H, K]) with boundaries
+``cu`` (int32 [N + 1]): the kernels' batch index is the sequence index, each program reads its
+sequence's start and length (``chunk_common.sequence_span``) and the launch's T is the longest
+length, so NC = ceil(max_len / 16) for every sequence and a shorter one ends in identity chunks.
 Buffers of the K-side tiles: [B*H, NC, 16, K] (W, b_bar, Kc, R2), [B*H, NC, 16, 16] (Qc) and
 [B*H, NC, K] (dec), fp32, contiguous.
 """
@@ -30,22 +34,24 @@ Buffers of the K-side tiles: [B*H, NC, 16, K] (W, b_bar, Kc, R2), [B*H, NC, 16, 
 import triton
 import triton.language as tl
 
-from .chunk_common import L_, chunk_log_decays3, tf32, unit_lower_inverse3
+from .chunk_common import L_, chunk_log_decays3, sequence_span, tf32, unit_lower_inverse3
 
 
 @triton.jit(do_not_specialize=["T", "H", "BH", "NC"])
 def chunk_prep_kernel(
-    r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, mask_ptr,
+    r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, mask_ptr, cu_ptr,
     wo_ptr, bo_ptr, kco_ptr, r2o_ptr, qco_ptr, deco_ptr,
     T, H, BH, NC,
     stride_b, stride_t, stride_h,
     K: tl.constexpr, G: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr,
-    PREC_INV: tl.constexpr,
+    PREC_INV: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """K-side tiles of G consecutive chunks of one (batch, head). Grid: (ceil(NC / G) * BH,).
 
     r, w, k, a, b: [B, T, H, K] by (stride_b, stride_t, stride_h), unit stride over K.
-    mask: [B, T] (0 = padding) when HAS_MASK. Outputs as in the module docstring; rows of R2 and Qc
+    mask: [B, T] (0 = padding) when HAS_MASK. VARLEN: B sequences packed along T, boundaries in
+    cu (int32 [B + 1], see ``sequence_span``; never with HAS_MASK); chunks past a sequence's end
+    get identity tiles (dec 1, all others 0). Outputs as in the module docstring; rows of R2 and Qc
     at padded or masked steps are 0 (so are their outputs, and their dy never reaches the state).
     In tf32 mode the tiles are stored rounded to tf32 (they are only ever product operands).
     """
@@ -59,14 +65,15 @@ def chunk_prep_kernel(
     cols = tl.arange(0, K)
     c = cb * G + gi                                          # [G]
     t = c[:, None] * L_ + rows[None, :]                      # [G, L]
-    inb = t < T
+    seq, T_n = sequence_span(cu_ptr, b, T, stride_b, stride_t, VARLEN)
+    inb = t < T_n
     valid = inb
     if HAS_MASK:
         m = tl.load(mask_ptr + b.to(tl.int64) * T + t, mask=inb, other=0)
         valid = inb & (m != 0)
     # 64-bit base of this block, 32-bit offsets inside it
     t0 = (cb * G * L_).to(tl.int64)
-    base = b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h + t0 * stride_t
+    base = seq + h.to(tl.int64) * stride_h + t0 * stride_t
     offs = ((gi[:, None, None] * L_ + rows[None, :, None]) * stride_t + cols[None, None, :])
     ld = inb[:, :, None]
     keep = valid[:, :, None]
@@ -127,7 +134,7 @@ def chunk_prep_kernel(
 
 @triton.jit(do_not_specialize=["T", "H", "BH", "NC", "CPS"])
 def chunk_scan_fwd_kernel(
-    v_ptr, wt_ptr, bt_ptr, kct_ptr, r2t_ptr, qct_ptr, dect_ptr, init_ptr,
+    v_ptr, wt_ptr, bt_ptr, kct_ptr, r2t_ptr, qct_ptr, dect_ptr, init_ptr, cu_ptr,
     y_ptr, ckpt_ptr, send_ptr, mend_ptr,
     T, H, BH, NC, CPS,
     stride_b, stride_t, stride_h,
@@ -136,7 +143,7 @@ def chunk_scan_fwd_kernel(
     K: tl.constexpr, BV: tl.constexpr,
     HAS_INIT: tl.constexpr, LOCAL: tl.constexpr,
     WRITE_Y: tl.constexpr, SAVE_CKPT: tl.constexpr, WRITE_END: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """Serial scan of the state over one segment of chunks. Grid: (n_blocks * BH * n_segments,),
     n_blocks = K // BV (2 K // BV when LOCAL: the second half computes M's rows).
@@ -146,6 +153,8 @@ def chunk_scan_fwd_kernel(
     ([K, K] row-major, any float dtype; zero without HAS_INIT). y: like v. ckpt: [B*H, NC, K, K]
     fp32, the state entering every chunk (SAVE_CKPT). send / mend: end state (LOCAL: and M) at
     ptr + bh * send_sbh + segment * send_ss; without LOCAL only the last segment writes.
+    VARLEN: packed sequences (cu, as in the prep kernel); y is written at the sequence's own steps
+    only, and its chunks past the end (identity tiles) carry the state unchanged to the end.
     The V-side tiles are handled transposed ([BV, 16]), so every product has the BV rows as M.
     """
     NV: tl.constexpr = K // BV
@@ -165,7 +174,8 @@ def chunk_scan_fwd_kernel(
     state_tile = vrow[:, None] * K + cols[None, :]
     ktile = rows[:, None] * K + cols[None, :]
     qtile = rows[:, None] * L_ + rows[None, :]
-    base = b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
+    seq, T_n = sequence_span(cu_ptr, b, T, stride_b, stride_t, VARLEN)
+    base = seq + h.to(tl.int64) * stride_h
     vt_off = base + vrow[:, None] + rows[None, :] * stride_t            # [BV, L] view of v / y
 
     if HAS_INIT:
@@ -183,7 +193,7 @@ def chunk_scan_fwd_kernel(
     c_hi = tl.minimum(c_lo + CPS, NC)
     for c in range(c_lo, c_hi):
         t0 = c * L_
-        inb = (t0 + rows) < T
+        inb = (t0 + rows) < T_n
         cbase = (bh.to(tl.int64) * NC + c) * L_ * K
         Wc = tl.load(wt_ptr + cbase + ktile)
         Bc = tl.load(bt_ptr + cbase + ktile)

@@ -196,15 +196,16 @@ def _varlen_case(seed, lengths, H=2, K=32, decays="model"):
     return packed, per_seq, cu
 
 
-@pytest.mark.parametrize("lengths", [LENGTHS, (3, 0, 17), (9, 9, 9)])
-def test_varlen_matches_each_sequence(lengths, request):
-    seed = seed_for(request)
-    packed, per_seq, cu = _varlen_case(seed, lengths)
+def check_varlen(seed, lengths, kernel_type=None, H=2, K=32, decays="model"):
+    """Packed forward + backward vs each sequence's float64 reference (outputs, final states and
+    the gradients of r, w, k, v, a, b and the initial states)."""
+    packed, per_seq, cu = _varlen_case(seed, lengths, H, K, decays)
     ts = [torch.tensor(packed[n], dtype=torch.float32, device=DEVICE, requires_grad=True)
           for n in NAMES]
     s0 = torch.tensor(packed["initial_state"], dtype=torch.float32, device=DEVICE,
                       requires_grad=True)
-    o, final = varlen.generalized_delta_rule_varlen(*ts, torch.tensor(cu), s0)
+    o, final = varlen.generalized_delta_rule_varlen(*ts, torch.tensor(cu), s0,
+                                                    kernel_type=kernel_type)
     assert o.shape == ts[0].shape and final.shape == s0.shape
     do, dsT = make_cotangents(o.shape, final.shape, seed=seed)
     grads = torch.autograd.grad([o, final], ts + [s0],
@@ -223,7 +224,59 @@ def test_varlen_matches_each_sequence(lengths, request):
             errors[f"y{i}"] = rel_error(o[:, lo:hi].detach().cpu().numpy(), y_ref)
             for name, g, ref in zip(GRAD_NAMES[:6], grads, refs):
                 errors[f"{name}{i}"] = rel_error(g[:, lo:hi], ref)
-    assert_errors(errors, TOL["model"], seed)
+    assert_errors(errors, TOL[decays], seed)
+
+
+# "triton": the kernels on the packed layout (on CPU tensors in the interpreter); "native": the
+# padded gather around the dense op
+VARLEN_KERNELS = ("native", "triton")
+
+
+@pytest.mark.parametrize("kernel_type", VARLEN_KERNELS)
+@pytest.mark.parametrize("lengths", [LENGTHS, (3, 0, 17), (9, 9, 9)])
+def test_varlen_matches_each_sequence(lengths, kernel_type, poison_empty, request):
+    check_varlen(seed_for(request), lengths, kernel_type)
+
+
+@pytest.mark.parametrize("cps", [1, 2])
+def test_varlen_triton_segments(cps, monkeypatch, poison_empty, request):
+    """The segment split forced on: segments past a short sequence's end are identity segments."""
+    from rwkv_ops.torch import triton_launcher
+
+    real = triton_launcher.select_config
+    monkeypatch.setattr(triton_launcher, "select_config",
+                        lambda *args: real(*args).with_(chunks_per_segment=cps))
+    check_varlen(seed_for(request), (20, 0, 53, 7), "triton")
+
+
+def test_varlen_triton_all_empty(request):
+    xs = [torch.zeros(1, 0, 2, 32, device=DEVICE) for _ in NAMES]
+    s0 = torch.randn(2, 2, 32, 32, device=DEVICE)
+    o, final = varlen.generalized_delta_rule_varlen(*xs, [0, 0, 0], s0, kernel_type="triton")
+    assert o.shape == (1, 0, 2, 32) and torch.equal(final, s0)
+
+
+def test_varlen_kernel_choice(monkeypatch):
+    xs = [torch.randn(1, 10, 2, 32) for _ in NAMES]
+    run = varlen.generalized_delta_rule_varlen
+    with pytest.raises(ValueError, match="not valid"):
+        run(*xs, [0, 4, 10], kernel_type="fast")
+    # CPU tensors: the automatic choice is the native implementation, never the interpreter
+    assert varlen.choose_varlen_kernel(None, "cpu", 32) == "native"
+    odd = [torch.randn(1, 10, 2, 48, device=DEVICE) for _ in NAMES]
+    with pytest.raises(KernelUnavailableError, match="32, 64, 128"):
+        run(*odd, [0, 4, 10], kernel_type="triton")
+    # an explicit request never falls back: CPU tensors outside the interpreter raise
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(KernelUnavailableError, match="KERNEL_TYPE='triton'"):
+        run(*xs, [0, 4, 10], kernel_type="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel_type", [None, "triton"])
+def test_varlen_gpu_sizes(kernel_type, request):
+    """Longer sequences on the GPU (segments on through the automatic config: few heads)."""
+    check_varlen(seed_for(request), (1000, 0, 17, 4100, 300), kernel_type, H=2, K=64)
 
 
 def test_varlen_without_state(request):

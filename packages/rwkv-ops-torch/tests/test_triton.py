@@ -226,7 +226,7 @@ def test_opcheck(request):
     x = make_inputs(1, 17, 1, 32, seed=seed)
     ts = [torch.tensor(x[n], dtype=torch.float32, device=DEVICE, requires_grad=True) for n in NAMES]
     s0 = torch.tensor(x["initial_state"], dtype=torch.float32, device=DEVICE, requires_grad=True)
-    args = (*ts, s0, None, False, 1, True)
+    args = (*ts, s0, None, False, 1, True, None, 0)
     torch.library.opcheck(torch.ops.rwkv_ops.triton_gdr_fwd.default, args,
                           test_utils=("test_schema", "test_autograd_registration",
                                       "test_faketensor"))
@@ -274,3 +274,34 @@ def test_gradient_through_final_state_only(request):
                                            do=np.zeros((1, 20, 2, 32)), dfinal_state=dsT)
     check({n: rel_error(g.cpu().numpy(), ref) for n, g, ref in zip(GRAD_NAMES, grads, refs)},
           TOL[torch.float32, "model"], seed)
+
+
+def _packed_case(seed, lengths, H=2, K=32):
+    x = make_inputs(1, sum(lengths), H, K, seed=seed)
+    cu = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32, device=DEVICE)
+    ts = [torch.tensor(x[n], dtype=torch.float32, device=DEVICE, requires_grad=True) for n in NAMES]
+    s0 = torch.randn(len(lengths), H, K, K, device=DEVICE, requires_grad=True)
+    return ts, s0, cu
+
+
+def test_opcheck_varlen(request):
+    ts, s0, cu = _packed_case(_seed(request), (5, 0, 19))
+    args = (*ts, s0, None, False, 1, True, cu, 19)
+    torch.library.opcheck(torch.ops.rwkv_ops.triton_gdr_fwd.default, args,
+                          test_utils=("test_schema", "test_autograd_registration",
+                                      "test_faketensor"))
+
+
+def test_torch_compile_fullgraph_varlen(request):
+    seed = _seed(request)
+    ts, s0, cu = _packed_case(seed, (7, 20, 3))
+
+    def loss(*args):
+        o, final = launcher.generalized_delta_rule_packed(*args[:6], cu, 20, args[6])
+        return o.float().square().sum() + (final * final.flip(-1)).sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="inductor" if HAS_CUDA else "aot_eager")
+    eager = torch.autograd.grad(loss(*ts, s0), ts + [s0])
+    traced = torch.autograd.grad(compiled(*ts, s0), ts + [s0])
+    for a, b in zip(eager, traced):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), f"seed={seed}"

@@ -15,6 +15,15 @@ Passes of one call (B*H sequences of T steps, NC = ceil(T / 16) chunks):
   (reverse), then ``chunk_scan_bwd_kernel`` (state gradient at every chunk end, and the initial
   state's gradient), then ``chunk_bwd_kernel`` (all six input gradients, chunk-parallel).
 
+Variable-length batches (``generalized_delta_rule_packed``, used by ``rwkv_ops.torch.varlen``):
+both custom ops take an optional ``cu_seqlens`` (int32 [N + 1] on the inputs' device) and the
+longest length ``max_len``. The kernels then read and write the packed [1, total_T, H, K] tensors
+in place (their ``VARLEN`` constexpr): the launch plan is that of N sequences of max_len steps
+(B = N, T = max_len, strides (0, H*K, K)), each program finds its sequence's start and length in
+cu_seqlens, and steps past a sequence's end are identity steps. o and the input gradients are
+allocated like the packed inputs, the final state and its gradient as [N, H, K, K]; no padded copy
+is made in either direction.
+
 Under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors in Triton's interpreter (tests).
 """
 
@@ -69,8 +78,13 @@ def select_config(K: int, dtype: torch.dtype, T: int, BH: int):
     return _kernels()[2].chunk_config(K, _FLOAT_NAMES.get(dtype, "float32"), T, BH)
 
 
-def _layout(x: torch.Tensor, head_first: bool) -> tuple:
-    """(B, T, H, K) and the element strides (b, t, h) of a contiguous tensor in its layout."""
+def _layout(x: torch.Tensor, head_first: bool, cu_seqlens=None, max_len: int = 0) -> tuple:
+    """(B, T, H, K) and the element strides (b, t, h) of a contiguous tensor in its layout.
+
+    With ``cu_seqlens`` (packed [1, total_T, H, K]): B = N sequences, T = max_len, stride_b 0."""
+    if cu_seqlens is not None:
+        _, _, H, K = x.shape
+        return (cu_seqlens.shape[0] - 1, max_len, H, K), (0, H * K, K)
     if head_first:
         B, H, T, K = x.shape
         return (B, T, H, K), (H * T * K, K, T * K)
@@ -86,25 +100,28 @@ def _compute_precision(*xs) -> str:
 # forward
 
 
-def _launch_plan(r, w, k, v, a, b, head_first, chunks_per_segment):
+def _launch_plan(r, w, k, v, a, b, head_first, chunks_per_segment, cu_seqlens=None, max_len=0):
     """Sizes, strides, launch configuration and dot precision shared by forward and backward:
     ((B, T, H, K), (stride_b, stride_t, stride_h), B*H, chunks, segments, config, precision)."""
-    (B, T, H, K), strides = _layout(r, head_first)
+    (B, T, H, K), strides = _layout(r, head_first, cu_seqlens, max_len)
     BH, NC = B * H, max(1, -(-T // CHUNK))
     n_seg = -(-NC // chunks_per_segment)
     cfg = select_config(K, r.dtype, T, BH)
     return (B, T, H, K), strides, BH, NC, n_seg, cfg, _compute_precision(r, w, k, v, a, b)
 
 
-def _forward_impl(r, w, k, v, a, b, initial_state, mask, head_first, chunks_per_segment, save):
+def _forward_impl(r, w, k, v, a, b, initial_state, mask, head_first, chunks_per_segment, save,
+                  cu_seqlens=None, max_len=0):
     chunk_fwd, _, _ = _kernels()
     (B, T, H, K), (sb, st, sh), BH, NC, n_seg, cfg, prec = _launch_plan(
-        r, w, k, v, a, b, head_first, chunks_per_segment)
+        r, w, k, v, a, b, head_first, chunks_per_segment, cu_seqlens, max_len)
     cps = chunks_per_segment
     dev = r.device
     f32 = torch.float32
     has_mask = mask is not None
     m = mask if has_mask else r  # any tensor stands in for an absent mask pointer
+    varlen = cu_seqlens is not None
+    cu = cu_seqlens if varlen else r  # likewise for an absent cu_seqlens
 
     tiles = [torch.empty((BH, NC, CHUNK, K), dtype=f32, device=dev) for _ in range(4)]
     wt, bt, kct, r2t = tiles
@@ -112,11 +129,12 @@ def _forward_impl(r, w, k, v, a, b, initial_state, mask, head_first, chunks_per_
     dect = torch.empty((BH, NC, K), dtype=f32, device=dev)
     G = cfg.prep_chunks
     chunk_fwd.chunk_prep_kernel[(-(-NC // G) * BH,)](
-        r, w, k, a, b, m,
+        r, w, k, a, b, m, cu,
         wt, bt, kct, r2t, qct, dect,
         T, H, BH, NC, sb, st, sh,
         K=K, G=G, HAS_MASK=has_mask, PREC=prec,
-        PREC_INV="ieee" if prec == "ieee" else cfg.precision_inverse, num_warps=cfg.warps_prep)
+        PREC_INV="ieee" if prec == "ieee" else cfg.precision_inverse, VARLEN=varlen,
+        num_warps=cfg.warps_prep)
 
     y = torch.empty(r.shape, dtype=r.dtype, device=dev)
     final = torch.empty((B, H, K, K), dtype=f32, device=dev)
@@ -135,11 +153,11 @@ def _forward_impl(r, w, k, v, a, b, initial_state, mask, head_first, chunks_per_
         loc = torch.empty((BH, n_seg, K, K), dtype=f32, device=dev)
         trans = seg_m if seg_m.numel() else torch.empty((BH, n_seg, K, K), dtype=f32, device=dev)
         scan[(2 * nv * BH * n_seg,)](
-            v, wt, bt, kct, r2t, qct, dect, r,
+            v, wt, bt, kct, r2t, qct, dect, r, cu,
             y, y, loc, trans,
             T, H, BH, NC, cps, sb, st, sh, 0, 0, 0, n_seg * K * K, K * K,
             K=K, BV=bv, HAS_INIT=False, LOCAL=True, WRITE_Y=False, SAVE_CKPT=False,
-            WRITE_END=True, PREC=prec, num_warps=cfg.warps_fwd, num_stages=cfg.stages_fwd)
+            WRITE_END=True, PREC=prec, VARLEN=varlen, num_warps=cfg.warps_fwd, num_stages=cfg.stages_fwd)
         starts = torch.empty((BH, n_seg, K, K), dtype=f32, device=dev)
         chunk_fwd.state_combine_kernel[(K // COMBINE_ROWS * BH,)](
             loc, trans, init, starts, H, BH, n_seg, init_sb, init_sh,
@@ -147,18 +165,19 @@ def _forward_impl(r, w, k, v, a, b, initial_state, mask, head_first, chunks_per_
         init, init_sb, init_sh, init_ss = starts, H * n_seg * K * K, n_seg * K * K, K * K
         has_init = True
     scan[(nv * BH * n_seg,)](
-        v, wt, bt, kct, r2t, qct, dect, init,
+        v, wt, bt, kct, r2t, qct, dect, init, cu,
         y, ckpt if save else y, final, final,
         T, H, BH, NC, cps, sb, st, sh, init_sb, init_sh, init_ss, K * K, 0,
         K=K, BV=bv, HAS_INIT=has_init, LOCAL=False, WRITE_Y=True, SAVE_CKPT=save,
-        WRITE_END=True, PREC=prec, num_warps=cfg.warps_fwd, num_stages=cfg.stages_fwd)
+        WRITE_END=True, PREC=prec, VARLEN=varlen, num_warps=cfg.warps_fwd, num_stages=cfg.stages_fwd)
     if not save:
         wt, bt, r2t, dect = (torch.empty((0,), dtype=f32, device=dev) for _ in range(4))
     return y, final, ckpt, seg_m, wt, bt, r2t, dect
 
 
-def _forward_fake(r, w, k, v, a, b, initial_state, mask, head_first, chunks_per_segment, save):
-    (B, T, H, K), _ = _layout(r, head_first)
+def _forward_fake(r, w, k, v, a, b, initial_state, mask, head_first, chunks_per_segment, save,
+                  cu_seqlens=None, max_len=0):
+    (B, T, H, K), _ = _layout(r, head_first, cu_seqlens, max_len)
     NC = max(1, -(-T // CHUNK))
     n_seg = -(-NC // chunks_per_segment)
     f32 = torch.float32
@@ -177,9 +196,13 @@ def _forward_fake(r, w, k, v, a, b, initial_state, mask, head_first, chunks_per_
 def triton_gdr_fwd(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    a: torch.Tensor, b: torch.Tensor, initial_state: Optional[torch.Tensor],
                    mask: Optional[torch.Tensor], head_first: bool, chunks_per_segment: int,
-                   save: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                        torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                   save: bool, cu_seqlens: Optional[torch.Tensor],
+                   max_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                          torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward custom op on contiguous inputs (T >= 1); mask as uint8 [B, T] or None.
+
+    With ``cu_seqlens`` (int32 [N + 1], never with a mask or head_first) the inputs are N
+    sequences packed as [1, total_T, H, K], max_len >= 1 the longest; B reads N below.
 
     Returns (o, final_state fp32 [B, H, K, K], then what the backward needs, each empty unless
     ``save``: checkpoints fp32 [B*H, NC, K, K] (state entering every chunk), segment transitions
@@ -187,7 +210,7 @@ def triton_gdr_fwd(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.T
     [B*H, NC, 16, K] and dec [B*H, NC, K], fp32).
     """
     return _forward_impl(r, w, k, v, a, b, initial_state, mask, head_first, chunks_per_segment,
-                         save)
+                         save, cu_seqlens, max_len)
 
 
 triton_gdr_fwd.register_fake(_forward_fake)
@@ -198,15 +221,17 @@ triton_gdr_fwd.register_fake(_forward_fake)
 
 
 def _backward_impl(r, w, k, v, a, b, initial_state, mask, ckpt, seg_m, wt, bt, r2t, dect, do,
-                   dfinal, head_first, chunks_per_segment):
+                   dfinal, head_first, chunks_per_segment, cu_seqlens=None, max_len=0):
     chunk_fwd, chunk_bwd, _ = _kernels()
     (B, T, H, K), (sb, st, sh), BH, NC, n_seg, cfg, prec = _launch_plan(
-        r, w, k, v, a, b, head_first, chunks_per_segment)
+        r, w, k, v, a, b, head_first, chunks_per_segment, cu_seqlens, max_len)
     cps = chunks_per_segment
     dev = r.device
     f32 = torch.float32
     has_mask = mask is not None
     m = mask if has_mask else r  # any tensor stands in for an absent mask pointer
+    varlen = cu_seqlens is not None
+    cu = cu_seqlens if varlen else r  # likewise for an absent cu_seqlens
     has_init = dfinal is not None
     if has_init:
         init, init_sb, init_sh, init_ss = dfinal, H * K * K, K * K, 0
@@ -218,11 +243,11 @@ def _backward_impl(r, w, k, v, a, b, initial_state, mask, ckpt, seg_m, wt, bt, r
     if n_seg > 1:
         gloc = torch.empty((BH, n_seg, K, K), dtype=f32, device=dev)
         scan[(nv * BH * n_seg,)](
-            do, wt, bt, r2t, dect, r,
+            do, wt, bt, r2t, dect, r, cu,
             gloc, gloc,
             T, H, BH, NC, cps, sb, st, sh, 0, 0, 0, n_seg * K * K, K * K,
             K=K, BV=bv, HAS_INIT=False, LOCAL=True, SAVE_CKPT=False, WRITE_END=True,
-            PREC=prec, num_warps=cfg.warps_state, num_stages=cfg.stages_state)
+            PREC=prec, VARLEN=varlen, num_warps=cfg.warps_state, num_stages=cfg.stages_state)
         gend = torch.empty((BH, n_seg, K, K), dtype=f32, device=dev)
         chunk_fwd.state_combine_kernel[(K // COMBINE_ROWS * BH,)](
             gloc, seg_m, init, gend, H, BH, n_seg, init_sb, init_sh,
@@ -233,18 +258,18 @@ def _backward_impl(r, w, k, v, a, b, initial_state, mask, ckpt, seg_m, wt, bt, r
     gck = torch.empty((BH, NC, K, K), dtype=f32, device=dev)
     ds0 = torch.empty((B, H, K, K) if need_ds0 else (0,), dtype=f32, device=dev)
     scan[(nv * BH * n_seg,)](
-        do, wt, bt, r2t, dect, init,
+        do, wt, bt, r2t, dect, init, cu,
         gck, ds0 if need_ds0 else gck,
         T, H, BH, NC, cps, sb, st, sh, init_sb, init_sh, init_ss, K * K, 0,
         K=K, BV=bv, HAS_INIT=has_init, LOCAL=False, SAVE_CKPT=True, WRITE_END=need_ds0,
-        PREC=prec, num_warps=cfg.warps_state, num_stages=cfg.stages_state)
+        PREC=prec, VARLEN=varlen, num_warps=cfg.warps_state, num_stages=cfg.stages_state)
     grads = [torch.empty(x.shape, dtype=x.dtype, device=dev) for x in (r, w, k, v, a, b)]
     chunk_bwd.chunk_bwd_kernel[(NC * BH,)](
-        r, w, k, v, a, b, do, m, ckpt, gck,
+        r, w, k, v, a, b, do, m, ckpt, gck, cu,
         *grads,
         T, H, BH, NC, sb, st, sh,
         K=K, BV=cfg.bv_bwd, HAS_MASK=has_mask, PREC=prec,
-        PREC_INV="ieee" if prec == "ieee" else cfg.precision_inverse,
+        PREC_INV="ieee" if prec == "ieee" else cfg.precision_inverse, VARLEN=varlen,
         num_warps=cfg.warps_bwd, num_stages=cfg.stages_bwd)
     return (*grads, ds0)
 
@@ -255,34 +280,38 @@ def triton_gdr_bwd(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.T
                    mask: Optional[torch.Tensor], ckpt: torch.Tensor, seg_m: torch.Tensor,
                    wt: torch.Tensor, bt: torch.Tensor, r2t: torch.Tensor, dect: torch.Tensor,
                    do: torch.Tensor, dfinal: Optional[torch.Tensor], head_first: bool,
-                   chunks_per_segment: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                     torch.Tensor, torch.Tensor, torch.Tensor,
-                                                     torch.Tensor]:
-    """Backward custom op: (dr, dw, dk, dv, da, db, d_initial_state fp32 [B, H, K, K] or empty)."""
+                   chunks_per_segment: int, cu_seqlens: Optional[torch.Tensor],
+                   max_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                          torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward custom op: (dr, dw, dk, dv, da, db, d_initial_state fp32 [B, H, K, K] or empty);
+    cu_seqlens / max_len as in the forward (B = N sequences)."""
     return _backward_impl(r, w, k, v, a, b, initial_state, mask, ckpt, seg_m, wt, bt, r2t, dect,
-                          do, dfinal, head_first, chunks_per_segment)
+                          do, dfinal, head_first, chunks_per_segment, cu_seqlens, max_len)
 
 
 @triton_gdr_bwd.register_fake
 def _(r, w, k, v, a, b, initial_state, mask, ckpt, seg_m, wt, bt, r2t, dect, do, dfinal,
-      head_first, chunks_per_segment):
-    (B, T, H, K), _ = _layout(r, head_first)
+      head_first, chunks_per_segment, cu_seqlens, max_len):
+    (B, T, H, K), _ = _layout(r, head_first, cu_seqlens, max_len)
     ds0 = r.new_empty((B, H, K, K) if initial_state is not None else (0,), dtype=torch.float32)
     return (*(x.new_empty(x.shape) for x in (r, w, k, v, a, b)), ds0)
 
 
 def _setup_context(ctx, inputs, output):
-    r, w, k, v, a, b, initial_state, mask, head_first, chunks_per_segment, save = inputs
+    (r, w, k, v, a, b, initial_state, mask, head_first, chunks_per_segment, save, cu_seqlens,
+     max_len) = inputs
     ctx.head_first = head_first
     ctx.chunks_per_segment = chunks_per_segment
+    ctx.max_len = max_len
     # the outputs past (o, final_state) are saved tensors, not results: without this, autograd
     # would fill a zero gradient for each of them (gigabytes of memset at training sizes)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(r, w, k, v, a, b, initial_state, mask, *output[2:])
+    ctx.save_for_backward(r, w, k, v, a, b, initial_state, mask, cu_seqlens, *output[2:])
 
 
 def _backward(ctx, do, dfinal, *_unused):
-    r, w, k, v, a, b, initial_state, mask, ckpt, seg_m, wt, bt, r2t, dect = ctx.saved_tensors
+    (r, w, k, v, a, b, initial_state, mask, cu_seqlens, ckpt, seg_m, wt, bt, r2t,
+     dect) = ctx.saved_tensors
     if do is None:
         do = torch.zeros_like(r)
     do = do.contiguous()
@@ -290,13 +319,13 @@ def _backward(ctx, do, dfinal, *_unused):
         dfinal = dfinal.contiguous()
     dr, dw, dk, dv, da, db, ds0 = triton_gdr_bwd(
         r, w, k, v, a, b, initial_state, mask, ckpt, seg_m, wt, bt, r2t, dect, do, dfinal,
-        ctx.head_first, ctx.chunks_per_segment)
+        ctx.head_first, ctx.chunks_per_segment, cu_seqlens, ctx.max_len)
     d_init = None
     if initial_state is not None:
         if initial_state.shape[0] == 1 and ds0.shape[0] != 1:
             ds0 = ds0.sum(0, keepdim=True)
         d_init = ds0.to(initial_state.dtype)
-    return dr, dw, dk, dv, da, db, d_init, None, None, None, None
+    return dr, dw, dk, dv, da, db, d_init, None, None, None, None, None, None
 
 
 torch.library.register_autograd("rwkv_ops::triton_gdr_fwd", _backward, setup_context=_setup_context)
@@ -306,26 +335,29 @@ torch.library.register_autograd("rwkv_ops::triton_gdr_fwd", _backward, setup_con
 # public function
 
 
-def generalized_delta_rule(r, w, k, v, a, b, initial_state=None, output_final_state=True,
-                           head_first=False, *, mask=None):
-    xs = (r, w, k, v, a, b)
-    p = check_torch_inputs(*xs, initial_state, mask, head_first)
-    reason = check_head_size(p.K, SUPPORTED_HEAD_SIZES, KERNEL_TYPE)
-    if reason is None and r.device.type != "cuda" and not interpret_mode():
-        reason = device_mismatch_reason("Triton", r.device)
+def _raise_if_unrunnable(K: int, device: torch.device) -> None:
+    reason = check_head_size(K, SUPPORTED_HEAD_SIZES, KERNEL_TYPE)
+    if reason is None and device.type != "cuda" and not interpret_mode():
+        reason = device_mismatch_reason("Triton", device)
     if reason is not None:
         raise KernelUnavailableError(
             f"rwkv-ops: KERNEL_TYPE='{KERNEL_TYPE}' cannot run here with torch: {reason}.")
+
+
+def _run(xs, initial_state, output_final_state, head_first, mask, B, T, H, K, cu_seqlens=None):
+    """Shared body of the dense and the packed entry points, for validated inputs: B sequences of
+    T steps (packed: B = N, T = max_len)."""
+    r = xs[0]
     out_dtype = r.dtype
     wide = any(x.dtype == torch.float64 for x in xs) or (
         initial_state is not None and initial_state.dtype == torch.float64)
     state_dtype = torch.float64 if wide else torch.float32
-    if p.T == 0:
+    if T == 0:
         o = torch.empty(r.shape, dtype=out_dtype, device=r.device)
         if initial_state is None:
-            final = torch.zeros((p.B, p.H, p.K, p.K), dtype=state_dtype, device=r.device)
+            final = torch.zeros((B, H, K, K), dtype=state_dtype, device=r.device)
         else:
-            final = initial_state.to(state_dtype).expand(p.B, p.H, p.K, p.K).clone()
+            final = initial_state.to(state_dtype).expand(B, H, K, K).clone()
         return o, (final if output_final_state else None)
     if wide:
         # the kernels compute in float32 at most: float64 inputs run in true fp32 ("ieee")
@@ -339,14 +371,42 @@ def generalized_delta_rule(r, w, k, v, a, b, initial_state=None, output_final_st
         mask = (mask != 0).to(torch.uint8).contiguous()
     tracked = [*xs] + ([initial_state] if initial_state is not None else [])
     save = torch.is_grad_enabled() and any(x.requires_grad for x in tracked)
-    cfg = select_config(p.K, xs[0].dtype, p.T, p.B * p.H)
+    cfg = select_config(K, xs[0].dtype, T, B * H)
     o, final, *_ = triton_gdr_fwd(*xs, initial_state, mask, head_first, cfg.chunks_per_segment,
-                                  save)
+                                  save, cu_seqlens, T if cu_seqlens is not None else 0)
     if o.dtype != out_dtype:
         o = o.to(out_dtype)
     if not output_final_state:
         return o, None
     return o, final.to(state_dtype)
+
+
+def generalized_delta_rule(r, w, k, v, a, b, initial_state=None, output_final_state=True,
+                           head_first=False, *, mask=None):
+    xs = (r, w, k, v, a, b)
+    p = check_torch_inputs(*xs, initial_state, mask, head_first)
+    _raise_if_unrunnable(p.K, r.device)
+    return _run(xs, initial_state, output_final_state, head_first, mask, p.B, p.T, p.H, p.K)
+
+
+def generalized_delta_rule_packed(r, w, k, v, a, b, cu_seqlens, max_len, initial_state=None,
+                                  output_final_state=True):
+    """The kernels on N sequences packed along T, read and written in place (no padded copies).
+
+    For validated inputs (``rwkv_ops.torch.varlen.generalized_delta_rule_varlen`` checks them):
+    r, w, k, v, a, b [1, total_T, H, K]; cu_seqlens int32 [N + 1] on their device (the sequence
+    boundaries); max_len the longest length (a host int: it sizes the launch); initial_state
+    [N, H, K, K] or None. Returns (o [1, total_T, H, K], final state [N, H, K, K] or None), like
+    :func:`generalized_delta_rule`, and is differentiable the same way. Raises
+    KernelUnavailableError where the kernels cannot run (head size, CPU tensors without
+    TRITON_INTERPRET=1).
+    """
+    xs = (r, w, k, v, a, b)
+    _, _, H, K = r.shape
+    _raise_if_unrunnable(K, r.device)
+    cu = cu_seqlens.to(device=r.device, dtype=torch.int32).contiguous()
+    return _run(xs, initial_state, output_final_state, False, None, cu.shape[0] - 1, int(max_len),
+                H, K, cu)
 
 
 generalized_delta_rule.__doc__ = docs.GENERALIZED_DELTA_RULE.format(

@@ -1,22 +1,34 @@
 """Variable-length batches for PyTorch: N sequences packed along T, boundaries in ``cu_seqlens``.
 
-The native approach of every backend: gather the packed [1, total_T, H, K] inputs into a
-right-padded [N, max_len, H, K] batch with a mask, run the dense op (``rwkv_ops.torch.api``: the
-Triton kernels on CUDA, native elsewhere; padded steps leave the state unchanged and receive no
-gradient), and gather the real steps' outputs back into the packed layout. Both directions are
-gathers, so autograd's backward is a scatter-add and gradients reach every input and the states.
-Sequences of equal length skip the gathers: the packed tensors are reshaped into the batch.
+The implementation is chosen like ``rwkv_ops.torch.api`` chooses one (``kernel_type``: None for
+the automatic choice, which takes the fastest kernel that runs for CUDA tensors and the native
+implementation for any other device; an explicit kernel type that cannot run raises):
 
-The boundaries are read on the host: the padded batch's shape depends on them. Pass them as a list,
-tuple or CPU tensor; a CUDA tensor costs a device-to-host copy that waits for all queued work.
+* Triton: the kernels run on the packed [1, total_T, H, K] tensors themselves
+  (``triton_launcher.generalized_delta_rule_packed``: each program reads its sequence's start and
+  length from cu_seqlens, an int32 copy on the device; steps past a sequence's end are identity
+  steps). No padded copy, no gather: o and the input gradients are written in the packed layout.
+* native and CUDA: gather the packed inputs into a right-padded [N, max_len, H, K] batch with a
+  mask, run that dense op (padded steps leave the state unchanged and receive no gradient), and
+  gather the real steps' outputs back into the packed layout. Both directions are gathers, so
+  autograd's backward is a scatter-add and gradients reach every input and the states. Sequences
+  of equal length skip the gathers: the packed tensors are reshaped into the batch.
+
+The boundaries are read on the host: they are validated there, and the launch (or the padded
+batch) is sized by the longest sequence. Pass them as a list, tuple or CPU tensor; a CUDA tensor
+costs a device-to-host copy that waits for all queued work.
 """
 
 from __future__ import annotations
 
 import torch
 
+from typing import Optional
+
+from rwkv_ops.common import choose_kernel_type
 from rwkv_ops.common.serving import VarlenProblem, check_varlen_inputs
-from rwkv_ops.torch.api import generalized_delta_rule, tensor_info
+from rwkv_ops.torch.api import (BACKEND, KERNEL_MODULES, _candidates, _select, load_kernel_module,
+                                tensor_info)
 
 
 def host_cu_seqlens(cu_seqlens) -> tuple:
@@ -56,8 +68,28 @@ def padding_indices(p: VarlenProblem, device):
     return _to_device(src, device), _to_device(mask, device), _to_device(dst, device)
 
 
+def choose_varlen_kernel(kernel_type: Optional[str], device_type: str, head_size: int) -> str:
+    """The kernel type a varlen call runs with: the rule of ``rwkv_ops.torch.api`` (automatic:
+    a GPU kernel only for CUDA tensors; explicit: that one, or KernelUnavailableError)."""
+    if kernel_type is None:
+        return _select(device_type, head_size)
+    if kernel_type in KERNEL_MODULES:
+        candidates = _candidates(head_size, (kernel_type,))
+    else:
+        candidates = [("native", None)]  # choose_kernel_type rejects unknown names itself
+    return choose_kernel_type(BACKEND, kernel_type, candidates)
+
+
+def _device_cu_seqlens(cu_seqlens, values, device) -> torch.Tensor:
+    """cu_seqlens as int32 on ``device`` (the Triton kernels read it there)."""
+    if (isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.device == torch.device(device)
+            and cu_seqlens.dtype == torch.int32):
+        return cu_seqlens.reshape(-1)
+    return _to_device(torch.tensor(values, dtype=torch.int32), device)
+
+
 def generalized_delta_rule_varlen(r, w, k, v, a, b, cu_seqlens, initial_state=None,
-                                  output_final_state=True):
+                                  output_final_state=True, *, kernel_type=None):
     """The generalized delta rule on N sequences of any lengths, packed along T (PyTorch).
 
     Differentiable with respect to r, w, k, v, a, b and initial_state.
@@ -69,6 +101,10 @@ def generalized_delta_rule_varlen(r, w, k, v, a, b, cu_seqlens, initial_state=No
             cu_seqlens[n] .. cu_seqlens[n + 1] - 1.
         initial_state: optional [N, H, K, K], one state per sequence (zeros when None).
         output_final_state: when False the second result is None.
+        kernel_type: "triton", "cuda", "native" or None (automatic, as ``rwkv_ops.torch``'s
+            ``generalized_delta_rule`` chooses); "triton" runs on the packed tensors directly (CUDA
+            tensors, or CPU tensors under TRITON_INTERPRET=1), the others on a padded copy.
+            Raises KernelUnavailableError when the requested kernel cannot run here.
 
     Returns:
         (o, final_state): o [1, total_T, H, K] in r's dtype; final_state [N, H, K, K] float32
@@ -87,15 +123,22 @@ def generalized_delta_rule_varlen(r, w, k, v, a, b, cu_seqlens, initial_state=No
     cu_info, cu_values = host_cu_seqlens(cu_seqlens)
     p = check_varlen_inputs(*(tensor_info(x) for x in xs), cu_info, cu_values,
                             None if initial_state is None else tensor_info(initial_state))
+    chosen = choose_varlen_kernel(kernel_type, r.device.type, p.K)
+    module = load_kernel_module(chosen)
+    if chosen == "triton":
+        cu = _device_cu_seqlens(cu_seqlens, cu_values, r.device)
+        return module.generalized_delta_rule_packed(*xs, cu, p.max_len, initial_state,
+                                                    output_final_state)
     if p.max_len > 0 and all(n == p.max_len for n in p.lengths):
         # equal lengths: the packed inputs already are the dense batch (views, no copies)
         dense = [x.reshape(p.N, p.max_len, p.H, p.K) for x in xs]
-        o, final = generalized_delta_rule(*dense, initial_state, output_final_state)
+        o, final = module.generalized_delta_rule(*dense, initial_state, output_final_state)
         return o.reshape(1, p.total_T, p.H, p.K), final
     src, mask, dst = padding_indices(p, r.device)
     # padding slots read step 0; the dense op gives masked steps no output and no gradient, so
     # nothing of them reaches the result or step 0's gradient
     padded = [x[0][src] for x in xs]
-    o_pad, final = generalized_delta_rule(*padded, initial_state, output_final_state, mask=mask)
+    o_pad, final = module.generalized_delta_rule(*padded, initial_state, output_final_state,
+                                                 mask=mask)
     o = o_pad.reshape(p.N * p.max_len, p.H, p.K)[dst]
     return o.unsqueeze(0), final
