@@ -10,6 +10,7 @@ significant bits), the fp32 state of a bf16 decode 1e-5.
 
 from __future__ import annotations
 
+import importlib.util
 
 import jax
 import jax.numpy as jnp
@@ -163,13 +164,32 @@ def _varlen_case(seed, lengths, H=2, K=32):
     return packed, per_seq, cu
 
 
-@pytest.mark.parametrize("lengths", [(5, 16, 33, 1), (3, 0, 17)])
-def test_varlen_matches_each_sequence(lengths, request):
-    seed = seed_for(request)
-    packed, per_seq, cu = _varlen_case(seed, lengths)
+# The Triton path on the packed layout: jax-triton on a GPU, else Triton's CPU interpreter (needs
+# triton and torch; TRITON_INTERPRET=1 is set for those tests only). Its outputs are NaN-filled
+# before the kernels run (the launcher's interpreter path), so unwritten elements show.
+TRITON_GPU = HAS_GPU and importlib.util.find_spec("jax_triton") is not None
+TRITON_INTERPRETER = (not HAS_GPU and importlib.util.find_spec("triton") is not None
+                      and importlib.util.find_spec("torch") is not None)
+triton_path = pytest.mark.skipif(not (TRITON_GPU or TRITON_INTERPRETER),
+                                 reason="needs jax-triton on a GPU, or triton + torch")
+VARLEN_KERNELS = ["native", pytest.param("triton", marks=triton_path)]
+
+
+@pytest.fixture
+def triton_interpreter(monkeypatch):
+    if TRITON_INTERPRETER:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    yield
+
+
+def check_varlen(seed, lengths, kernel_type=None, H=2, K=32):
+    """jit(vjp) of the packed call vs each sequence's float64 reference: outputs, final states and
+    the gradients of r, w, k, v, a, b and the initial states."""
+    packed, per_seq, cu = _varlen_case(seed, lengths, H, K)
     ins = [jnp.asarray(packed[n], jnp.float32) for n in NAMES]
     s0 = jnp.asarray(packed["initial_state"], jnp.float32)
-    run = jax.jit(lambda *a: varlen.generalized_delta_rule_varlen(*a[:6], cu, a[6]))
+    run = jax.jit(lambda *a: varlen.generalized_delta_rule_varlen(*a[:6], cu, a[6],
+                                                                  kernel_type=kernel_type))
     (o, final), pullback = jax.vjp(run, *ins, s0)
     assert o.shape == ins[0].shape and final.shape == s0.shape
     do, dsT = make_cotangents(o.shape, final.shape, seed=seed)
@@ -187,6 +207,66 @@ def test_varlen_matches_each_sequence(lengths, request):
             for name, g, ref in zip(GRAD_NAMES[:6], grads, refs):
                 errors[f"{name}{i}"] = rel_error(g[:, lo:hi], ref)
     assert_errors(errors, TOL["model"], seed)
+
+
+@pytest.mark.parametrize("kernel_type", VARLEN_KERNELS)
+@pytest.mark.parametrize("lengths", [(5, 16, 33, 1), (3, 0, 17)])
+def test_varlen_matches_each_sequence(lengths, kernel_type, triton_interpreter, request):
+    check_varlen(seed_for(request), lengths, kernel_type)
+
+
+@triton_path
+@pytest.mark.parametrize("cps", [1, 2])
+def test_varlen_triton_segments(cps, monkeypatch, triton_interpreter, request):
+    """The segment split forced on: segments past a short sequence's end are identity segments."""
+    from rwkv_ops.jax import triton_launcher
+
+    real = triton_launcher.select_config
+    monkeypatch.setattr(triton_launcher, "select_config",
+                        lambda *args: real(*args).with_(chunks_per_segment=cps))
+    check_varlen(seed_for(request), (20, 0, 53, 7), "triton")
+
+
+@triton_path
+def test_varlen_triton_all_empty_and_no_state(triton_interpreter, request):
+    seed = seed_for(request)
+    xs = [jnp.zeros((1, 0, 2, 32)) for _ in NAMES]
+    s0 = jnp.ones((2, 2, 32, 32))
+    o, final = varlen.generalized_delta_rule_varlen(*xs, [0, 0, 0], s0, kernel_type="triton")
+    assert o.shape == (1, 0, 2, 32) and np.array_equal(final, s0)
+    packed, per_seq, cu = _varlen_case(seed, (7, 20))
+    ins = [jnp.asarray(packed[n], jnp.float32) for n in NAMES]
+    o, final = varlen.generalized_delta_rule_varlen(*ins, cu, kernel_type="triton")
+    o2, none = varlen.generalized_delta_rule_varlen(*ins, cu, output_final_state=False,
+                                                    kernel_type="triton")
+    assert none is None and np.array_equal(o, o2)
+    for i, (x, lo, hi) in enumerate(zip(per_seq, cu[:-1], cu[1:])):
+        y_ref, s_ref = generalized_delta_rule_reference(*(x[n] for n in NAMES), None)
+        assert_errors({"y": rel_error(o[:, lo:hi], y_ref),
+                       "state": rel_error(final[i:i + 1], s_ref)}, TOL["model"], seed)
+
+
+def test_varlen_kernel_choice(monkeypatch):
+    from rwkv_ops.common import KernelUnavailableError
+
+    xs = [jnp.ones((1, 10, 2, 32)) for _ in NAMES]
+    run = varlen.generalized_delta_rule_varlen
+    with pytest.raises(ValueError, match="not valid"):
+        run(*xs, [0, 4, 10], kernel_type="fast")
+    if not HAS_GPU:
+        # an explicit request never falls back (outside the interpreter there is no GPU here)
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        assert varlen.choose_varlen_kernel(None, 32) == "native"
+        with pytest.raises(KernelUnavailableError, match="KERNEL_TYPE='triton'"):
+            run(*xs, [0, 4, 10], kernel_type="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not TRITON_GPU, reason="needs jax-triton on a GPU")
+@pytest.mark.parametrize("kernel_type", [None, "triton"])
+def test_varlen_gpu_sizes(kernel_type, request):
+    """Longer sequences on the GPU (segments on through the automatic config: few heads)."""
+    check_varlen(seed_for(request), (1000, 0, 17, 4100, 300), kernel_type, H=2, K=64)
 
 
 def test_varlen_errors():

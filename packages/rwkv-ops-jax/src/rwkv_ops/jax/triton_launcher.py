@@ -117,14 +117,17 @@ def _entries() -> dict:
     # (T may come in as i32 or, when 1, as a constant); head_first: (t, h) = (K, T*K), else (H*K, K).
     # INIT_MODE of the state entering a scan: 0 none, 1 [B, H, K, K], 2 [1, H, K, K] (broadcast),
     # 3 one per segment [B, H, NSEG, K, K]. Per-segment outputs are [B, H, NSEG, K, K].
+    # VARLEN: B sequences packed as [1, total_T, H, K] (not head_first), boundaries in cu (int32
+    # [B + 1]) and T the longest length: the kernels take the start of each sequence from cu and
+    # ignore stride_b; (t, h) strides as for the [B, T, H, K] layout.
 
     @triton.jit
-    def rwkv_gdr_prep(r, w, k, a, b, mask,
+    def rwkv_gdr_prep(r, w, k, a, b, mask, cu,
                       T_p1, BH_p1, NC_p1,
                       wo, bo, kco, r2o, qco, deco,
                       H: tl.constexpr, K: tl.constexpr, G: tl.constexpr,
                       HEAD_FIRST: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr,
-                      PREC_INV: tl.constexpr):
+                      PREC_INV: tl.constexpr, VARLEN: tl.constexpr):
         T, BH, NC = T_p1 - 1, BH_p1 - 1, NC_p1 - 1
         T64 = T + tl.zeros([], dtype=tl.int64)
         stride_b = T64 * (H * K)
@@ -134,18 +137,19 @@ def _entries() -> dict:
         else:
             stride_t = H * K
             stride_h = K
-        _chunk_prep_kernel(r, w, k, a, b, mask, wo, bo, kco, r2o, qco, deco,
+        _chunk_prep_kernel(r, w, k, a, b, mask, cu, wo, bo, kco, r2o, qco, deco,
                            T, H, BH, NC, stride_b, stride_t, stride_h,
-                           K=K, G=G, HAS_MASK=HAS_MASK, PREC=PREC, PREC_INV=PREC_INV)
+                           K=K, G=G, HAS_MASK=HAS_MASK, PREC=PREC, PREC_INV=PREC_INV,
+                           VARLEN=VARLEN)
 
     @triton.jit
-    def rwkv_gdr_scan_fwd(v, wt, bt, kct, r2t, qct, dect, init,
+    def rwkv_gdr_scan_fwd(v, wt, bt, kct, r2t, qct, dect, init, cu,
                           T_p1, BH_p1, NC_p1, CPS_p1, NSEG_p1,
                           y, ckpt, send, mend,
                           H: tl.constexpr, K: tl.constexpr, BV: tl.constexpr,
                           HEAD_FIRST: tl.constexpr, INIT_MODE: tl.constexpr, LOCAL: tl.constexpr,
                           WRITE_Y: tl.constexpr, SAVE_CKPT: tl.constexpr, WRITE_END: tl.constexpr,
-                          PREC: tl.constexpr):
+                          PREC: tl.constexpr, VARLEN: tl.constexpr):
         T, BH, NC, CPS, NSEG = T_p1 - 1, BH_p1 - 1, NC_p1 - 1, CPS_p1 - 1, NSEG_p1 - 1
         T64 = T + tl.zeros([], dtype=tl.int64)
         stride_b = T64 * (H * K)
@@ -177,11 +181,11 @@ def _entries() -> dict:
         else:
             send_sbh = K * K
             send_ss = 0
-        _chunk_scan_fwd_kernel(v, wt, bt, kct, r2t, qct, dect, init, y, ckpt, send, mend,
+        _chunk_scan_fwd_kernel(v, wt, bt, kct, r2t, qct, dect, init, cu, y, ckpt, send, mend,
                                T, H, BH, NC, CPS, stride_b, stride_t, stride_h,
                                init_sb, init_sh, init_ss, send_sbh, send_ss,
                                K=K, BV=BV, HAS_INIT=INIT_MODE != 0, LOCAL=LOCAL, WRITE_Y=WRITE_Y,
-                               SAVE_CKPT=SAVE_CKPT, WRITE_END=WRITE_END, PREC=PREC)
+                               SAVE_CKPT=SAVE_CKPT, WRITE_END=WRITE_END, PREC=PREC, VARLEN=VARLEN)
 
     @triton.jit
     def rwkv_gdr_combine(loc, m, init,
@@ -198,12 +202,13 @@ def _entries() -> dict:
                               K=K, BV=BV, HAS_INIT=INIT_MODE != 0, REVERSE=REVERSE)
 
     @triton.jit
-    def rwkv_gdr_scan_bwd(dy, wt, bt, r2t, dect, init,
+    def rwkv_gdr_scan_bwd(dy, wt, bt, r2t, dect, init, cu,
                           T_p1, BH_p1, NC_p1, CPS_p1, NSEG_p1,
                           gck, gend,
                           H: tl.constexpr, K: tl.constexpr, BV: tl.constexpr,
                           HEAD_FIRST: tl.constexpr, INIT_MODE: tl.constexpr, LOCAL: tl.constexpr,
-                          SAVE_CKPT: tl.constexpr, WRITE_END: tl.constexpr, PREC: tl.constexpr):
+                          SAVE_CKPT: tl.constexpr, WRITE_END: tl.constexpr, PREC: tl.constexpr,
+                          VARLEN: tl.constexpr):
         T, BH, NC, CPS, NSEG = T_p1 - 1, BH_p1 - 1, NC_p1 - 1, CPS_p1 - 1, NSEG_p1 - 1
         T64 = T + tl.zeros([], dtype=tl.int64)
         stride_b = T64 * (H * K)
@@ -231,19 +236,19 @@ def _entries() -> dict:
         else:
             gend_sbh = K * K
             gend_ss = 0
-        _chunk_scan_bwd_kernel(dy, wt, bt, r2t, dect, init, gck, gend,
+        _chunk_scan_bwd_kernel(dy, wt, bt, r2t, dect, init, cu, gck, gend,
                                T, H, BH, NC, CPS, stride_b, stride_t, stride_h,
                                init_sb, init_sh, init_ss, gend_sbh, gend_ss,
                                K=K, BV=BV, HAS_INIT=INIT_MODE != 0, LOCAL=LOCAL,
-                               SAVE_CKPT=SAVE_CKPT, WRITE_END=WRITE_END, PREC=PREC)
+                               SAVE_CKPT=SAVE_CKPT, WRITE_END=WRITE_END, PREC=PREC, VARLEN=VARLEN)
 
     @triton.jit
-    def rwkv_gdr_bwd(r, w, k, v, a, b, dy, mask, ckpt, gck,
+    def rwkv_gdr_bwd(r, w, k, v, a, b, dy, mask, ckpt, gck, cu,
                      T_p1, BH_p1, NC_p1,
                      dr, dw, dk, dv, da, db,
                      H: tl.constexpr, K: tl.constexpr, BV: tl.constexpr,
                      HEAD_FIRST: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr,
-                     PREC_INV: tl.constexpr):
+                     PREC_INV: tl.constexpr, VARLEN: tl.constexpr):
         T, BH, NC = T_p1 - 1, BH_p1 - 1, NC_p1 - 1
         T64 = T + tl.zeros([], dtype=tl.int64)
         stride_b = T64 * (H * K)
@@ -253,9 +258,10 @@ def _entries() -> dict:
         else:
             stride_t = H * K
             stride_h = K
-        _chunk_bwd_kernel(r, w, k, v, a, b, dy, mask, ckpt, gck, dr, dw, dk, dv, da, db,
+        _chunk_bwd_kernel(r, w, k, v, a, b, dy, mask, ckpt, gck, cu, dr, dw, dk, dv, da, db,
                           T, H, BH, NC, stride_b, stride_t, stride_h,
-                          K=K, BV=BV, HAS_MASK=HAS_MASK, PREC=PREC, PREC_INV=PREC_INV)
+                          K=K, BV=BV, HAS_MASK=HAS_MASK, PREC=PREC, PREC_INV=PREC_INV,
+                          VARLEN=VARLEN)
 
     _ENTRIES.update(prep=rwkv_gdr_prep, scan_fwd=rwkv_gdr_scan_fwd, combine=rwkv_gdr_combine,
                     scan_bwd=rwkv_gdr_scan_bwd, bwd=rwkv_gdr_bwd)
@@ -331,7 +337,9 @@ class _Static(NamedTuple):
 
     init_mode: 0 no initial state, 1 [B, H, K, K], 2 [1, H, K, K]. cps / n_seg: chunks per segment
     and segments, chosen once from the global shapes so that every shard returns residuals of one
-    shape. save: the forward keeps the checkpoints for a backward.
+    shape. save: the forward keeps the checkpoints for a backward. max_len: 0 for a dense call;
+    for packed sequences (an int32 cu_seqlens operand follows the mask) the longest length, which
+    is the launch's T (B is then the number of sequences).
     """
 
     head_first: bool
@@ -340,9 +348,13 @@ class _Static(NamedTuple):
     has_mask: bool
     init_mode: int
     save: bool = False
+    max_len: int = 0
 
 
-def _dims(x, head_first):
+def _dims(x, head_first, cu=None, max_len=0):
+    if cu is not None:
+        _, _, H, K = x.shape
+        return int(cu.shape[0]) - 1, int(max_len), int(H), int(K)
     if head_first:
         B, H, T, K = x.shape
     else:
@@ -368,7 +380,7 @@ def _forward_local(static, *arrays):
     """(o, final_state[, residuals]) of contiguous local arrays.
 
     arrays: r, w, k, v, a, b, then the initial state when ``init_mode``, then the uint8 mask when
-    ``has_mask``. With ``save`` the residuals of the backward follow, all fp32: the state entering
+    ``has_mask``, then cu_seqlens (int32 [N + 1]) when ``max_len`` (packed sequences). With ``save`` the residuals of the backward follow, all fp32: the state entering
     every chunk [B, H, NC, K, K], the segment transitions [B, H, n_seg, K, K] (only when
     ``n_seg > 1``), and the prep kernel's tiles W, b_bar, R2 [B, H, NC, 16, K] and dec [B, H, NC, K].
     """
@@ -376,24 +388,27 @@ def _forward_local(static, *arrays):
     rest = list(arrays[6:])
     s0 = rest.pop(0) if static.init_mode else None
     mask = rest.pop(0) if static.has_mask else None
-    B, T, H, K = _dims(r, static.head_first)
+    cu = rest.pop(0) if static.max_len else None
+    B, T, H, K = _dims(r, static.head_first, cu, static.max_len)
     BH, NC = B * H, -(-T // CHUNK)
     cfg = select_config(K, r.dtype, T, BH)
     cps, n_seg = static.cps, static.n_seg
     prec = _precision(arrays[:6])
     m = r if mask is None else mask
+    c = r if cu is None else cu  # stand-ins for absent pointers
+    varlen = cu is not None
 
     tile, G = _sds((B, H, NC, CHUNK, K)), cfg.prep_chunks
     wt, bt, kct, r2t, qct, dect = _launch(
-        "prep", (r, w, k, a, b, m), (T, BH, NC),
+        "prep", (r, w, k, a, b, m, c), (T, BH, NC),
         (tile, tile, tile, tile, _sds((B, H, NC, CHUNK, CHUNK)), _sds((B, H, NC, K))),
         (-(-NC // G) * BH,), cfg.warps_prep, 3,
         H=H, K=K, G=G, HEAD_FIRST=static.head_first, HAS_MASK=mask is not None, PREC=prec,
-        PREC_INV=_inverse_precision(prec, cfg))
+        PREC_INV=_inverse_precision(prec, cfg), VARLEN=varlen)
 
     bv = cfg.bv_fwd
     nv = K // bv
-    common = dict(H=H, K=K, BV=bv, HEAD_FIRST=static.head_first, PREC=prec)
+    common = dict(H=H, K=K, BV=bv, HEAD_FIRST=static.head_first, PREC=prec, VARLEN=varlen)
     init, init_mode = (r, 0) if s0 is None else (s0, static.init_mode)
     tiles = (v, wt, bt, kct, r2t, qct, dect)
     scalars = (T, BH, NC, cps, n_seg)
@@ -401,7 +416,7 @@ def _forward_local(static, *arrays):
     if n_seg > 1:
         seg = _sds((B, H, n_seg, K, K))
         _, _, loc, seg_m = _launch(
-            "scan_fwd", tiles + (r,), scalars, (_UNUSED, _UNUSED, seg, seg),
+            "scan_fwd", tiles + (r, c), scalars, (_UNUSED, _UNUSED, seg, seg),
             (2 * nv * BH * n_seg,), cfg.warps_fwd, cfg.stages_fwd,
             INIT_MODE=0, LOCAL=True, WRITE_Y=False, SAVE_CKPT=False, WRITE_END=True, **common)
         (starts,) = _launch(
@@ -412,7 +427,7 @@ def _forward_local(static, *arrays):
     outs = (_sds(r.shape, r.dtype), _sds((B, H, NC, K, K)) if save else _UNUSED,
             _sds((B, H, K, K)), _UNUSED)
     y, ckpt, final, _ = _launch(
-        "scan_fwd", tiles + (init,), scalars, outs, (nv * BH * n_seg,),
+        "scan_fwd", tiles + (init, c), scalars, outs, (nv * BH * n_seg,),
         cfg.warps_fwd, cfg.stages_fwd,
         INIT_MODE=init_mode, LOCAL=False, WRITE_Y=True, SAVE_CKPT=save, WRITE_END=True, **common)
     if not save:
@@ -423,31 +438,34 @@ def _forward_local(static, *arrays):
 def _backward_local(static, *arrays):
     """(dr, dw, dk, dv, da, db[, d_initial_state [B, H, K, K] fp32]) of local arrays.
 
-    arrays: r, w, k, v, a, b, [uint8 mask], then the forward's residuals (checkpoints,
+    arrays: r, w, k, v, a, b, [uint8 mask], [int32 cu_seqlens], then the forward's residuals (checkpoints,
     [segment transitions], W, b_bar, R2, dec), then do and d_final_state.
     """
     r, w, k, v, a, b = arrays[:6]
     rest = list(arrays[6:])
     mask = rest.pop(0) if static.has_mask else None
+    cu = rest.pop(0) if static.max_len else None
     ckpt = rest.pop(0)
     seg_m = rest.pop(0) if static.n_seg > 1 else None
     wt, bt, r2t, dect, dy, dfinal = rest
-    B, T, H, K = _dims(r, static.head_first)
+    B, T, H, K = _dims(r, static.head_first, cu, static.max_len)
     BH, NC = B * H, -(-T // CHUNK)
     cfg = select_config(K, r.dtype, T, BH)
     cps, n_seg = static.cps, static.n_seg
     bv = cfg.bv_state
     nv = K // bv
     prec = _precision(arrays[:6])
-    common = dict(H=H, K=K, BV=bv, HEAD_FIRST=static.head_first, PREC=prec)
+    varlen = cu is not None
+    common = dict(H=H, K=K, BV=bv, HEAD_FIRST=static.head_first, PREC=prec, VARLEN=varlen)
     m = r if mask is None else mask
+    c = r if cu is None else cu  # stand-ins for absent pointers
     tiles = (dy, wt, bt, r2t, dect)
     scalars = (T, BH, NC, cps, n_seg)
     init, init_mode = dfinal, 1
     if n_seg > 1:
         seg = _sds((B, H, n_seg, K, K))
         _, gloc = _launch(
-            "scan_bwd", tiles + (r,), scalars, (_UNUSED, seg), (nv * BH * n_seg,),
+            "scan_bwd", tiles + (r, c), scalars, (_UNUSED, seg), (nv * BH * n_seg,),
             cfg.warps_state, cfg.stages_state,
             INIT_MODE=0, LOCAL=True, SAVE_CKPT=False, WRITE_END=True, **common)
         (gend,) = _launch(
@@ -456,15 +474,15 @@ def _backward_local(static, *arrays):
         init, init_mode = gend, 3
     need_ds0 = static.init_mode != 0
     gck, ds0 = _launch(
-        "scan_bwd", tiles + (init,), scalars,
+        "scan_bwd", tiles + (init, c), scalars,
         (_sds((B, H, NC, K, K)), _sds((B, H, K, K)) if need_ds0 else _UNUSED),
         (nv * BH * n_seg,), cfg.warps_state, cfg.stages_state,
         INIT_MODE=init_mode, LOCAL=False, SAVE_CKPT=True, WRITE_END=need_ds0, **common)
-    grad_args = ((r, w, k, v, a, b, dy, m, ckpt, gck), (T, BH, NC),
+    grad_args = ((r, w, k, v, a, b, dy, m, ckpt, gck, c), (T, BH, NC),
                  tuple(_sds(x.shape, x.dtype) for x in (r, w, k, v, a, b)), (NC * BH,),
                  cfg.warps_bwd, cfg.stages_bwd)
     flags = dict(H=H, K=K, HEAD_FIRST=static.head_first, HAS_MASK=mask is not None, PREC=prec,
-                 PREC_INV=_inverse_precision(prec, cfg))
+                 PREC_INV=_inverse_precision(prec, cfg), VARLEN=varlen)
     grads = _launch("bwd", *grad_args, BV=cfg.bv_bwd, **flags)
     return tuple(grads) + ((ds0,) if need_ds0 else ())
 
@@ -575,34 +593,46 @@ _bwd_cp = _def_partition(custom_partitioning(_backward_local, static_argnums=(0,
 # differentiation
 
 
-def _operands(r, w, k, v, a, b, s0, mask):
-    return (r, w, k, v, a, b) + ((s0,) if s0 is not None else ()) + ((mask,) if mask is not None else ())
+def _operands(r, w, k, v, a, b, s0, mask, cu):
+    return ((r, w, k, v, a, b) + ((s0,) if s0 is not None else ())
+            + ((mask,) if mask is not None else ()) + ((cu,) if cu is not None else ()))
+
+
+def _fwd_call(static):
+    # packed sequences are one [1, total_T, H, K] block: nothing to partition over (see
+    # generalized_delta_rule_packed), so the varlen path calls the kernels directly
+    return partial(_forward_local, static) if static.max_len else partial(_fwd_cp, static)
+
+
+def _bwd_call(static):
+    return partial(_backward_local, static) if static.max_len else partial(_bwd_cp, static)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _gdr(static, r, w, k, v, a, b, s0, mask):
-    return _fwd_cp(static._replace(save=False), *_operands(r, w, k, v, a, b, s0, mask))
+def _gdr(static, r, w, k, v, a, b, s0, mask, cu):
+    return _fwd_call(static._replace(save=False))(*_operands(r, w, k, v, a, b, s0, mask, cu))
 
 
-def _gdr_fwd(static, r, w, k, v, a, b, s0, mask):
-    outs = _fwd_cp(static._replace(save=True), *_operands(r, w, k, v, a, b, s0, mask))
+def _gdr_fwd(static, r, w, k, v, a, b, s0, mask, cu):
+    outs = _fwd_call(static._replace(save=True))(*_operands(r, w, k, v, a, b, s0, mask, cu))
     y, final = outs[:2]
-    return (y, final), (r, w, k, v, a, b, s0, mask, outs[2:])
+    return (y, final), (r, w, k, v, a, b, s0, mask, cu, outs[2:])
 
 
 def _gdr_bwd(static, residuals, cotangents):
-    r, w, k, v, a, b, s0, mask, kept = residuals
+    r, w, k, v, a, b, s0, mask, cu, kept = residuals
     dy, dfinal = cotangents
-    arrays = (r, w, k, v, a, b) + ((mask,) if mask is not None else ()) + tuple(kept)
+    arrays = ((r, w, k, v, a, b) + ((mask,) if mask is not None else ())
+              + ((cu,) if cu is not None else ()) + tuple(kept))
     arrays += (dy, dfinal.astype(jnp.float32))
-    grads = _bwd_cp(static, *arrays)
+    grads = _bwd_call(static)(*arrays)
     ds0 = None
     if s0 is not None:
         ds0 = grads[6]
         if static.init_mode == 2:
             ds0 = ds0.sum(axis=0, keepdims=True)
         ds0 = ds0.astype(s0.dtype)
-    return (*grads[:6], ds0, None)
+    return (*grads[:6], ds0, None, None)
 
 
 _gdr.defvjp(_gdr_fwd, _gdr_bwd)
@@ -612,25 +642,27 @@ _gdr.defvjp(_gdr_fwd, _gdr_bwd)
 # public function
 
 
-def generalized_delta_rule(r, w, k, v, a, b, initial_state=None, output_final_state=True,
-                           head_first=False, *, mask=None):
-    r, w, k, v, a, b, initial_state, mask = as_arrays(r, w, k, v, a, b, initial_state, mask)
-    p = validate(r, w, k, v, a, b, initial_state, mask, head_first)
-    reason, _ = unavailable_reason(p.K)
+def _raise_if_unrunnable(K):
+    reason, _ = unavailable_reason(K)
     if reason is not None:
         raise KernelUnavailableError(
             f"rwkv-ops: KERNEL_TYPE='{KERNEL_TYPE}' cannot run here with jax: {reason}.")
-    xs = (r, w, k, v, a, b)
+
+
+def _run(xs, initial_state, output_final_state, head_first, mask, B, T, H, K, cu=None):
+    """Shared body of the dense and the packed entry points, for validated inputs: B sequences of
+    T steps (packed: B = N, T = max_len, cu the int32 boundaries)."""
+    r = xs[0]
     out_dtype = r.dtype
     wide = any(jnp.dtype(x.dtype) == jnp.float64 for x in xs) or (
         initial_state is not None and jnp.dtype(initial_state.dtype) == jnp.float64)
     state_dtype = jnp.float64 if wide else jnp.float32
-    if p.T == 0:
+    if T == 0:
         o = jnp.zeros(r.shape, out_dtype)
         if initial_state is None:
-            final = jnp.zeros((p.B, p.H, p.K, p.K), state_dtype)
+            final = jnp.zeros((B, H, K, K), state_dtype)
         else:
-            final = jnp.broadcast_to(initial_state.astype(state_dtype), (p.B, p.H, p.K, p.K))
+            final = jnp.broadcast_to(initial_state.astype(state_dtype), (B, H, K, K))
         return o, (final if output_final_state else None)
     if wide:
         # the kernels compute in float32 at most: float64 inputs run in true fp32 ("ieee")
@@ -639,20 +671,54 @@ def generalized_delta_rule(r, w, k, v, a, b, initial_state=None, output_final_st
             initial_state = initial_state.astype(jnp.float32)
     if mask is not None:
         mask = (mask != 0).astype(jnp.uint8)
-    cfg = select_config(p.K, xs[0].dtype, p.T, p.B * p.H)
-    n_chunks = -(-p.T // CHUNK)
+    cfg = select_config(K, xs[0].dtype, T, B * H)
+    n_chunks = -(-T // CHUNK)
     init_mode = 0
     if initial_state is not None:
         init_mode = 2 if initial_state.shape[0] == 1 else 1
     static = _Static(head_first=head_first, cps=cfg.chunks_per_segment,
                      n_seg=-(-n_chunks // cfg.chunks_per_segment), has_mask=mask is not None,
-                     init_mode=init_mode)
-    o, final = _gdr(static, *xs, initial_state, mask)
+                     init_mode=init_mode, max_len=T if cu is not None else 0)
+    o, final = _gdr(static, *xs, initial_state, mask, cu)
     if o.dtype != out_dtype:
         o = o.astype(out_dtype)
     if not output_final_state:
         return o, None
     return o, final.astype(state_dtype)
+
+
+def generalized_delta_rule(r, w, k, v, a, b, initial_state=None, output_final_state=True,
+                           head_first=False, *, mask=None):
+    r, w, k, v, a, b, initial_state, mask = as_arrays(r, w, k, v, a, b, initial_state, mask)
+    p = validate(r, w, k, v, a, b, initial_state, mask, head_first)
+    _raise_if_unrunnable(p.K)
+    return _run((r, w, k, v, a, b), initial_state, output_final_state, head_first, mask,
+                p.B, p.T, p.H, p.K)
+
+
+def generalized_delta_rule_packed(r, w, k, v, a, b, cu_seqlens, initial_state=None,
+                                  output_final_state=True):
+    """The kernels on N sequences packed along T, read and written in place (no padded copies).
+
+    For inputs validated by ``rwkv_ops.jax.varlen.generalized_delta_rule_varlen``: r, w, k, v, a, b
+    [1, total_T, H, K]; cu_seqlens the concrete boundaries (NumPy, [N + 1]): the longest length is
+    the launch's static T, and an int32 copy is the kernels' ``cu`` operand; initial_state
+    [N, H, K, K] or None. Returns (o [1, total_T, H, K], final state [N, H, K, K] or None);
+    differentiable (custom_vjp) and jit-compatible like :func:`generalized_delta_rule`.
+
+    Not partitioned: the packed layout has a batch of 1 and sequences of unequal lengths, so there
+    is no batch axis to split; the kernels are called without ``custom_partitioning``, and a
+    sharded input is gathered to run whole (shard N sequences as separate calls, or use the dense
+    op on a padded batch, to spread them over devices).
+    """
+    cu_host = np.asarray(cu_seqlens).reshape(-1)
+    lengths = np.diff(cu_host)
+    max_len = int(lengths.max()) if lengths.size else 0
+    _, _, H, K = r.shape
+    _raise_if_unrunnable(int(K))
+    cu = jnp.asarray(cu_host.astype(np.int32))
+    return _run((r, w, k, v, a, b), initial_state, output_final_state, False, None,
+                int(cu_host.size) - 1, max_len, int(H), int(K), cu)
 
 
 generalized_delta_rule.__doc__ = docs.GENERALIZED_DELTA_RULE.format(

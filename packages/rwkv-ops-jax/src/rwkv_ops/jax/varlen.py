@@ -1,14 +1,22 @@
 """Variable-length batches for JAX: N sequences packed along T, boundaries in ``cu_seqlens``.
 
-The native approach of every backend: gather the packed [1, total_T, H, K] inputs into a
-right-padded [N, max_len, H, K] batch with a mask, run the dense op (``rwkv_ops.jax.api``: Triton
-through jax-triton on a GPU, native elsewhere; padded steps leave the state unchanged and receive
-no gradient), and gather the real steps' outputs back into the packed layout. Both directions are
-gathers with host-computed indices, so ``jax.grad`` differentiates it as usual.
+The implementation is chosen like ``rwkv_ops.jax.api`` chooses one (``kernel_type``: None for the
+automatic choice, the fastest that runs on this machine's default backend; an explicit kernel type
+that cannot run raises):
 
-The boundaries fix the padded batch's shape, so they must be concrete: a NumPy array, list or tuple
-(or a concrete jax array outside jit). Under ``jax.jit`` close over them (or pass a tuple as a
-static argument); a traced ``cu_seqlens`` is a clear ValueError.
+* Triton: the kernels run on the packed [1, total_T, H, K] arrays themselves
+  (``triton_launcher.generalized_delta_rule_packed``; cu_seqlens becomes an int32 device operand
+  and the longest length the launch's static T; steps past a sequence's end are identity steps).
+  No padded copy, no gather; ``jax.custom_vjp`` gives the gradients. This path is not partitioned
+  over devices (the packed layout has no batch axis to split; a sharded input runs whole).
+* native: gather the packed inputs into a right-padded [N, max_len, H, K] batch with a mask, run
+  the dense op (padded steps leave the state unchanged and receive no gradient), and gather the
+  real steps' outputs back into the packed layout. Both directions are gathers with host-computed
+  indices, so ``jax.grad`` differentiates it as usual.
+
+The boundaries fix the launch (or the padded batch's shape), so they must be concrete: a NumPy
+array, list or tuple (or a concrete jax array outside jit). Under ``jax.jit`` close over them (or
+pass a tuple as a static argument); a traced ``cu_seqlens`` is a clear ValueError.
 """
 
 from __future__ import annotations
@@ -17,10 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rwkv_ops.common import TensorInfo
+from rwkv_ops.common import TensorInfo, choose_kernel_type
 from rwkv_ops.common.serving import (VarlenProblem, check_varlen_inputs,
                                      cu_seqlens_not_concrete)
-from rwkv_ops.jax.api import _device_of, as_arrays, generalized_delta_rule, tensor_info
+from rwkv_ops.jax.api import BACKEND, _candidates, _device_of, _module, as_arrays, tensor_info
 
 
 def host_cu_seqlens(cu_seqlens) -> np.ndarray:
@@ -46,8 +54,15 @@ def padding_indices(p: VarlenProblem):
     return src, mask, seq, pos
 
 
+def choose_varlen_kernel(kernel_type, head_size: int) -> str:
+    """The kernel type a varlen call runs with: the rule of ``rwkv_ops.jax.api`` (automatic: the
+    fastest that runs on a GPU backend; explicit: that one, or KernelUnavailableError)."""
+    return choose_kernel_type(BACKEND, kernel_type,
+                              _candidates(int(head_size), automatic=kernel_type is None))
+
+
 def generalized_delta_rule_varlen(r, w, k, v, a, b, cu_seqlens, initial_state=None,
-                                  output_final_state=True):
+                                  output_final_state=True, *, kernel_type=None):
     """The generalized delta rule on N sequences of any lengths, packed along T (JAX).
 
     Differentiable with respect to r, w, k, v, a, b and initial_state; works under jit with
@@ -60,6 +75,10 @@ def generalized_delta_rule_varlen(r, w, k, v, a, b, cu_seqlens, initial_state=No
             cu_seqlens[n] .. cu_seqlens[n + 1] - 1.
         initial_state: optional [N, H, K, K], one state per sequence (zeros when None).
         output_final_state: when False the second result is None.
+        kernel_type: "triton", "native" or None (automatic, as ``rwkv_ops.jax``'s
+            ``generalized_delta_rule`` chooses); "triton" runs on the packed arrays directly (a
+            GPU backend, or Triton's interpreter under TRITON_INTERPRET=1), "native" on a padded
+            copy. Raises KernelUnavailableError when the requested kernel cannot run here.
 
     Returns:
         (o, final_state): o [1, total_T, H, K] in r's dtype; final_state [N, H, K, K] float32 or
@@ -85,11 +104,14 @@ def generalized_delta_rule_varlen(r, w, k, v, a, b, cu_seqlens, initial_state=No
                          dtype=str(cu.dtype),
                          is_bool_or_integer=bool(np.issubdtype(cu.dtype, np.integer)))
     p = check_varlen_inputs(*infos[:6], cu_info, cu.reshape(-1).tolist(), infos[6])
+    module = _module(choose_varlen_kernel(kernel_type, p.K))
+    if module.KERNEL_TYPE == "triton":
+        return module.generalized_delta_rule_packed(*xs, cu, initial_state, output_final_state)
     src, mask, seq, pos = padding_indices(p)
     keep = jnp.asarray(mask)[..., None, None]
     # padding slots read step 0 and are then zeroed: nothing of them reaches the result or the
     # gradient of step 0
     padded = [jnp.where(keep, x[0][src], jnp.zeros((), x.dtype)) for x in xs]
-    o_pad, final = generalized_delta_rule(*padded, initial_state, output_final_state,
-                                          mask=jnp.asarray(mask))
+    o_pad, final = module.generalized_delta_rule(*padded, initial_state, output_final_state,
+                                                 mask=jnp.asarray(mask))
     return o_pad[seq, pos][None], final
