@@ -69,6 +69,9 @@ def chunk_scan_bwd_kernel(
 
     c_lo = seg * CPS
     c_hi = tl.minimum(c_lo + CPS, NC)
+    if VARLEN:
+        # chunks wholly past the sequence's end are identity chunks: skipped, as in the forward
+        c_hi = tl.minimum(c_hi, tl.cdiv(T_n, L_))
     for i in range(0, c_hi - c_lo):
         c = c_hi - 1 - i
         t0 = c * L_
@@ -148,6 +151,9 @@ def chunk_bwd_kernel(
     incl = rows[:, None] >= rows[None, :]
     strict = rows[:, None] > rows[None, :]
     seq, T_n = sequence_span(cu_ptr, b, T, stride_b, stride_t, VARLEN)
+    if VARLEN:
+        if c * L_ >= T_n:
+            return  # wholly past the sequence's end: nothing to store (nor read: not scanned)
     base = seq + h.to(tl.int64) * stride_h
     t = c * L_ + rows
     valid = step_validity(mask_ptr + b.to(tl.int64) * T, t, T_n, HAS_MASK)

@@ -50,8 +50,9 @@ def chunk_prep_kernel(
 
     r, w, k, a, b: [B, T, H, K] by (stride_b, stride_t, stride_h), unit stride over K.
     mask: [B, T] (0 = padding) when HAS_MASK. VARLEN: B sequences packed along T, boundaries in
-    cu (int32 [B + 1], see ``sequence_span``; never with HAS_MASK); chunks past a sequence's end
-    get identity tiles (dec 1, all others 0). Outputs as in the module docstring; rows of R2 and Qc
+    cu (int32 [B + 1], see ``sequence_span``; never with HAS_MASK). Chunks past a sequence's end
+    are identity chunks (dec 1, all other tiles 0); a program whose chunks all are returns at once
+    and leaves them unwritten, since the scans never read past the sequence's last chunk. Outputs as in the module docstring; rows of R2 and Qc
     at padded or masked steps are 0 (so are their outputs, and their dy never reaches the state).
     In tf32 mode the tiles are stored rounded to tf32 (they are only ever product operands).
     """
@@ -66,6 +67,9 @@ def chunk_prep_kernel(
     c = cb * G + gi                                          # [G]
     t = c[:, None] * L_ + rows[None, :]                      # [G, L]
     seq, T_n = sequence_span(cu_ptr, b, T, stride_b, stride_t, VARLEN)
+    if VARLEN:
+        if cb * G * L_ >= T_n:
+            return  # all G chunks past the sequence's end: the scans skip them, tiles unwritten
     inb = t < T_n
     valid = inb
     if HAS_MASK:
@@ -191,7 +195,12 @@ def chunk_scan_fwd_kernel(
 
     c_lo = seg * CPS
     c_hi = tl.minimum(c_lo + CPS, NC)
-    for c in range(c_lo, c_hi):
+    c_end = c_hi
+    if VARLEN:
+        # chunks wholly past the sequence's end are identity chunks: skipped (their checkpoints
+        # are left unwritten; only gradient programs that store nothing read them)
+        c_end = tl.minimum(c_hi, tl.cdiv(T_n, L_))
+    for c in range(c_lo, c_end):
         t0 = c * L_
         inb = (t0 + rows) < T_n
         cbase = (bh.to(tl.int64) * NC + c) * L_ * K
