@@ -13,6 +13,10 @@ all V rows (a loop over V blocks, summing the K-side partials in registers: no a
 order, bitwise deterministic).
 
 The segment algebra (s.7) applies to G as well: G_start = G_end M^T + G_loc, with the forward's M.
+
+With ``VARLEN`` (packed sequences, see chunk_fwd.py) both kernels work on each sequence's own
+steps: the reverse scan starts at the sequence's last chunk (G passes the identity chunks after it
+unchanged), and a gradient program of a chunk wholly past the end returns at once.
 """
 
 import triton

@@ -26,7 +26,10 @@ Kernel signature order (shared with JAX): input pointers, output pointers, then 
 With ``VARLEN`` the inputs are N sequences packed along T ([1, total_T, H, K]) with boundaries
 ``cu`` (int32 [N + 1]): the kernels' batch index is the sequence index, each program reads its
 sequence's start and length (``chunk_common.sequence_span``) and the launch's T is the longest
-length, so NC = ceil(max_len / 16) for every sequence and a shorter one ends in identity chunks.
+length, so NC = ceil(max_len / 16) for every sequence (the tile and checkpoint buffers keep their
+[N*H, NC, ...] indexing). Steps past a sequence's end are identity steps; chunks wholly past it are
+skipped (no prep tiles, no scan steps, no checkpoints), and segments of the split that lie past it
+are identity segments (local state 0, transition I).
 Buffers of the K-side tiles: [B*H, NC, 16, K] (W, b_bar, Kc, R2), [B*H, NC, 16, 16] (Qc) and
 [B*H, NC, K] (dec), fp32, contiguous.
 """

@@ -24,7 +24,18 @@ Three layers:
    H and K are compile-time constants there, so the strides keep their divisibility (vectorised
    loads) while T stays a runtime argument (no recompilation per sequence length).
 
-Outputs of jax-triton are not zero-initialised; every kernel writes all elements of its outputs.
+Variable-length batches (``generalized_delta_rule_packed``, used by ``rwkv_ops.jax.varlen``): the
+kernels' ``VARLEN`` mode reads and writes the packed [1, total_T, H, K] arrays directly. The
+concrete boundaries give the static launch (B = N sequences, T = the longest length) and travel as
+an int32 [N + 1] operand (``cu``) that every entry passes on; each program finds its sequence's
+start and length there, and steps past a sequence's end are identity steps. The same custom_vjp
+differentiates it (``_Static.max_len`` > 0 marks it). It is not partitioned: the packed layout has
+a batch of 1 and sequences of unequal lengths, so there is no batch axis to split; the kernels are
+called without ``custom_partitioning`` and sharded operands are gathered to run whole.
+
+Outputs of jax-triton are not zero-initialised; every kernel writes all elements of its outputs
+(with VARLEN, of o, the gradients and the states; prep tiles and checkpoints of chunks wholly past
+a sequence's end are left unwritten and never read).
 Under ``TRITON_INTERPRET=1`` the same entries run in Triton's CPU interpreter through
 ``jax.pure_callback`` (tests on machines without a GPU; the interpreter works on torch tensors).
 

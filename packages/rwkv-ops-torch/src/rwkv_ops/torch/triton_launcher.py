@@ -20,9 +20,11 @@ both custom ops take an optional ``cu_seqlens`` (int32 [N + 1] on the inputs' de
 longest length ``max_len``. The kernels then read and write the packed [1, total_T, H, K] tensors
 in place (their ``VARLEN`` constexpr): the launch plan is that of N sequences of max_len steps
 (B = N, T = max_len, strides (0, H*K, K)), each program finds its sequence's start and length in
-cu_seqlens, and steps past a sequence's end are identity steps. o and the input gradients are
-allocated like the packed inputs, the final state and its gradient as [N, H, K, K]; no padded copy
-is made in either direction.
+cu_seqlens, and steps past a sequence's end are identity steps (chunks wholly past it are skipped).
+o and the input gradients are allocated like the packed inputs, the final state and its gradient as
+[N, H, K, K]; no padded copy is made in either direction. The custom ops, their fake
+implementations and the autograd formula are shared with the dense path, so the packed call traces
+under torch.compile(fullgraph=True) like the dense one (max_len is a host int of the call).
 
 Under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors in Triton's interpreter (tests).
 """
@@ -202,7 +204,9 @@ def triton_gdr_fwd(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.T
     """Forward custom op on contiguous inputs (T >= 1); mask as uint8 [B, T] or None.
 
     With ``cu_seqlens`` (int32 [N + 1], never with a mask or head_first) the inputs are N
-    sequences packed as [1, total_T, H, K], max_len >= 1 the longest; B reads N below.
+    sequences packed as [1, total_T, H, K], max_len >= 1 the longest; B reads N and NC
+    ceil(max_len / 16) below, and the kept buffers of chunks wholly past a sequence's end are
+    left unwritten (the backward never reads them).
 
     Returns (o, final_state fp32 [B, H, K, K], then what the backward needs, each empty unless
     ``save``: checkpoints fp32 [B*H, NC, K, K] (state entering every chunk), segment transitions
