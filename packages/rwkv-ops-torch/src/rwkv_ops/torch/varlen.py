@@ -21,9 +21,9 @@ costs a device-to-host copy that waits for all queued work.
 
 from __future__ import annotations
 
-import torch
-
 from typing import Optional
+
+import torch
 
 from rwkv_ops.common import choose_kernel_type
 from rwkv_ops.common.serving import VarlenProblem, check_varlen_inputs
