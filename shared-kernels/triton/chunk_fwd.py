@@ -55,8 +55,9 @@ def chunk_prep_kernel(
     mask: [B, T] (0 = padding) when HAS_MASK. VARLEN: B sequences packed along T, boundaries in
     cu (int32 [B + 1], see ``sequence_span``; never with HAS_MASK). Chunks past a sequence's end
     are identity chunks (dec 1, all other tiles 0); a program whose chunks all are returns at once
-    and leaves them unwritten, since the scans never read past the sequence's last chunk. Outputs as in the module docstring; rows of R2 and Qc
-    at padded or masked steps are 0 (so are their outputs, and their dy never reaches the state).
+    and leaves them unwritten, since the scans never read past the sequence's last chunk.
+    Outputs as in the module docstring; rows of R2 and Qc at padded or masked steps are 0 (so are
+    their outputs, and their dy never reaches the state).
     In tf32 mode the tiles are stored rounded to tf32 (they are only ever product operands).
     """
     n_blk = tl.cdiv(NC, G)

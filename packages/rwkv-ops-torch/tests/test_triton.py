@@ -328,7 +328,8 @@ def test_packed_equals_each_sequence_alone(dtype, poison_empty, request):
         s = s0.detach()[n:n + 1].clone().requires_grad_()
         o_n, f_n = launcher.generalized_delta_rule(*xs, s)
         g_n = torch.autograd.grad([o_n, f_n], xs + [s], [do[:, lo:hi], dsT[n:n + 1]])
-        assert torch.equal(o[:, lo:hi], o_n) and torch.equal(final[n:n + 1], f_n), f"seed={seed} n={n}"
+        assert torch.equal(o[:, lo:hi], o_n), f"seed={seed} n={n}: o differs"
+        assert torch.equal(final[n:n + 1], f_n), f"seed={seed} n={n}: final state differs"
         for name, g, ref in zip(GRAD_NAMES, grads, g_n):
             got = g[n:n + 1] if name == "ds0" else g[:, lo:hi]
             assert torch.equal(got, ref), f"seed={seed} n={n}: {name} differs"

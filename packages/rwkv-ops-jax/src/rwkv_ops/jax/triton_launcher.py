@@ -391,9 +391,10 @@ def _forward_local(static, *arrays):
     """(o, final_state[, residuals]) of contiguous local arrays.
 
     arrays: r, w, k, v, a, b, then the initial state when ``init_mode``, then the uint8 mask when
-    ``has_mask``, then cu_seqlens (int32 [N + 1]) when ``max_len`` (packed sequences). With ``save`` the residuals of the backward follow, all fp32: the state entering
-    every chunk [B, H, NC, K, K], the segment transitions [B, H, n_seg, K, K] (only when
-    ``n_seg > 1``), and the prep kernel's tiles W, b_bar, R2 [B, H, NC, 16, K] and dec [B, H, NC, K].
+    ``has_mask``, then cu_seqlens (int32 [N + 1]) when ``max_len`` (packed sequences: B reads N).
+    With ``save`` the residuals of the backward follow, all fp32: the state entering every chunk
+    [B, H, NC, K, K], the segment transitions [B, H, n_seg, K, K] (only when ``n_seg > 1``), and
+    the prep kernel's tiles W, b_bar, R2 [B, H, NC, 16, K] and dec [B, H, NC, K].
     """
     r, w, k, v, a, b = arrays[:6]
     rest = list(arrays[6:])
@@ -449,8 +450,8 @@ def _forward_local(static, *arrays):
 def _backward_local(static, *arrays):
     """(dr, dw, dk, dv, da, db[, d_initial_state [B, H, K, K] fp32]) of local arrays.
 
-    arrays: r, w, k, v, a, b, [uint8 mask], [int32 cu_seqlens], then the forward's residuals (checkpoints,
-    [segment transitions], W, b_bar, R2, dec), then do and d_final_state.
+    arrays: r, w, k, v, a, b, [uint8 mask], [int32 cu_seqlens], then the forward's residuals
+    (checkpoints, [segment transitions], W, b_bar, R2, dec), then do and d_final_state.
     """
     r, w, k, v, a, b = arrays[:6]
     rest = list(arrays[6:])
