@@ -205,12 +205,10 @@ def main():
         real = launcher.select_config
         variants = {
             "fwd-bv64-w4": dict(bv_fwd=64, warps_fwd=4),
-            "fwd-stages1": dict(stages_fwd=1),
             "prep-w2": dict(warps_prep=2),
             "state-bv32-w2": dict(bv_state=32, warps_state=2),
             "bwd-w8": dict(warps_bwd=8),
             "bwd-bv32": dict(bv_bwd=32),
-            "bwd-stages2": dict(stages_bwd=2),
         }
         if args.only:
             variants = {k: v for k, v in variants.items() if k in args.only.split(",")}
