@@ -211,7 +211,10 @@ def test_extreme_decays_finite(w_value):
         refs = generalized_delta_rule_backward(*(ref[n] for n in NAMES), ref["initial_state"],
                                                do=do * scale, dfinal_state=dstate * scale)
     # With every decay below the floor the whole sequence sits at the clamp: 1e-3 (measured 3e-4).
+    # d initial_state carries the clamp most directly (the floor's decay e^-10 instead of 0 at the
+    # first step): 3e-3 for it (measured up to 1.05e-3 over 41 seeds, others below 1e-4).
     tol = 1e-3
+    tol_ds0 = 3e-3
     assert rel_error(to_numpy(o), y_ref) <= tol, f"seed={SEED}"
     assert rel_error(to_numpy(state), s_ref) <= tol, f"seed={SEED}"
     for name, g, g_ref in zip(GRAD_NAMES, grads, refs):
@@ -221,7 +224,8 @@ def test_extreme_decays_finite(w_value):
             scale_ref = np.linalg.norm(refs[0])
             assert np.linalg.norm(to_numpy(g) - g_ref) <= 1e-6 * scale_ref, f"dw (seed={SEED})"
             continue
-        assert rel_error(to_numpy(g), g_ref) <= tol, f"{name} (seed={SEED})"
+        limit = tol_ds0 if name == "dinitial_state" else tol
+        assert rel_error(to_numpy(g), g_ref) <= limit, f"{name} (seed={SEED})"
 
 
 def test_T_zero():

@@ -133,10 +133,12 @@ class TorchAdapter(Adapter):
             grad_out = {n: gi.double().cpu().numpy() for n, gi in zip(list(NAMES) + ["initial_state"], g)}
         return o.detach().double().cpu().numpy(), s.detach().double().cpu().numpy(), grad_out
 
-    def timer(self, op, x, dtype, grads):
+    def timer(self, op, x, dtype, grads, wait=True):
+        # wait=False for do_bench, which times the GPU work between CUDA events (a host wait
+        # inside the timed function would add the host's launch time to every sample)
         t = self.torch
         args, s0, _ = self._inputs(x, dtype, grads)
-        sync = t.cuda.synchronize if self.device.startswith("cuda") else (lambda: None)
+        sync = t.cuda.synchronize if wait and self.device.startswith("cuda") else (lambda: None)
         if not grads:
             def fn():
                 with t.no_grad():
@@ -163,7 +165,8 @@ class TorchAdapter(Adapter):
         from triton.testing import do_bench
 
         # The protocol of docs/benchmarks.md: median of do_bench(warmup=500 ms, rep=1500 ms).
-        return do_bench(self.timer(op, x, dtype, grads), warmup=500, rep=1500, return_mode="median") / 1e3
+        return do_bench(self.timer(op, x, dtype, grads, wait=False), warmup=500, rep=1500,
+                        return_mode="median") / 1e3
 
     def peak_memory(self, op, x, dtype):
         """Peak bytes allocated over one fwd+bwd call, inputs included (CUDA only, else None)."""
