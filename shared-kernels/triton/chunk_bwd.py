@@ -79,13 +79,14 @@ def chunk_scan_bwd_kernel(
     for i in range(0, c_hi - c_lo):
         c = c_hi - 1 - i
         t0 = c * L_
+        t_off = t0.to(tl.int64) * stride_t  # 64-bit: T * H * K may pass 2^31
         inb = (t0 + rows) < T_n
         cbase = (bh.to(tl.int64) * NC + c) * L_ * K
         Wc = tl.load(wt_ptr + cbase + ktile)
         Bc = tl.load(bt_ptr + cbase + ktile)
         R2 = tl.load(r2t_ptr + cbase + ktile)
         dec = tl.load(dect_ptr + (bh.to(tl.int64) * NC + c) * K + cols)
-        dYt = tl.load(dy_ptr + vt_off + t0 * stride_t, mask=inb[None, :], other=0.0).to(tl.float32)
+        dYt = tl.load(dy_ptr + vt_off + t_off, mask=inb[None, :], other=0.0).to(tl.float32)
         if SAVE_CKPT:
             tl.store(gck_ptr + (bh.to(tl.int64) * NC + c) * K * K + state_tile, G)
         # G_prev = G M_c^T + dY^T R2, with M_c^T = diag(dec) + b_bar^T W
@@ -198,7 +199,7 @@ def chunk_bwd_kernel(
     for vb in range(0, NV):
         vcol = vb * BV + tl.arange(0, BV)
         tile = vcol[:, None] * K + cols[None, :]
-        vt = base + vcol[:, None] + t[None, :] * stride_t
+        vt = base + vcol[:, None] + t.to(tl.int64)[None, :] * stride_t
         inb = (t < T_n)[None, :]
         vvT = tf32(tl.load(v_ptr + vt, mask=inb, other=0.0).to(tl.float32), PREC)
         dyT = tl.load(dy_ptr + vt, mask=valid[None, :], other=0.0).to(tl.float32)
@@ -284,7 +285,7 @@ def chunk_bwd_kernel(
     dk = tl.where(keep, (dk_h + dk_bar * mid_to_end[None, :]) * e_inv, 0.0)
     db = tl.where(keep, (db_h + db_bar * mid_to_end[None, :]) * e_inv, 0.0)
 
-    out = base + t[:, None] * stride_t + cols[None, :]
+    out = base + t.to(tl.int64)[:, None] * stride_t + cols[None, :]
     inb = (t < T_n)[:, None]
     tl.store(dr_ptr + out, dr.to(dr_ptr.dtype.element_ty), mask=inb)
     tl.store(dw_ptr + out, dw.to(dw_ptr.dtype.element_ty), mask=inb)

@@ -42,7 +42,8 @@ def sequence_span(cu_ptr, b, T, stride_b, stride_t, VARLEN: tl.constexpr):
 @triton.jit
 def load_tile(ptr, t, T, cols, stride_t):
     """[CHUNK, N] fp32 tile of rows t (rows at or past T read as 0)."""
-    return tl.load(ptr + t[:, None] * stride_t + cols[None, :], mask=(t < T)[:, None],
+    # 64-bit row offsets: T * H * K may pass 2^31
+    return tl.load(ptr + t.to(tl.int64)[:, None] * stride_t + cols[None, :], mask=(t < T)[:, None],
                    other=0.0).to(tl.float32)
 
 

@@ -206,13 +206,14 @@ def chunk_scan_fwd_kernel(
         c_end = tl.minimum(c_hi, tl.cdiv(T_n, L_))
     for c in range(c_lo, c_end):
         t0 = c * L_
+        t_off = t0.to(tl.int64) * stride_t  # 64-bit: T * H * K may pass 2^31
         inb = (t0 + rows) < T_n
         cbase = (bh.to(tl.int64) * NC + c) * L_ * K
         Wc = tl.load(wt_ptr + cbase + ktile)
         Bc = tl.load(bt_ptr + cbase + ktile)
         Kc = tl.load(kct_ptr + cbase + ktile)
         dec = tl.load(dect_ptr + (bh.to(tl.int64) * NC + c) * K + cols)
-        Vt = tl.load(v_ptr + vt_off + t0 * stride_t, mask=inb[None, :], other=0.0).to(tl.float32)
+        Vt = tl.load(v_ptr + vt_off + t_off, mask=inb[None, :], other=0.0).to(tl.float32)
         if LOCAL:
             Vt = Vt * v_scale
 
@@ -224,7 +225,7 @@ def chunk_scan_fwd_kernel(
             Qc = tl.load(qct_ptr + (bh.to(tl.int64) * NC + c) * L_ * L_ + qtile)
             Yt = tl.dot(S_r, tl.trans(R2), input_precision=PREC)
             Yt = tl.dot(Vt, tl.trans(Qc), Yt, input_precision=PREC)
-            tl.store(y_ptr + vt_off + t0 * stride_t, Yt.to(y_ptr.dtype.element_ty), mask=inb[None, :])
+            tl.store(y_ptr + vt_off + t_off, Yt.to(y_ptr.dtype.element_ty), mask=inb[None, :])
         X1 = tl.dot(S_r, tl.trans(Wc), input_precision=PREC)
         S = S * dec[None, :]
         S = tl.dot(Vt, Kc, S, input_precision=PREC)

@@ -260,6 +260,42 @@ def test_cuda_graph(request):
     assert torch.equal(o, o_ref) and torch.equal(s, s_ref), f"seed={seed}"
 
 
+@pytest.mark.gpu
+def test_offsets_past_2_31(poison_empty, request):
+    """T * H * K > 2^31 elements per tensor: the kernels' offsets are 64-bit (forward, ~75 GB).
+
+    Two steps that forget the state (decay at the floor, a = b = 0) sit before a short tail, so
+    the tail's outputs and the final state equal a fresh run on the tail alone; wrapped 32-bit
+    offsets would read and write elsewhere (o is NaN-poisoned first).
+    """
+    if torch.cuda.mem_get_info()[0] < 90 * 2**30:
+        pytest.skip("needs 90 GiB of free GPU memory")
+    seed = _seed(request)
+    H, K, tail = 1, 32, 1000
+    T = 2**31 // (H * K) + 40
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    bf16 = torch.bfloat16
+
+    def randn():
+        return torch.randn((1, T, H, K), device="cuda", dtype=bf16, generator=g)
+
+    r, k, v, a = randn(), randn(), randn(), randn()
+    a.mul_(K ** -0.5)                                  # about unit norm
+    b = a * -0.5
+    w = torch.empty((1, T, H, K), device="cuda", dtype=bf16).uniform_(-3.0, -0.5, generator=g)
+    s = T - tail
+    w[:, s - 2:s] = 30.0                               # decay below the floor: e^-10 per step
+    a[:, s - 2:s] = 0.0
+    b[:, s - 2:s] = 0.0
+    o, final = launcher.generalized_delta_rule(r, w, k, v, a, b)
+    o_tail, final_tail = launcher.generalized_delta_rule(
+        *(x[:, s - 2:].contiguous() for x in (r, w, k, v, a, b)))
+    err_o = rel_error(o[:, s - 2:].float().cpu().numpy(), o_tail.float().cpu().numpy())
+    err_s = rel_error(final.cpu().numpy(), final_tail.cpu().numpy())
+    assert torch.isfinite(o[:, :64]).all() and torch.isfinite(o[:, -64:]).all(), f"seed={seed}"
+    assert err_o <= 3e-3 and err_s <= 1e-3, f"o {err_o:.2e}, state {err_s:.2e} (seed={seed})"
+
+
 def test_gradient_through_final_state_only(request):
     """o unused: its gradient is None inside autograd (the backward must not need it)."""
     seed = _seed(request)
