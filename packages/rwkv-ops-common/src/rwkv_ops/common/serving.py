@@ -116,8 +116,9 @@ def cu_seqlens_not_concrete(backend: str) -> ValueError:
     """The error for boundaries that are only known at run time (traced / symbolic)."""
     return ValueError(
         f"rwkv-ops: {backend} needs concrete `cu_seqlens` values (a NumPy array, list or tuple, or "
-        "an eager tensor), got a traced or symbolic one: the boundaries fix the shape of the padded "
-        "batch. Inside jit / tf.function pass them as a static (closed-over) NumPy array."
+        "an eager tensor), got a traced or symbolic one: the boundaries fix the launch size (the "
+        "longest sequence) or the padded batch's shape. Inside jit / tf.function pass them as a "
+        "static (closed-over) NumPy array."
     )
 
 
