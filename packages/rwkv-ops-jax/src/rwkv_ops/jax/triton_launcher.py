@@ -107,7 +107,7 @@ def _entries() -> dict:
     # Triton version resolves (not all resolve closures). The module is bound as `tl`: Triton's
     # interpreter recognises constexpr annotations by that exact spelling.
     global tl, _chunk_prep_kernel, _chunk_scan_fwd_kernel, _state_combine_kernel
-    global _chunk_scan_bwd_kernel, _chunk_bwd_kernel
+    global _chunk_scan_bwd_kernel, _chunk_bwd_kernel, layout_strides, state_strides, end_strides
     if _ENTRIES:
         return _ENTRIES
     import triton
@@ -133,6 +133,50 @@ def _entries() -> dict:
     # ignore stride_b; (t, h) strides as for the [B, T, H, K] layout.
 
     @triton.jit
+    def layout_strides(T, H: tl.constexpr, K: tl.constexpr, HEAD_FIRST: tl.constexpr):
+        # (stride_b, stride_t, stride_h) of a contiguous input in its layout; stride_b in int64
+        T64 = T + tl.zeros([], dtype=tl.int64)
+        if HEAD_FIRST:
+            stride_t = K
+            stride_h = T64 * K
+        else:
+            stride_t = H * K
+            stride_h = K
+        return T64 * (H * K), stride_t, stride_h
+
+    @triton.jit
+    def state_strides(NSEG, H: tl.constexpr, K: tl.constexpr, INIT_MODE: tl.constexpr):
+        # (batch, head, segment) strides of the state entering a pass, by INIT_MODE
+        if INIT_MODE == 1:
+            sb = H * K * K
+            sh = K * K
+            ss = 0
+        elif INIT_MODE == 2:
+            sb = 0
+            sh = K * K
+            ss = 0
+        elif INIT_MODE == 3:
+            sb = NSEG * (H * K * K)
+            sh = NSEG * (K * K)
+            ss = K * K
+        else:
+            sb = 0
+            sh = 0
+            ss = 0
+        return sb, sh, ss
+
+    @triton.jit
+    def end_strides(NSEG, K: tl.constexpr, LOCAL: tl.constexpr):
+        # (sequence, segment) strides of a scan's end states: one per segment when LOCAL
+        if LOCAL:
+            sbh = NSEG * (K * K)
+            ss = K * K
+        else:
+            sbh = K * K
+            ss = 0
+        return sbh, ss
+
+    @triton.jit
     def rwkv_gdr_prep(r, w, k, a, b, mask, cu,
                       T_p1, BH_p1, NC_p1,
                       wo, bo, kco, r2o, qco, deco,
@@ -140,14 +184,7 @@ def _entries() -> dict:
                       HEAD_FIRST: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr,
                       PREC_INV: tl.constexpr, VARLEN: tl.constexpr):
         T, BH, NC = T_p1 - 1, BH_p1 - 1, NC_p1 - 1
-        T64 = T + tl.zeros([], dtype=tl.int64)
-        stride_b = T64 * (H * K)
-        if HEAD_FIRST:
-            stride_t = K
-            stride_h = T64 * K
-        else:
-            stride_t = H * K
-            stride_h = K
+        stride_b, stride_t, stride_h = layout_strides(T, H, K, HEAD_FIRST)
         _chunk_prep_kernel(r, w, k, a, b, mask, cu, wo, bo, kco, r2o, qco, deco,
                            T, H, BH, NC, stride_b, stride_t, stride_h,
                            K=K, G=G, HAS_MASK=HAS_MASK, PREC=PREC, PREC_INV=PREC_INV,
@@ -162,36 +199,9 @@ def _entries() -> dict:
                           WRITE_Y: tl.constexpr, SAVE_CKPT: tl.constexpr, WRITE_END: tl.constexpr,
                           PREC: tl.constexpr, VARLEN: tl.constexpr):
         T, BH, NC, CPS, NSEG = T_p1 - 1, BH_p1 - 1, NC_p1 - 1, CPS_p1 - 1, NSEG_p1 - 1
-        T64 = T + tl.zeros([], dtype=tl.int64)
-        stride_b = T64 * (H * K)
-        if HEAD_FIRST:
-            stride_t = K
-            stride_h = T64 * K
-        else:
-            stride_t = H * K
-            stride_h = K
-        if INIT_MODE == 1:
-            init_sb = H * K * K
-            init_sh = K * K
-            init_ss = 0
-        elif INIT_MODE == 2:
-            init_sb = 0
-            init_sh = K * K
-            init_ss = 0
-        elif INIT_MODE == 3:
-            init_sb = NSEG * (H * K * K)
-            init_sh = NSEG * (K * K)
-            init_ss = K * K
-        else:
-            init_sb = 0
-            init_sh = 0
-            init_ss = 0
-        if LOCAL:
-            send_sbh = NSEG * (K * K)
-            send_ss = K * K
-        else:
-            send_sbh = K * K
-            send_ss = 0
+        stride_b, stride_t, stride_h = layout_strides(T, H, K, HEAD_FIRST)
+        init_sb, init_sh, init_ss = state_strides(NSEG, H, K, INIT_MODE)
+        send_sbh, send_ss = end_strides(NSEG, K, LOCAL)
         _chunk_scan_fwd_kernel(v, wt, bt, kct, r2t, qct, dect, init, cu, y, ckpt, send, mend,
                                T, H, BH, NC, CPS, stride_b, stride_t, stride_h,
                                init_sb, init_sh, init_ss, send_sbh, send_ss,
@@ -205,11 +215,8 @@ def _entries() -> dict:
                          H: tl.constexpr, K: tl.constexpr, BV: tl.constexpr,
                          INIT_MODE: tl.constexpr, REVERSE: tl.constexpr):
         BH, NSEG = BH_p1 - 1, NSEG_p1 - 1
-        if INIT_MODE == 2:
-            init_sb = 0
-        else:
-            init_sb = H * K * K
-        _state_combine_kernel(loc, m, init, out, H, BH, NSEG, init_sb, K * K,
+        init_sb, init_sh, _ = state_strides(NSEG, H, K, INIT_MODE)
+        _state_combine_kernel(loc, m, init, out, H, BH, NSEG, init_sb, init_sh,
                               K=K, BV=BV, HAS_INIT=INIT_MODE != 0, REVERSE=REVERSE)
 
     @triton.jit
@@ -221,32 +228,9 @@ def _entries() -> dict:
                           SAVE_CKPT: tl.constexpr, WRITE_END: tl.constexpr, PREC: tl.constexpr,
                           VARLEN: tl.constexpr):
         T, BH, NC, CPS, NSEG = T_p1 - 1, BH_p1 - 1, NC_p1 - 1, CPS_p1 - 1, NSEG_p1 - 1
-        T64 = T + tl.zeros([], dtype=tl.int64)
-        stride_b = T64 * (H * K)
-        if HEAD_FIRST:
-            stride_t = K
-            stride_h = T64 * K
-        else:
-            stride_t = H * K
-            stride_h = K
-        if INIT_MODE == 1:
-            init_sb = H * K * K
-            init_sh = K * K
-            init_ss = 0
-        elif INIT_MODE == 3:
-            init_sb = NSEG * (H * K * K)
-            init_sh = NSEG * (K * K)
-            init_ss = K * K
-        else:
-            init_sb = 0
-            init_sh = 0
-            init_ss = 0
-        if LOCAL:
-            gend_sbh = NSEG * (K * K)
-            gend_ss = K * K
-        else:
-            gend_sbh = K * K
-            gend_ss = 0
+        stride_b, stride_t, stride_h = layout_strides(T, H, K, HEAD_FIRST)
+        init_sb, init_sh, init_ss = state_strides(NSEG, H, K, INIT_MODE)
+        gend_sbh, gend_ss = end_strides(NSEG, K, LOCAL)
         _chunk_scan_bwd_kernel(dy, wt, bt, r2t, dect, init, cu, gck, gend,
                                T, H, BH, NC, CPS, stride_b, stride_t, stride_h,
                                init_sb, init_sh, init_ss, gend_sbh, gend_ss,
@@ -261,14 +245,7 @@ def _entries() -> dict:
                      HEAD_FIRST: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr,
                      PREC_INV: tl.constexpr, VARLEN: tl.constexpr):
         T, BH, NC = T_p1 - 1, BH_p1 - 1, NC_p1 - 1
-        T64 = T + tl.zeros([], dtype=tl.int64)
-        stride_b = T64 * (H * K)
-        if HEAD_FIRST:
-            stride_t = K
-            stride_h = T64 * K
-        else:
-            stride_t = H * K
-            stride_h = K
+        stride_b, stride_t, stride_h = layout_strides(T, H, K, HEAD_FIRST)
         _chunk_bwd_kernel(r, w, k, v, a, b, dy, mask, ckpt, gck, cu, dr, dw, dk, dv, da, db,
                           T, H, BH, NC, stride_b, stride_t, stride_h,
                           K=K, BV=BV, HAS_MASK=HAS_MASK, PREC=PREC, PREC_INV=PREC_INV,
