@@ -101,22 +101,9 @@ def tf32(x, PREC: tl.constexpr):
 
 
 @triton.jit
-def unit_lower_inverse3(A, PREC: tl.constexpr):
-    """unit_lower_inverse for G chunks at once: A [G, CHUNK, CHUNK] (batched products in PREC)."""
-    rows = tl.arange(0, L_)
-    eye = tl.where(rows[:, None] == rows[None, :], 1.0, 0.0)[None, :, :]
-    A = tf32(A, PREC)
-    A2 = tf32(tl.dot(A, A, input_precision=PREC), PREC)
-    A4 = tf32(tl.dot(A2, A2, input_precision=PREC), PREC)
-    A8 = tf32(tl.dot(A4, A4, input_precision=PREC), PREC)
-    P1 = tf32(tl.dot(eye + A, eye + A2, input_precision=PREC), PREC)
-    P2 = tf32(tl.dot(eye + A4, eye + A8, input_precision=PREC), PREC)
-    return tl.dot(P1, P2, input_precision=PREC)
-
-
-@triton.jit
 def unit_lower_inverse(A, PREC: tl.constexpr):
-    """(I - A)^-1 for a strictly lower triangular [CHUNK, CHUNK] A (fp32 tile, products in PREC).
+    """(I - A)^-1 for a strictly lower triangular [CHUNK, CHUNK] A (fp32 tile, products in PREC);
+    for G chunks at once, A may be [G, CHUNK, CHUNK] (the identity broadcasts, products batch).
 
     A^16 = 0, so the Neumann series ends and factors: (I+A)(I+A^2)(I+A^4)(I+A^8). Six small
     products that run in parallel instead of a 15-step dependent substitution.

@@ -37,7 +37,7 @@ Buffers of the K-side tiles: [B*H, NC, 16, K] (W, b_bar, Kc, R2), [B*H, NC, 16, 
 import triton
 import triton.language as tl
 
-from .chunk_common import L_, chunk_log_decays3, sequence_span, tf32, unit_lower_inverse3
+from .chunk_common import L_, chunk_log_decays3, sequence_span, tf32, unit_lower_inverse
 
 
 @triton.jit(do_not_specialize=["T", "H", "BH", "NC"])
@@ -122,7 +122,7 @@ def chunk_prep_kernel(
     A_ak = tl.where(strict, tl.dot(a_r, kT, input_precision=PREC), 0.0)
     A_qb = tl.where(incl, tl.dot(q_r, bT, input_precision=PREC), 0.0)
     A_qk = tl.where(incl, tl.dot(q_r, kT, input_precision=PREC), 0.0)
-    N = tf32(unit_lower_inverse3(A_ab, PREC_INV), PREC)
+    N = tf32(unit_lower_inverse(A_ab, PREC_INV), PREC)
 
     W = tl.dot(N, tf32(a_t * to_mid, PREC), input_precision=PREC)
     W_r = tf32(W, PREC)
