@@ -107,9 +107,10 @@ def chunk_scan_bwd_kernel(
 @triton.jit
 def _chunk_factors(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, t, T, cols, stride_t, valid,
                    PREC: tl.constexpr):
-    """The mid-anchored factors of one chunk, as the products use them (tf32-exact in tf32 mode):
-    q~, k^, a~, b^ ([CHUNK, K]) and the exponentials e_in, e_ex, e_inv ([CHUNK, K]), to_mid,
-    mid_to_end, decay_end ([K]) and lambda before the floor ([CHUNK, K]); see chunk_fwd.py."""
+    """The mid-anchored factors of one chunk: q~, k^, a~, b^ ([CHUNK, K]), the same rounded as the
+    products use them (tf32-exact in tf32 mode), the exponentials e_in, e_ex, e_inv ([CHUNK, K]),
+    to_mid, mid_to_end, decay_end ([K]) and lambda before the floor ([CHUNK, K]); see
+    chunk_fwd.py."""
     w = load_tile(w_ptr, t, T, cols, stride_t)
     lam_in, lam_ex, lam_mid, lam_end = chunk_log_decays(w, valid)
     e_in = tl.exp(lam_in - lam_mid[None, :])
@@ -119,8 +120,9 @@ def _chunk_factors(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, t, T, cols, stride_t, vali
     a_t = tl.where(valid[:, None], load_tile(a_ptr, t, T, cols, stride_t), 0.0) * e_ex
     k_h = tl.where(valid[:, None], load_tile(k_ptr, t, T, cols, stride_t), 0.0) * e_inv
     b_h = load_tile(b_ptr, t, T, cols, stride_t) * e_inv
-    return (q_t, k_h, a_t, b_h, e_in, e_ex, e_inv, tl.exp(lam_mid), tl.exp(lam_end - lam_mid),
-            tl.exp(lam_end), -tl.exp(w))
+    return (q_t, k_h, a_t, b_h, tf32(q_t, PREC), tf32(k_h, PREC), tf32(a_t, PREC), tf32(b_h, PREC),
+            e_in, e_ex, e_inv, tl.exp(lam_mid), tl.exp(lam_end - lam_mid), tl.exp(lam_end),
+            -tl.exp(w))
 
 
 @triton.jit(do_not_specialize=["T", "H", "BH", "NC"])
@@ -165,13 +167,10 @@ def chunk_bwd_kernel(
     t = c * L_ + rows
     valid = step_validity(mask_ptr + b.to(tl.int64) * T, t, T_n, HAS_MASK)
 
-    q_t, k_h, a_t, b_h, e_in, e_ex, e_inv, to_mid, mid_to_end, decay_end, lam_raw = _chunk_factors(
+    q_t, k_h, a_t, b_h, q_r, k_r, a_r, b_r, e_in, e_ex, e_inv, to_mid, mid_to_end, decay_end, \
+        lam_raw = _chunk_factors(
         r_ptr + base, w_ptr + base, k_ptr + base, a_ptr + base, b_ptr + base, t, T_n, cols,
         stride_t, valid, PREC)
-    q_r = tf32(q_t, PREC)
-    k_r = tf32(k_h, PREC)
-    a_r = tf32(a_t, PREC)
-    b_r = tf32(b_h, PREC)
     # the loop's K-side operands, rounded from the unrounded factors exactly as the forward does
     a_s = tf32(a_t * to_mid[None, :], PREC)
     k_bar = tf32(k_h * mid_to_end[None, :], PREC)
@@ -241,13 +240,10 @@ def chunk_bwd_kernel(
 
     # rebuilt after the loop from the (cached) inputs rather than kept live through it; the same
     # instructions give the same values
-    q_t, k_h, a_t, b_h, e_in, e_ex, e_inv, to_mid, mid_to_end, decay_end, lam_raw = _chunk_factors(
+    q_t, k_h, a_t, b_h, q_r, k_r, a_r, b_r, e_in, e_ex, e_inv, to_mid, mid_to_end, decay_end, \
+        lam_raw = _chunk_factors(
         r_ptr + base, w_ptr + base, k_ptr + base, a_ptr + base, b_ptr + base, t, T_n, cols,
         stride_t, valid, PREC)
-    q_r = tf32(q_t, PREC)
-    k_r = tf32(k_h, PREC)
-    a_r = tf32(a_t, PREC)
-    b_r = tf32(b_h, PREC)
     dA_qk = tl.where(incl, dA_qk, 0.0)
     dA_qb = tl.where(incl, dA_qb, 0.0)
     dA_ak = tl.where(strict, dA_ak, 0.0)
