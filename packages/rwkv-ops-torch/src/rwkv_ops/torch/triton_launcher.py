@@ -102,28 +102,30 @@ def _compute_precision(*xs) -> str:
 # forward
 
 
-def _launch_plan(r, w, k, v, a, b, head_first, chunks_per_segment, cu_seqlens=None, max_len=0):
-    """Sizes, strides, launch configuration and dot precision shared by forward and backward:
-    ((B, T, H, K), (stride_b, stride_t, stride_h), B*H, chunks, segments, config, precision)."""
+def _launch_plan(r, w, k, v, a, b, mask, head_first, chunks_per_segment, cu_seqlens=None,
+                 max_len=0):
+    """What forward and backward launch with: ((B, T, H, K), (stride_b, stride_t, stride_h), B*H,
+    chunks, segments, config, dot precision, precision of the inverse series, the mask and
+    cu_seqlens pointers (r stands in for an absent one: the kernels never read it then))."""
     (B, T, H, K), strides = _layout(r, head_first, cu_seqlens, max_len)
     BH, NC = B * H, max(1, -(-T // CHUNK))
     n_seg = -(-NC // chunks_per_segment)
     cfg = select_config(K, r.dtype, T, BH)
-    return (B, T, H, K), strides, BH, NC, n_seg, cfg, _compute_precision(r, w, k, v, a, b)
+    prec = _compute_precision(r, w, k, v, a, b)
+    prec_inv = "ieee" if prec == "ieee" else cfg.precision_inverse
+    return ((B, T, H, K), strides, BH, NC, n_seg, cfg, prec, prec_inv,
+            r if mask is None else mask, r if cu_seqlens is None else cu_seqlens)
 
 
 def _forward_impl(r, w, k, v, a, b, initial_state, mask, head_first, chunks_per_segment, save,
                   cu_seqlens=None, max_len=0):
     chunk_fwd, _, _ = _kernels()
-    (B, T, H, K), (sb, st, sh), BH, NC, n_seg, cfg, prec = _launch_plan(
-        r, w, k, v, a, b, head_first, chunks_per_segment, cu_seqlens, max_len)
+    (B, T, H, K), (sb, st, sh), BH, NC, n_seg, cfg, prec, prec_inv, m, cu = _launch_plan(
+        r, w, k, v, a, b, mask, head_first, chunks_per_segment, cu_seqlens, max_len)
+    has_mask, varlen = mask is not None, cu_seqlens is not None
     cps = chunks_per_segment
     dev = r.device
     f32 = torch.float32
-    has_mask = mask is not None
-    m = mask if has_mask else r  # any tensor stands in for an absent mask pointer
-    varlen = cu_seqlens is not None
-    cu = cu_seqlens if varlen else r  # likewise for an absent cu_seqlens
 
     tiles = [torch.empty((BH, NC, CHUNK, K), dtype=f32, device=dev) for _ in range(4)]
     wt, bt, kct, r2t = tiles
@@ -135,7 +137,7 @@ def _forward_impl(r, w, k, v, a, b, initial_state, mask, head_first, chunks_per_
         wt, bt, kct, r2t, qct, dect,
         T, H, BH, NC, sb, st, sh,
         K=K, G=G, HAS_MASK=has_mask, PREC=prec,
-        PREC_INV="ieee" if prec == "ieee" else cfg.precision_inverse, VARLEN=varlen,
+        PREC_INV=prec_inv, VARLEN=varlen,
         num_warps=cfg.warps_prep)
 
     y = torch.empty(r.shape, dtype=r.dtype, device=dev)
@@ -229,15 +231,12 @@ triton_gdr_fwd.register_fake(_forward_fake)
 def _backward_impl(r, w, k, v, a, b, initial_state, mask, ckpt, seg_m, wt, bt, r2t, dect, do,
                    dfinal, head_first, chunks_per_segment, cu_seqlens=None, max_len=0):
     chunk_fwd, chunk_bwd, _ = _kernels()
-    (B, T, H, K), (sb, st, sh), BH, NC, n_seg, cfg, prec = _launch_plan(
-        r, w, k, v, a, b, head_first, chunks_per_segment, cu_seqlens, max_len)
+    (B, T, H, K), (sb, st, sh), BH, NC, n_seg, cfg, prec, prec_inv, m, cu = _launch_plan(
+        r, w, k, v, a, b, mask, head_first, chunks_per_segment, cu_seqlens, max_len)
+    has_mask, varlen = mask is not None, cu_seqlens is not None
     cps = chunks_per_segment
     dev = r.device
     f32 = torch.float32
-    has_mask = mask is not None
-    m = mask if has_mask else r  # any tensor stands in for an absent mask pointer
-    varlen = cu_seqlens is not None
-    cu = cu_seqlens if varlen else r  # likewise for an absent cu_seqlens
     has_init = dfinal is not None
     if has_init:
         init, init_sb, init_sh, init_ss = dfinal, H * K * K, K * K, 0
@@ -275,7 +274,7 @@ def _backward_impl(r, w, k, v, a, b, initial_state, mask, ckpt, seg_m, wt, bt, r
         *grads,
         T, H, BH, NC, sb, st, sh,
         K=K, BV=cfg.bv_bwd, HAS_MASK=has_mask, PREC=prec,
-        PREC_INV="ieee" if prec == "ieee" else cfg.precision_inverse, VARLEN=varlen,
+        PREC_INV=prec_inv, VARLEN=varlen,
         num_warps=cfg.warps_bwd, num_stages=cfg.stages_bwd)
     return (*grads, ds0)
 
