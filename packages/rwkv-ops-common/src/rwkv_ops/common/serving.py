@@ -122,6 +122,18 @@ def cu_seqlens_not_concrete(backend: str) -> ValueError:
     )
 
 
+def single_step_sizes(shape, head_first: bool, has_mask: bool):
+    """(B, H, K) when an inference call is one decode step, else None.
+
+    One step: 4-d inputs with T = 1 and no mask; the inference entry points route it to the
+    single-step update (starting from zeros when no initial state is given). ``shape`` is r's
+    shape as a tuple (B may be None for a symbolic batch).
+    """
+    if len(shape) != 4 or has_mask or shape[2 if head_first else 1] != 1:
+        return None
+    return shape[0], shape[1 if head_first else 2], shape[3]
+
+
 def inplace_unsupported(backend: str) -> ValueError:
     """The error for ``inplace=True`` outside PyTorch."""
     return ValueError(

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rwkv_ops.common import docs
-from rwkv_ops.common.serving import check_inference_options
+from rwkv_ops.common.serving import check_inference_options, single_step_sizes
 from rwkv_ops.jax.api import as_arrays, generalized_delta_rule
 from rwkv_ops.jax.decode import rwkv7_op_rnn
 from rwkv_ops.jax.varlen import generalized_delta_rule_varlen
@@ -30,10 +30,10 @@ def generalized_delta_rule_inference(r, w, k, v, a, b, initial_state=None, outpu
     if cu_seqlens is not None:
         return generalized_delta_rule_varlen(r, w, k, v, a, b, cu_seqlens, initial_state,
                                              output_final_state)
-    shape = tuple(np.shape(r))
-    if len(shape) == 4 and shape[2 if head_first else 1] == 1 and mask is None:
+    step = single_step_sizes(tuple(np.shape(r)), head_first, mask is not None)
+    if step is not None:
         if initial_state is None:
-            B, H, K = shape[0], shape[1 if head_first else 2], shape[3]
+            B, H, K = step
             wide = any(jnp.dtype(x.dtype) == jnp.float64 for x in (r, w, k, v, a, b))
             initial_state = jnp.zeros((B, H, K, K), jnp.float64 if wide else jnp.float32)
         o, state = rwkv7_op_rnn(r, w, k, v, a, b, initial_state, head_first)

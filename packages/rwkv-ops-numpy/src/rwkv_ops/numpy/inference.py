@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from rwkv_ops.common import docs
-from rwkv_ops.common.serving import check_inference_options
+from rwkv_ops.common.serving import check_inference_options, single_step_sizes
 from rwkv_ops.numpy.api import generalized_delta_rule
 from rwkv_ops.numpy.decode import rwkv7_op_rnn
 from rwkv_ops.numpy.varlen import generalized_delta_rule_varlen
@@ -21,11 +21,10 @@ def generalized_delta_rule_inference(r, w, k, v, a, b, initial_state=None, outpu
     if cu_seqlens is not None:
         return generalized_delta_rule_varlen(r, w, k, v, a, b, cu_seqlens, initial_state,
                                              output_final_state)
-    shape = np.shape(r)
-    T = shape[2 if head_first else 1] if len(shape) == 4 else None
-    if T == 1 and mask is None:
+    step = single_step_sizes(np.shape(r), head_first, mask is not None)
+    if step is not None:
         if initial_state is None:
-            B, H, K = (shape[0], shape[1], shape[3]) if head_first else (shape[0], shape[2], shape[3])
+            B, H, K = step
             initial_state = np.zeros((B, H, K, K), np.float32)
         o, state = rwkv7_op_rnn(r, w, k, v, a, b, initial_state, head_first)
         return o, (state if output_final_state else None)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from rwkv_ops.common import docs
-from rwkv_ops.common.serving import check_inference_options
+from rwkv_ops.common.serving import check_inference_options, single_step_sizes
 from rwkv_ops.tensorflow.api import generalized_delta_rule
 from rwkv_ops.tensorflow.decode import rwkv7_op_rnn
 from rwkv_ops.tensorflow.varlen import generalized_delta_rule_varlen
@@ -27,10 +27,11 @@ def generalized_delta_rule_inference(r, w, k, v, a, b, initial_state=None, outpu
     if cu_seqlens is not None:
         return generalized_delta_rule_varlen(r, w, k, v, a, b, cu_seqlens, initial_state,
                                              output_final_state)
-    shape = r.shape
-    if shape.rank == 4 and shape[2 if head_first else 1] == 1 and mask is None:
+    shape = tuple(r.shape) if r.shape.rank is not None else ()
+    step = single_step_sizes(shape, head_first, mask is not None)
+    if step is not None:
         if initial_state is None:
-            H, K = shape[1 if head_first else 2], shape[3]
+            _, H, K = step  # the batch may be symbolic: taken from tf.shape below
             wide = any(x.dtype == tf.float64 for x in (r, w, k, v, a, b))
             initial_state = tf.zeros(tf.stack([tf.shape(r)[0], H, K, K]),
                                      tf.float64 if wide else tf.float32)

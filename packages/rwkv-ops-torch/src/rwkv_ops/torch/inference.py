@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from rwkv_ops.common import docs
-from rwkv_ops.common.serving import check_inference_options
+from rwkv_ops.common.serving import check_inference_options, single_step_sizes
 from rwkv_ops.torch.api import generalized_delta_rule
 from rwkv_ops.torch.decode import rwkv7_op_rnn
 from rwkv_ops.torch.varlen import generalized_delta_rule_varlen
@@ -25,10 +25,10 @@ def generalized_delta_rule_inference(r, w, k, v, a, b, initial_state=None, outpu
         if cu_seqlens is not None:
             return generalized_delta_rule_varlen(r, w, k, v, a, b, cu_seqlens, initial_state,
                                                  output_final_state)
-        shape = tuple(getattr(r, "shape", ()))
-        if len(shape) == 4 and shape[2 if head_first else 1] == 1 and mask is None:
+        step = single_step_sizes(tuple(getattr(r, "shape", ())), head_first, mask is not None)
+        if step is not None:
             if initial_state is None:
-                B, H, K = shape[0], shape[1 if head_first else 2], shape[3]
+                B, H, K = step
                 wide = any(getattr(x, "dtype", None) == torch.float64 for x in (r, w, k, v, a, b))
                 initial_state = torch.zeros((B, H, K, K), device=r.device,
                                             dtype=torch.float64 if wide else torch.float32)
