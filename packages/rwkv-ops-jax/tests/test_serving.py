@@ -256,7 +256,7 @@ def test_varlen_kernel_choice(monkeypatch):
     if not HAS_GPU:
         # an explicit request never falls back (outside the interpreter there is no GPU here)
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-        assert varlen.choose_varlen_kernel(None, 32) == "native"
+        assert varlen.choose_kernel(None, 32) == "native"
         with pytest.raises(KernelUnavailableError, match="KERNEL_TYPE='triton'"):
             run(*xs, [0, 4, 10], kernel_type="triton")
 

@@ -262,7 +262,7 @@ def test_varlen_kernel_choice(monkeypatch):
     with pytest.raises(ValueError, match="not valid"):
         run(*xs, [0, 4, 10], kernel_type="fast")
     # CPU tensors: the automatic choice is the native implementation, never the interpreter
-    assert varlen.choose_varlen_kernel(None, "cpu", 32) == "native"
+    assert varlen.choose_kernel(None, "cpu", 32) == "native"
     odd = [torch.randn(1, 10, 2, 48, device=DEVICE) for _ in NAMES]
     with pytest.raises(KernelUnavailableError, match="32, 64, 128"):
         run(*odd, [0, 4, 10], kernel_type="triton")

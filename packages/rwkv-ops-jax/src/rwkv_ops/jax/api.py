@@ -125,9 +125,15 @@ def available_kernel_types():
     return [name for name, reason, _ in _candidates(None, automatic=True) if reason is None]
 
 
+def choose_kernel(kernel_type, head_size) -> str:
+    """The kernel type a call runs with: automatic (None) the fastest that runs on a GPU backend,
+    explicit that one or KernelUnavailableError (the rule of every entry point)."""
+    return choose_kernel_type(BACKEND, kernel_type,
+                              _candidates(int(head_size), automatic=kernel_type is None))
+
+
 def get_generalized_delta_rule(HEAD_SIZE=64, KERNEL_TYPE=None):
-    choice = choose_kernel_type(BACKEND, KERNEL_TYPE,
-                                _candidates(int(HEAD_SIZE), automatic=KERNEL_TYPE is None))
+    choice = choose_kernel(KERNEL_TYPE, HEAD_SIZE)
     if KERNEL_TYPE is None:
         op = generalized_delta_rule
     else:

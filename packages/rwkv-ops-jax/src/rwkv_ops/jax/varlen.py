@@ -25,10 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rwkv_ops.common import TensorInfo, choose_kernel_type
+from rwkv_ops.common import TensorInfo
 from rwkv_ops.common.serving import (VarlenProblem, check_varlen_inputs,
                                      cu_seqlens_not_concrete)
-from rwkv_ops.jax.api import BACKEND, _candidates, _device_of, _module, as_arrays, tensor_info
+from rwkv_ops.jax.api import _device_of, _module, as_arrays, choose_kernel, tensor_info
 
 
 def host_cu_seqlens(cu_seqlens) -> np.ndarray:
@@ -52,13 +52,6 @@ def padding_indices(p: VarlenProblem):
     seq = np.repeat(np.arange(p.N, dtype=np.int32), lengths)
     pos = (np.arange(p.total_T, dtype=np.int32) - np.repeat(starts, lengths)).astype(np.int32)
     return src, mask, seq, pos
-
-
-def choose_varlen_kernel(kernel_type, head_size: int) -> str:
-    """The kernel type a varlen call runs with: the rule of ``rwkv_ops.jax.api`` (automatic: the
-    fastest that runs on a GPU backend; explicit: that one, or KernelUnavailableError)."""
-    return choose_kernel_type(BACKEND, kernel_type,
-                              _candidates(int(head_size), automatic=kernel_type is None))
 
 
 def generalized_delta_rule_varlen(r, w, k, v, a, b, cu_seqlens, initial_state=None,
@@ -104,7 +97,7 @@ def generalized_delta_rule_varlen(r, w, k, v, a, b, cu_seqlens, initial_state=No
                          dtype=str(cu.dtype),
                          is_bool_or_integer=bool(np.issubdtype(cu.dtype, np.integer)))
     p = check_varlen_inputs(*infos[:6], cu_info, cu.reshape(-1).tolist(), infos[6])
-    module = _module(choose_varlen_kernel(kernel_type, p.K))
+    module = _module(choose_kernel(kernel_type, p.K))
     if module.KERNEL_TYPE == "triton":
         return module.generalized_delta_rule_packed(*xs, cu, initial_state, output_final_state)
     src, mask, seq, pos = padding_indices(p)

@@ -112,17 +112,25 @@ def available_kernel_types(head_size: Optional[int] = None) -> list:
             if reason is None and (gpu or name not in GPU_KERNEL_TYPES)]
 
 
+def choose_kernel(kernel_type: Optional[str], device_type: str, head_size: Optional[int]) -> str:
+    """The kernel type a call runs with: automatic (None) as ``_select`` for tensors on
+    ``device_type``; explicit that one, or KernelUnavailableError (the rule of every entry point)."""
+    if kernel_type is None:
+        return _select(device_type, head_size)
+    if kernel_type in KERNEL_MODULES:
+        candidates = _candidates(head_size, (kernel_type,))
+    else:
+        candidates = [("native", None)]  # choose_kernel_type rejects unknown names itself
+    return choose_kernel_type(BACKEND, kernel_type, candidates)
+
+
 def get_generalized_delta_rule(HEAD_SIZE=64, KERNEL_TYPE=None):
     if KERNEL_TYPE is None:
         # The automatic op decides per call and CPU tensors always go native; the flag tells whether
         # CUDA tensors of this head size get a GPU kernel on this machine.
         use_kernel = torch.cuda.is_available() and _select("cuda", HEAD_SIZE) in GPU_KERNEL_TYPES
         return generalized_delta_rule, use_kernel
-    if KERNEL_TYPE in KERNEL_MODULES:
-        candidates = _candidates(HEAD_SIZE, (KERNEL_TYPE,))
-    else:
-        candidates = [("native", None)]  # choose_kernel_type rejects unknown names itself
-    chosen = choose_kernel_type(BACKEND, KERNEL_TYPE, candidates)
+    chosen = choose_kernel(KERNEL_TYPE, "cuda", HEAD_SIZE)
     return load_kernel_module(chosen).generalized_delta_rule, chosen in GPU_KERNEL_TYPES
 
 

@@ -21,14 +21,10 @@ costs a device-to-host copy that waits for all queued work.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
-from rwkv_ops.common import choose_kernel_type
 from rwkv_ops.common.serving import VarlenProblem, check_varlen_inputs
-from rwkv_ops.torch.api import (BACKEND, KERNEL_MODULES, _candidates, _select, load_kernel_module,
-                                tensor_info)
+from rwkv_ops.torch.api import choose_kernel, load_kernel_module, tensor_info
 
 
 def host_cu_seqlens(cu_seqlens) -> tuple:
@@ -66,18 +62,6 @@ def padding_indices(p: VarlenProblem, device):
     pos = torch.arange(p.total_T, dtype=torch.int64) - torch.repeat_interleave(starts, lengths)
     dst = seq * p.max_len + pos
     return _to_device(src, device), _to_device(mask, device), _to_device(dst, device)
-
-
-def choose_varlen_kernel(kernel_type: Optional[str], device_type: str, head_size: int) -> str:
-    """The kernel type a varlen call runs with: the rule of ``rwkv_ops.torch.api`` (automatic:
-    a GPU kernel only for CUDA tensors; explicit: that one, or KernelUnavailableError)."""
-    if kernel_type is None:
-        return _select(device_type, head_size)
-    if kernel_type in KERNEL_MODULES:
-        candidates = _candidates(head_size, (kernel_type,))
-    else:
-        candidates = [("native", None)]  # choose_kernel_type rejects unknown names itself
-    return choose_kernel_type(BACKEND, kernel_type, candidates)
 
 
 def _device_cu_seqlens(cu_seqlens, values, device) -> torch.Tensor:
@@ -123,7 +107,7 @@ def generalized_delta_rule_varlen(r, w, k, v, a, b, cu_seqlens, initial_state=No
     cu_info, cu_values = host_cu_seqlens(cu_seqlens)
     p = check_varlen_inputs(*(tensor_info(x) for x in xs), cu_info, cu_values,
                             None if initial_state is None else tensor_info(initial_state))
-    chosen = choose_varlen_kernel(kernel_type, r.device.type, p.K)
+    chosen = choose_kernel(kernel_type, r.device.type, p.K)
     module = load_kernel_module(chosen)
     if chosen == "triton":
         cu = _device_cu_seqlens(cu_seqlens, cu_values, r.device)
