@@ -34,14 +34,11 @@ SHAPE_S = (8, 4096, 64, 64)     # B, T, H, K
 
 
 def protocol_numpy(B, T, H, K, seed=0):
-    """Inputs of the protocol as float32 NumPy arrays (w = -softplus - 0.5, a unit, b = -a sig)."""
-    rng = np.random.default_rng(seed)
-    r, w, k, v, a, b = (rng.standard_normal((B, T, H, K), dtype=np.float32) for _ in NAMES)
-    w = -np.logaddexp(0.0, w) - 0.5
-    a = a / np.linalg.norm(a, axis=-1, keepdims=True)
-    b = -a / (1.0 + np.exp(-b))
-    s0 = 0.1 * rng.standard_normal((B, H, K, K), dtype=np.float32)
-    return [x.astype(np.float32) for x in (r, w, k, v, a, b)], s0
+    """Inputs of the protocol (``rwkv_ops.numpy.testing.make_inputs``) as float32 NumPy arrays."""
+    from rwkv_ops.numpy.testing import make_inputs
+
+    x = make_inputs(B, T, H, K, seed=seed)
+    return [x[n].astype(np.float32) for n in NAMES], x["initial_state"].astype(np.float32)
 
 
 def row(name, value, unit="us", extra=""):
