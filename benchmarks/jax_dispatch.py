@@ -7,10 +7,16 @@ of a dispatch and a wait). Run it twice to compare XLA settings, for example:
 
     python3 benchmarks/jax_dispatch.py
     XLA_FLAGS=--xla_gpu_enable_command_buffer= python3 benchmarks/jax_dispatch.py
+
+With ``--trace`` it also records a few calls with the JAX profiler and prints, for the last one,
+every host and device event (thunks, custom calls, kernel launches, kernels) with its start
+relative to the call's start and its duration: the place where the host time goes.
 """
 
+import glob
 import os
 import statistics
+import tempfile
 import sys
 import time
 
@@ -44,6 +50,44 @@ def back_to_back(f, args, n=10, rounds=5):
     return statistics.median(samples) * 1e3
 
 
+def trace_last_call(f, args, calls=4, top=80):
+    """Profile `calls` calls of f; print the events of the last one, in start order."""
+    jax.block_until_ready(f(*args))
+    with tempfile.TemporaryDirectory() as d:
+        jax.profiler.start_trace(d)
+        for i in range(calls):
+            with jax.profiler.TraceAnnotation(f"rwkv_call_{i}"):
+                jax.block_until_ready(f(*args))
+        jax.profiler.stop_trace()
+        files = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
+        if not files:
+            print("trace: no xplane file written")
+            return
+        data = jax.profiler.ProfileData.from_file(files[0])
+    mark = f"rwkv_call_{calls - 1}"
+    window = None
+    events = []
+    for plane in data.planes:
+        for line in plane.lines:
+            for ev in line.events:
+                if ev.name == mark:
+                    window = (ev.start_ns, ev.end_ns)
+                events.append((plane.name, line.name, ev.name, ev.start_ns, ev.duration_ns))
+    if window is None:
+        print("trace: call annotation not found")
+        return
+    t0, t1 = window
+    print(f"trace of one call: {(t1 - t0) / 1e3:.1f} us between annotation start and end")
+    # Python-tracer events ("$file:line name") are left out: the call is one jitted function
+    inside = sorted((e for e in events if t0 <= e[3] <= t1 and e[2] != mark
+                     and not e[2].startswith("$")), key=lambda e: e[3])
+    print(f"{'start us':>9} {'dur us':>9}  plane / line / event")
+    for plane, line, name, start, dur in inside[:top]:
+        print(f"{(start - t0) / 1e3:9.1f} {dur / 1e3:9.1f}  {plane[-28:]} / {line[-20:]} / {name[:90]}")
+    if len(inside) > top:
+        print(f"... {len(inside) - top} more events")
+
+
 def main():
     xs, s0 = protocol_numpy(8, 4096, 64, 64, seed=0)
     args = [jnp.asarray(x).astype(jnp.bfloat16) for x in xs] + [jnp.asarray(s0)]
@@ -54,6 +98,8 @@ def main():
     print(f"S fwd, per call (protocol): {per_call(lambda: jax.block_until_ready(f(*args))):.3f} ms")
     print(f"S fwd, back to back:        {back_to_back(f, args):.3f} ms")
     print(f"trivial jit, per call:      {per_call(lambda: jax.block_until_ready(tiny(x1))):.3f} ms")
+    if "--trace" in sys.argv[1:]:
+        trace_last_call(f, args)
 
 
 if __name__ == "__main__":
