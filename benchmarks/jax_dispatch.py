@@ -1,7 +1,8 @@
 """Where the JAX launcher's time goes beyond the kernels (needs a CUDA GPU, jax-triton).
 
 Times, for shape S (bf16, fwd with the final state) through ``rwkv_ops.jax.triton_launcher``:
-the protocol's per-call median (jit, block_until_ready after each call), the same calls issued
+the per-call median (jit; waiting with block_until_ready, and polling is_ready as the bench
+does: rwkv_ops._frameworks.wait_ready), the same calls issued
 back to back (one wait per 10 calls), and a trivial jitted function's per-call time (the fixed cost
 of a dispatch and a wait). Run it twice to compare XLA settings, for example:
 
@@ -23,6 +24,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from rwkv_ops._frameworks import wait_ready
 from rwkv_ops.jax import triton_launcher as launcher
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -95,9 +97,11 @@ def main():
     tiny = jax.jit(lambda x: x + 1)
     x1 = jnp.ones((8,))
     print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
-    print(f"S fwd, per call (protocol): {per_call(lambda: jax.block_until_ready(f(*args))):.3f} ms")
+    print(f"S fwd, per call, block_until_ready: {per_call(lambda: jax.block_until_ready(f(*args))):.3f} ms")
+    print(f"S fwd, per call, polling is_ready:  {per_call(lambda: wait_ready(f(*args))):.3f} ms")
     print(f"S fwd, back to back:        {back_to_back(f, args):.3f} ms")
     print(f"trivial jit, per call:      {per_call(lambda: jax.block_until_ready(tiny(x1))):.3f} ms")
+    print(f"trivial jit, polling:       {per_call(lambda: wait_ready(tiny(x1))):.3f} ms")
     if "--trace" in sys.argv[1:]:
         trace_last_call(f, args)
 
