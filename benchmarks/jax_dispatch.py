@@ -9,7 +9,8 @@ of a dispatch and a wait). Run it twice to compare XLA settings, for example:
     python3 benchmarks/jax_dispatch.py
     XLA_FLAGS=--xla_gpu_enable_command_buffer= python3 benchmarks/jax_dispatch.py
 
-With ``--trace`` it also records a few calls with the JAX profiler and prints, for the last one,
+With ``--grad`` it times fwd+bwd too (the protocol's random cotangents). With ``--trace`` it also
+records a few calls with the JAX profiler and prints, for the last one,
 every host and device event (thunks, custom calls, kernel launches, kernels) with its start
 relative to the call's start and its duration: the place where the host time goes.
 """
@@ -23,6 +24,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rwkv_ops._frameworks import wait_ready
 from rwkv_ops.jax import triton_launcher as launcher
@@ -102,7 +104,21 @@ def main():
     print(f"S fwd, back to back:        {back_to_back(f, args):.3f} ms")
     print(f"trivial jit, per call:      {per_call(lambda: jax.block_until_ready(tiny(x1))):.3f} ms")
     print(f"trivial jit, polling:       {per_call(lambda: wait_ready(tiny(x1))):.3f} ms")
-    if "--trace" in sys.argv[1:]:
+    if "--grad" in sys.argv[1:]:
+        # fwd+bwd with the protocol's random cotangents, as the bench times it
+        do = jnp.asarray(np.random.default_rng(1).standard_normal(args[0].shape), jnp.bfloat16)
+        ds = jnp.asarray(np.random.default_rng(2).standard_normal(s0.shape), jnp.float32)
+
+        def fwd_bwd(*a):
+            _, vjp = jax.vjp(lambda *b: launcher.generalized_delta_rule(*b[:6], b[6]), *a)
+            return vjp((do, ds))
+
+        g = jax.jit(fwd_bwd)
+        print(f"S fwd+bwd, per call, polling:  {per_call(lambda: wait_ready(g(*args))):.3f} ms")
+        print(f"S fwd+bwd, back to back:       {back_to_back(g, args):.3f} ms")
+        if "--trace" in sys.argv[1:]:
+            trace_last_call(g, args)
+    elif "--trace" in sys.argv[1:]:
         trace_last_call(f, args)
 
 

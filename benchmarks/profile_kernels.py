@@ -1,7 +1,8 @@
 """One forward + backward of the Triton path at a quarter of shape S, for a profiler (needs a CUDA GPU).
 
     ncu --kernel-name regex:chunk_bwd --launch-count 1 python3 benchmarks/profile_kernels.py
-    python3 benchmarks/profile_kernels.py transposed_bwd=True   # a configuration change
+    python3 benchmarks/profile_kernels.py warps_bwd=8   # a configuration change
+    python3 benchmarks/profile_kernels.py batch=8       # the whole of shape S (no segment split)
 
 Arguments are ChunkConfig fields (name=value, Python literals). Prints the registers, spills and
 shared memory of every compiled Triton kernel of the call.
@@ -20,12 +21,16 @@ from triton_dev import protocol_inputs  # noqa: E402
 
 def main():
     change = {}
+    batch = 2
     for arg in sys.argv[1:]:
         name, value = arg.split("=", 1)
-        change[name] = ast.literal_eval(value)
+        if name == "batch":  # batch=8: the whole of shape S
+            batch = int(value)
+        else:
+            change[name] = ast.literal_eval(value)
     real = launcher.select_config
     launcher.select_config = lambda *a: real(*a).with_(**change)
-    xs, s0 = protocol_inputs(2, 4096, 64, 64)
+    xs, s0 = protocol_inputs(batch, 4096, 64, 64)
     leaves = [x.detach().requires_grad_() for x in xs] + [s0.detach().requires_grad_()]
     o, final = launcher.generalized_delta_rule(*leaves[:6], leaves[6])
     torch.autograd.grad((o, final), leaves, (torch.randn_like(o), torch.randn_like(final)))

@@ -209,6 +209,9 @@ def main():
             "state-bv32-w2": dict(bv_state=32, warps_state=2),
             "bwd-w8": dict(warps_bwd=8),
             "bwd-bv32": dict(bv_bwd=32),
+            "fwd-stages3": dict(stages_fwd=3),
+            "state-stages2": dict(stages_state=2),
+            "state-stages3": dict(stages_state=3),
         }
         if args.only:
             variants = {k: v for k, v in variants.items() if k in args.only.split(",")}

@@ -24,6 +24,7 @@ import triton.language as tl
 
 from .chunk_common import (FLOOR_, L_, chunk_log_decays, load_tile, sequence_span, step_validity,
                            tf32, unit_lower_inverse)
+from .chunk_fwd import _scan_step_loads
 
 
 @triton.jit(do_not_specialize=["T", "H", "BH", "NC", "CPS"])
@@ -76,17 +77,20 @@ def chunk_scan_bwd_kernel(
     if VARLEN:
         # chunks wholly past the sequence's end are identity chunks: skipped, as in the forward
         c_hi = tl.minimum(c_hi, tl.cdiv(T_n, L_))
+    # dec and dy one chunk ahead, as in the forward scan (chunks in reverse; the last step reads
+    # chunk c_lo - 1, the previous segment's, or nothing when c_lo = 0, and drops it)
+    dec_next, dYt_next = _scan_step_loads(dect_ptr, dy_ptr + vt_off, bh, NC, c_hi - 1, c_hi, T_n,
+                                          stride_t, rows, cols, K)
     for i in range(0, c_hi - c_lo):
         c = c_hi - 1 - i
-        t0 = c * L_
-        t_off = t0.to(tl.int64) * stride_t  # 64-bit: T * H * K may pass 2^31
-        inb = (t0 + rows) < T_n
         cbase = (bh.to(tl.int64) * NC + c) * L_ * K
         Wc = tl.load(wt_ptr + cbase + ktile)
         Bc = tl.load(bt_ptr + cbase + ktile)
         R2 = tl.load(r2t_ptr + cbase + ktile)
-        dec = tl.load(dect_ptr + (bh.to(tl.int64) * NC + c) * K + cols)
-        dYt = tl.load(dy_ptr + vt_off + t_off, mask=inb[None, :], other=0.0).to(tl.float32)
+        dec = dec_next
+        dYt = dYt_next.to(tl.float32)
+        dec_next, dYt_next = _scan_step_loads(dect_ptr, dy_ptr + vt_off, bh, NC, c - 1, c_hi, T_n,
+                                              stride_t, rows, cols, K)
         if SAVE_CKPT:
             tl.store(gck_ptr + (bh.to(tl.int64) * NC + c) * K * K + state_tile, G)
         # G_prev = G M_c^T + dY^T R2, with M_c^T = diag(dec) + b_bar^T W

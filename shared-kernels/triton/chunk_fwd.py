@@ -140,6 +140,22 @@ def chunk_prep_kernel(
     tl.store(qco_ptr + (bh.to(tl.int64) * NC + cb * G) * L_ * L_ + sq, tf32(Qc, PREC), mask=ok)
 
 
+@triton.jit
+def _scan_step_loads(dec_ptr, x_ptr, bh, NC, c, c_end, T_n, stride_t, rows, cols, K: tl.constexpr):
+    """The per-step operands of a scan that are not products' shared-memory tiles: chunk c's
+    decay dec ([K], from the prep tiles) and the transposed [BV, 16] tile of x (v in the forward
+    scan, dy in the backward one; x_ptr points at its [BV, 16] view at step 0, in its own dtype).
+    Nothing is read when c is outside [0, c_end) (the scans load one chunk ahead)."""
+    c_k = c + cols * 0                    # c as tensors: the masks stay tensors in the interpreter
+    c_l = c + rows * 0
+    dec = tl.load(dec_ptr + (bh.to(tl.int64) * NC + c) * K + cols, mask=(c_k < c_end) & (c_k >= 0),
+                  other=1.0)
+    t0 = c * L_
+    live = (c_l < c_end) & (c_l >= 0) & (c_l * L_ + rows < T_n)
+    x = tl.load(x_ptr + t0.to(tl.int64) * stride_t, mask=live[None, :], other=0.0)
+    return dec, x
+
+
 @triton.jit(do_not_specialize=["T", "H", "BH", "NC", "CPS"])
 def chunk_scan_fwd_kernel(
     v_ptr, wt_ptr, bt_ptr, kct_ptr, r2t_ptr, qct_ptr, dect_ptr, init_ptr, cu_ptr,
@@ -204,6 +220,11 @@ def chunk_scan_fwd_kernel(
         # chunks wholly past the sequence's end are identity chunks: skipped (their checkpoints
         # are left unwritten; only gradient programs that store nothing read them)
         c_end = tl.minimum(c_hi, tl.cdiv(T_n, L_))
+    # dec and v are loaded one chunk ahead, by hand: the software pipeliner prefetches only the
+    # tiles that feed products from shared memory, and the scan would otherwise wait on these two
+    # loads at every step
+    dec_next, Vt_next = _scan_step_loads(dect_ptr, v_ptr + vt_off, bh, NC, c_lo, c_end, T_n,
+                                         stride_t, rows, cols, K)
     for c in range(c_lo, c_end):
         t0 = c * L_
         t_off = t0.to(tl.int64) * stride_t  # 64-bit: T * H * K may pass 2^31
@@ -212,8 +233,10 @@ def chunk_scan_fwd_kernel(
         Wc = tl.load(wt_ptr + cbase + ktile)
         Bc = tl.load(bt_ptr + cbase + ktile)
         Kc = tl.load(kct_ptr + cbase + ktile)
-        dec = tl.load(dect_ptr + (bh.to(tl.int64) * NC + c) * K + cols)
-        Vt = tl.load(v_ptr + vt_off + t_off, mask=inb[None, :], other=0.0).to(tl.float32)
+        dec = dec_next
+        Vt = Vt_next.to(tl.float32)
+        dec_next, Vt_next = _scan_step_loads(dect_ptr, v_ptr + vt_off, bh, NC, c + 1, c_end, T_n,
+                                             stride_t, rows, cols, K)
         if LOCAL:
             Vt = Vt * v_scale
 
