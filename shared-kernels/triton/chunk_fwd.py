@@ -175,7 +175,7 @@ def chunk_scan_fwd_kernel(
     v: [B, T, H, K] by the strides. wt, bt, kct, r2t, qct, dect: the prep kernel's tiles.
     init: the state entering each segment at init + b * init_sb + h * init_sh + segment * init_ss
     ([K, K] row-major, any float dtype; zero without HAS_INIT). y: like v. ckpt: [B*H, NC, K, K]
-    fp32, the state entering every chunk (SAVE_CKPT). send / mend: end state (LOCAL: and M) at
+    fp32, the state entering every chunk, tf32-rounded in tf32 mode (SAVE_CKPT). send / mend: end state (LOCAL: and M) at
     ptr + bh * send_sbh + segment * send_ss; without LOCAL only the last segment writes.
     VARLEN: packed sequences (cu, as in the prep kernel); y is written at the sequence's own steps
     only, and its chunks past the end (identity tiles) carry the state unchanged to the end.
@@ -240,9 +240,11 @@ def chunk_scan_fwd_kernel(
         if LOCAL:
             Vt = Vt * v_scale
 
-        if SAVE_CKPT:
-            tl.store(ckpt_ptr + (bh.to(tl.int64) * NC + c) * K * K + state_tile, S)
         S_r = tf32(S, PREC)
+        if SAVE_CKPT:
+            # stored as the products read it (tf32-rounded in tf32 mode): the gradient kernel uses
+            # the checkpoint only as a product operand, so it needs no rounding of its own
+            tl.store(ckpt_ptr + (bh.to(tl.int64) * NC + c) * K * K + state_tile, S_r)
         if WRITE_Y:
             R2 = tl.load(r2t_ptr + cbase + ktile)
             Qc = tl.load(qct_ptr + (bh.to(tl.int64) * NC + c) * L_ * L_ + qtile)
