@@ -24,7 +24,6 @@ import triton.language as tl
 
 from .chunk_common import (FLOOR_, L_, chunk_log_decays, load_tile, sequence_span, step_validity,
                            tf32, unit_lower_inverse)
-from .chunk_fwd import _scan_step_loads
 
 
 @triton.jit(do_not_specialize=["T", "H", "BH", "NC", "CPS"])
@@ -45,7 +44,7 @@ def chunk_scan_bwd_kernel(
     and dec tiles (R2 is 0 at padded / masked steps, so their dy is ignored). init: the gradient at
     the end of each segment, rows at init + b * init_sb + h * init_sh + segment * init_ss (zero
     without HAS_INIT). gck: [B*H, NC, K, K] fp32, the gradient at the end of every chunk
-    (SAVE_CKPT; tf32-rounded in tf32 mode). gend: the gradient at the segment's start, at gend + bh * gend_sbh +
+    (SAVE_CKPT). gend: the gradient at the segment's start, at gend + bh * gend_sbh +
     segment * gend_ss; LOCAL writes it for every segment, otherwise only segment 0 (the
     initial-state gradient). VARLEN: packed sequences (cu, as in the forward kernels).
     """
@@ -77,26 +76,21 @@ def chunk_scan_bwd_kernel(
     if VARLEN:
         # chunks wholly past the sequence's end are identity chunks: skipped, as in the forward
         c_hi = tl.minimum(c_hi, tl.cdiv(T_n, L_))
-    # dec and dy one chunk ahead, as in the forward scan (chunks in reverse; the last step reads
-    # chunk c_lo - 1, the previous segment's, or nothing when c_lo = 0, and drops it)
-    dec_next, dYt_next = _scan_step_loads(dect_ptr, dy_ptr + vt_off, bh, NC, c_hi - 1, c_hi, T_n,
-                                          stride_t, rows, cols, K)
     for i in range(0, c_hi - c_lo):
         c = c_hi - 1 - i
+        t0 = c * L_
+        t_off = t0.to(tl.int64) * stride_t  # 64-bit: T * H * K may pass 2^31
+        inb = (t0 + rows) < T_n
         cbase = (bh.to(tl.int64) * NC + c) * L_ * K
         Wc = tl.load(wt_ptr + cbase + ktile)
         Bc = tl.load(bt_ptr + cbase + ktile)
         R2 = tl.load(r2t_ptr + cbase + ktile)
-        dec = dec_next
-        dYt = dYt_next.to(tl.float32)
-        dec_next, dYt_next = _scan_step_loads(dect_ptr, dy_ptr + vt_off, bh, NC, c - 1, c_hi, T_n,
-                                              stride_t, rows, cols, K)
-        G_r = tf32(G, PREC)
+        dec = tl.load(dect_ptr + (bh.to(tl.int64) * NC + c) * K + cols)
+        dYt = tl.load(dy_ptr + vt_off + t_off, mask=inb[None, :], other=0.0).to(tl.float32)
         if SAVE_CKPT:
-            # tf32-rounded in tf32 mode, as the gradient kernel's products read it
-            tl.store(gck_ptr + (bh.to(tl.int64) * NC + c) * K * K + state_tile, G_r)
+            tl.store(gck_ptr + (bh.to(tl.int64) * NC + c) * K * K + state_tile, G)
         # G_prev = G M_c^T + dY^T R2, with M_c^T = diag(dec) + b_bar^T W
-        X2 = tl.dot(G_r, tl.trans(Bc), input_precision=PREC)
+        X2 = tl.dot(tf32(G, PREC), tl.trans(Bc), input_precision=PREC)
         G = G * dec[None, :]
         G = tl.dot(tf32(dYt, PREC), R2, G, input_precision=PREC)
         G = tl.dot(tf32(X2, PREC), Wc, G, input_precision=PREC)
@@ -143,8 +137,7 @@ def chunk_bwd_kernel(
     """Gradients of r, w, k, v, a, b for one (batch, head, chunk). Grid: (NC * BH,).
 
     Inputs as in the forward; dy like r; ckpt: [B*H, NC, K, K] fp32 state entering each chunk;
-    gck: [B*H, NC, K, K] fp32 state gradient at each chunk's end; both as the scans store them
-    (tf32-rounded in tf32 mode), so they enter the products as loaded. Outputs: like their inputs.
+    gck: [B*H, NC, K, K] fp32 state gradient at each chunk's end. Outputs: like their inputs.
     PREC_INV: precision of the (I - A_ab)^-1 series (PREC, or "ieee"). VARLEN: packed sequences
     (cu, as in the forward); a chunk wholly past its sequence's end stores nothing.
     Layout: the V loop works on [BV, 16] V-side tiles and [K, 16] K-side sums, so every product
@@ -210,8 +203,8 @@ def chunk_bwd_kernel(
         vvT = tf32(tl.load(v_ptr + vt, mask=inb, other=0.0).to(tl.float32), PREC)
         dyT = tl.load(dy_ptr + vt, mask=valid[None, :], other=0.0).to(tl.float32)
         dyT = tf32(dyT, PREC)
-        S0 = tl.load(ckpt_ptr + st_base + tile)
-        G = tl.load(gck_ptr + st_base + tile)
+        S0 = tf32(tl.load(ckpt_ptr + st_base + tile), PREC)
+        G = tf32(tl.load(gck_ptr + st_base + tile), PREC)
 
         XT = tl.dot(vvT, tl.trans(A_ak), input_precision=PREC)
         XT = tl.dot(S0, tl.trans(a_s), XT, input_precision=PREC)
@@ -233,8 +226,8 @@ def chunk_bwd_kernel(
         # the transposed states are read from memory (cached) rather than transposed in registers
         # (H200, shape S: 10.0 vs 10.1 ms)
         tile_t = cols[:, None] + vcol[None, :] * K
-        S0t = tl.load(ckpt_ptr + st_base + tile_t)
-        Gt = tl.load(gck_ptr + st_base + tile_t)
+        S0t = tf32(tl.load(ckpt_ptr + st_base + tile_t), PREC)
+        Gt = tf32(tl.load(gck_ptr + st_base + tile_t), PREC)
         dr_s = tl.dot(S0t, dyT, dr_s, input_precision=PREC)
         da_s = tl.dot(S0t, dXT, da_s, input_precision=PREC)
         dk_bar = tl.dot(Gt, vvT, dk_bar, input_precision=PREC)

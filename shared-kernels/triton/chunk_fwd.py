@@ -142,10 +142,12 @@ def chunk_prep_kernel(
 
 @triton.jit
 def _scan_step_loads(dec_ptr, x_ptr, bh, NC, c, c_end, T_n, stride_t, rows, cols, K: tl.constexpr):
-    """The per-step operands of a scan that are not products' shared-memory tiles: chunk c's
-    decay dec ([K], from the prep tiles) and the transposed [BV, 16] tile of x (v in the forward
-    scan, dy in the backward one; x_ptr points at its [BV, 16] view at step 0, in its own dtype).
-    Nothing is read when c is outside [0, c_end) (the scans load one chunk ahead)."""
+    """The per-step operands of the forward scan that are not products' shared-memory tiles: chunk
+    c's decay dec ([K], from the prep tiles) and the transposed [BV, 16] tile of v (x_ptr points
+    at its [BV, 16] view at step 0; returned in its own dtype). Nothing is read when c is outside
+    [0, c_end) (the scan loads one chunk ahead). The state-gradient scan keeps plain loads: the
+    same prefetch there raised its registers from 128 to 168, and 512 programs (shape S) no
+    longer fit in one wave (H200: 1.68 vs 1.13 ms)."""
     c_k = c + cols * 0                    # c as tensors: the masks stay tensors in the interpreter
     c_l = c + rows * 0
     dec = tl.load(dec_ptr + (bh.to(tl.int64) * NC + c) * K + cols, mask=(c_k < c_end) & (c_k >= 0),
@@ -175,7 +177,7 @@ def chunk_scan_fwd_kernel(
     v: [B, T, H, K] by the strides. wt, bt, kct, r2t, qct, dect: the prep kernel's tiles.
     init: the state entering each segment at init + b * init_sb + h * init_sh + segment * init_ss
     ([K, K] row-major, any float dtype; zero without HAS_INIT). y: like v. ckpt: [B*H, NC, K, K]
-    fp32, the state entering every chunk, tf32-rounded in tf32 mode (SAVE_CKPT). send / mend: end state (LOCAL: and M) at
+    fp32, the state entering every chunk (SAVE_CKPT). send / mend: end state (LOCAL: and M) at
     ptr + bh * send_sbh + segment * send_ss; without LOCAL only the last segment writes.
     VARLEN: packed sequences (cu, as in the prep kernel); y is written at the sequence's own steps
     only, and its chunks past the end (identity tiles) carry the state unchanged to the end.
@@ -240,11 +242,9 @@ def chunk_scan_fwd_kernel(
         if LOCAL:
             Vt = Vt * v_scale
 
-        S_r = tf32(S, PREC)
         if SAVE_CKPT:
-            # stored as the products read it (tf32-rounded in tf32 mode): the gradient kernel uses
-            # the checkpoint only as a product operand, so it needs no rounding of its own
-            tl.store(ckpt_ptr + (bh.to(tl.int64) * NC + c) * K * K + state_tile, S_r)
+            tl.store(ckpt_ptr + (bh.to(tl.int64) * NC + c) * K * K + state_tile, S)
+        S_r = tf32(S, PREC)
         if WRITE_Y:
             R2 = tl.load(r2t_ptr + cbase + ktile)
             Qc = tl.load(qct_ptr + (bh.to(tl.int64) * NC + c) * L_ * L_ + qtile)

@@ -213,9 +213,9 @@ def triton_gdr_fwd(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.T
     left unwritten (the backward never reads them).
 
     Returns (o, final_state fp32 [B, H, K, K], then what the backward needs, each empty unless
-    ``save``: checkpoints fp32 [B*H, NC, K, K] (state entering every chunk, tf32-rounded in tf32
-    mode), segment transitions fp32 [B*H, n_segments, K, K] (empty without segments), and the
-    prep tiles W, b_bar, R2 [B*H, NC, 16, K] and dec [B*H, NC, K], fp32).
+    ``save``: checkpoints fp32 [B*H, NC, K, K] (state entering every chunk), segment transitions
+    fp32 [B*H, n_segments, K, K] (empty without segments), and the prep tiles W, b_bar, R2
+    [B*H, NC, 16, K] and dec [B*H, NC, K], fp32).
     """
     return _forward_impl(r, w, k, v, a, b, initial_state, mask, head_first, chunks_per_segment,
                          save, cu_seqlens, max_len)
