@@ -169,6 +169,9 @@ def main(argv=None) -> int:
         sweep = [[max(1, tokens // t), t, shapes[0][2], shapes[0][3]] for t in lengths]
     print(f"rwkv-ops bench: {len(impls)} implementation(s): {', '.join(impls)}; shapes {shapes}; {dtype}",
           file=sys.stderr, flush=True)
+    header = (f"rwkv-ops bench, {time.strftime('%Y-%m-%d')}, {dtype}, shapes "
+              + ", ".join("x".join(map(str, s)) for s in shapes) + f" (B x T x H x K); error shape "
+              + "x".join(map(str, ERROR_SHAPE)))
     rows = []
     for impl in impls:
         mine = run_impl(impl, shapes, dtype, None if args.no_error else list(ERROR_SHAPE), True, args.timeout)
@@ -178,18 +181,23 @@ def main(argv=None) -> int:
                 r["sweep"] = True
             mine += [r for r in extra if r["kind"] != "info"]
         rows += mine
-    header = (f"rwkv-ops bench, {time.strftime('%Y-%m-%d')}, {dtype}, shapes "
-              + ", ".join("x".join(map(str, s)) for s in shapes) + f" (B x T x H x K); error shape "
-              + "x".join(map(str, ERROR_SHAPE)))
+        # each implementation's row as soon as it is done, and the results so far on disk: a run
+        # stopped from outside keeps what it measured
+        print("  " + table(mine, shapes).splitlines()[-1], file=sys.stderr, flush=True)
+        _write_json(args.json, header, rows)
     print(header)
     print()
     print(table(rows, shapes))
-    with open(args.json, "w") as f:
-        json.dump({"header": header, "rows": rows}, f, indent=1)
+    _write_json(args.json, header, rows)
     print(f"\nresults: {os.path.abspath(args.json)}", file=sys.stderr)
     if sweep and plot(rows, args.plot, tokens):
         print(f"plot: {os.path.abspath(args.plot)}", file=sys.stderr)
     return 1 if any(r["kind"] == "failure" for r in rows) else 0
+
+
+def _write_json(path, header, rows):
+    with open(path, "w") as f:
+        json.dump({"header": header, "rows": rows}, f, indent=1)
 
 
 def _has_gpu() -> bool:
