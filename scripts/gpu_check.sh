@@ -5,7 +5,9 @@
 #      for every implementation, flash-linear-attention's chunk_rwkv7 included when importable.
 # Logs and results go to $OUT (default .gpu-out/). Wheels for packages the machine lacks (keras,
 # jax-triton, fla-core, ...) may be put in .whl/ and are installed into a private folder first.
-# Usage: scripts/gpu_check.sh [tests|bench|all] [extra bench args...]
+# Usage: scripts/gpu_check.sh [tests|tests-torch|tests-jax|bench|all] [extra bench args...]
+#        (the torch suite takes about 5 minutes on an H200 and the JAX one about 4: where one call
+#        may run at most 10 minutes, run tests-torch and tests-jax in two calls)
 #        scripts/gpu_check.sh run COMMAND...   (any command in the same environment, e.g. a
 #        development benchmark: scripts/gpu_check.sh run python3 benchmarks/triton_dev.py --sweep)
 set -uo pipefail
@@ -35,11 +37,18 @@ if [ "$what" = run ]; then
 fi
 
 status=0
-if [ "$what" = all ] || [ "$what" = tests ]; then
+suites=()
+torch_suite="packages/rwkv-ops-torch/tests"
+jax_suite="packages/rwkv-ops-jax/tests/test_triton.py packages/rwkv-ops-jax/tests/test_serving.py packages/rwkv-ops-jax/tests/test_native.py"
+case "$what" in
+    all|tests) suites=("$torch_suite" "$jax_suite") ;;
+    tests-torch) suites=("$torch_suite") ;;
+    tests-jax) suites=("$jax_suite") ;;
+esac
+if [ ${#suites[@]} -gt 0 ]; then
     # The same test bodies that run on CPU in CI (Triton interpreter) run here on the GPU, at the
     # GPU sizes; tests marked `gpu` run only here.
-    for suite in "packages/rwkv-ops-torch/tests" \
-                 "packages/rwkv-ops-jax/tests/test_triton.py packages/rwkv-ops-jax/tests/test_serving.py packages/rwkv-ops-jax/tests/test_native.py"; do
+    for suite in "${suites[@]}"; do
         name=$(echo "$suite" | cut -d/ -f2)
         echo "===== GPU tests: $suite"
         # shellcheck disable=SC2086
