@@ -22,8 +22,9 @@ unchanged), and a gradient program of a chunk wholly past the end returns at onc
 import triton
 import triton.language as tl
 
-from .chunk_common import (FLOOR_, L_, chunk_log_decays, load_tile, sequence_span, step_validity,
-                           tf32, unit_lower_inverse)
+from .chunk_common import (FLOOR_, L_, chunk_log_decays, load_tile, scan_program,
+                           segment_start_state, sequence_span, step_validity, tf32,
+                           unit_lower_inverse)
 
 
 @triton.jit(do_not_specialize=["T", "H", "BH", "NC", "CPS"])
@@ -49,27 +50,13 @@ def chunk_scan_bwd_kernel(
     initial-state gradient). VARLEN: packed sequences (cu, as in the forward kernels).
     """
     NV: tl.constexpr = K // BV
-    pid = tl.program_id(0)
-    vb = pid % NV
-    bh = (pid // NV) % BH
-    seg = pid // (NV * BH)
-    b = bh // H
-    h = bh % H
-
+    _, bh, seg, b, h, vrow, state_tile, T_n, vt_off = scan_program(
+        cu_ptr, T, H, BH, stride_b, stride_t, stride_h, NV, NV, K, BV, VARLEN)
     rows = tl.arange(0, L_)
     cols = tl.arange(0, K)
-    vrow = vb * BV + tl.arange(0, BV)
-    state_tile = vrow[:, None] * K + cols[None, :]
     ktile = rows[:, None] * K + cols[None, :]
-    seq, T_n = sequence_span(cu_ptr, b, T, stride_b, stride_t, VARLEN)
-    base = seq + h.to(tl.int64) * stride_h
-    vt_off = base + vrow[:, None] + rows[None, :] * stride_t
-
-    if HAS_INIT:
-        ip = init_ptr + b.to(tl.int64) * init_sb + h.to(tl.int64) * init_sh + seg.to(tl.int64) * init_ss
-        G = tl.load(ip + state_tile).to(tl.float32)
-    else:
-        G = tl.zeros([BV, K], dtype=tl.float32)
+    G = segment_start_state(init_ptr, b, h, seg, init_sb, init_sh, init_ss, state_tile, HAS_INIT,
+                            BV, K)
 
     c_lo = seg * CPS
     c_hi = tl.minimum(c_lo + CPS, NC)

@@ -40,6 +40,48 @@ def sequence_span(cu_ptr, b, T, stride_b, stride_t, VARLEN: tl.constexpr):
 
 
 @triton.jit
+def scan_program(cu_ptr, T, H, BH, stride_b, stride_t, stride_h, NB: tl.constexpr,
+                 NV: tl.constexpr, K: tl.constexpr, BV: tl.constexpr, VARLEN: tl.constexpr):
+    """The share of a serial scan (forward or state-gradient) that this program owns.
+
+    Grid order: NB blocks, then B*H sequences, then segments (program id = (seg * BH + bh) * NB
+    + blk); block blk holds value rows (blk % NV) * BV .. + BV - 1 (NB = 2 NV when the blocks
+    past NV compute a segment transition). Returns blk, bh, seg, b, h, the rows vrow ([BV]),
+    state_tile ([BV, K] offsets of those rows in a row-major [K, K] state), the sequence's length
+    T_n and vt_off ([BV, CHUNK] 64-bit offsets of the transposed step-0 tile of a [B, T, H, K]
+    tensor: v, y, dy).
+    """
+    pid = tl.program_id(0)
+    blk = pid % NB
+    bh = (pid // NB) % BH
+    seg = pid // (NB * BH)
+    b = bh // H
+    h = bh % H
+    rows = tl.arange(0, L_)
+    cols = tl.arange(0, K)
+    vrow = (blk % NV) * BV + tl.arange(0, BV)
+    state_tile = vrow[:, None] * K + cols[None, :]
+    seq, T_n = sequence_span(cu_ptr, b, T, stride_b, stride_t, VARLEN)
+    base = seq + h.to(tl.int64) * stride_h
+    vt_off = base + vrow[:, None] + rows[None, :] * stride_t
+    return blk, bh, seg, b, h, vrow, state_tile, T_n, vt_off
+
+
+@triton.jit
+def segment_start_state(init_ptr, b, h, seg, init_sb, init_sh, init_ss, state_tile,
+                        HAS_INIT: tl.constexpr, BV: tl.constexpr, K: tl.constexpr):
+    """[BV, K] fp32 rows of the state a scan's segment starts from: read at init_ptr + b * init_sb
+    + h * init_sh + seg * init_ss (any float dtype) with HAS_INIT, zero without."""
+    if HAS_INIT:
+        ip = (init_ptr + b.to(tl.int64) * init_sb + h.to(tl.int64) * init_sh
+              + seg.to(tl.int64) * init_ss)
+        X = tl.load(ip + state_tile).to(tl.float32)
+    else:
+        X = tl.zeros([BV, K], dtype=tl.float32)
+    return X
+
+
+@triton.jit
 def load_tile(ptr, t, T, cols, stride_t):
     """[CHUNK, N] fp32 tile of rows t (rows at or past T read as 0)."""
     # 64-bit row offsets: T * H * K may pass 2^31

@@ -37,7 +37,8 @@ Buffers of the K-side tiles: [B*H, NC, 16, K] (W, b_bar, Kc, R2), [B*H, NC, 16, 
 import triton
 import triton.language as tl
 
-from .chunk_common import L_, chunk_log_decays3, sequence_span, tf32, unit_lower_inverse
+from .chunk_common import (L_, chunk_log_decays3, scan_program, segment_start_state, sequence_span,
+                           tf32, unit_lower_inverse)
 
 
 @triton.jit(do_not_specialize=["T", "H", "BH", "NC"])
@@ -185,30 +186,16 @@ def chunk_scan_fwd_kernel(
     """
     NV: tl.constexpr = K // BV
     NB: tl.constexpr = 2 * NV if LOCAL else NV
-    pid = tl.program_id(0)
-    blk = pid % NB
-    bh = (pid // NB) % BH
-    seg = pid // (NB * BH)
-    b = bh // H
-    h = bh % H
+    blk, bh, seg, b, h, vrow, state_tile, T_n, vt_off = scan_program(
+        cu_ptr, T, H, BH, stride_b, stride_t, stride_h, NB, NV, K, BV, VARLEN)
     is_m = blk >= NV
-    vb = blk % NV
-
     rows = tl.arange(0, L_)
     cols = tl.arange(0, K)
-    vrow = vb * BV + tl.arange(0, BV)
-    state_tile = vrow[:, None] * K + cols[None, :]
     ktile = rows[:, None] * K + cols[None, :]
     qtile = rows[:, None] * L_ + rows[None, :]
-    seq, T_n = sequence_span(cu_ptr, b, T, stride_b, stride_t, VARLEN)
-    base = seq + h.to(tl.int64) * stride_h
-    vt_off = base + vrow[:, None] + rows[None, :] * stride_t            # [BV, L] view of v / y
 
-    if HAS_INIT:
-        ip = init_ptr + b.to(tl.int64) * init_sb + h.to(tl.int64) * init_sh + seg.to(tl.int64) * init_ss
-        S = tl.load(ip + state_tile).to(tl.float32)
-    else:
-        S = tl.zeros([BV, K], dtype=tl.float32)
+    S = segment_start_state(init_ptr, b, h, seg, init_sb, init_sh, init_ss, state_tile, HAS_INIT,
+                            BV, K)
     if LOCAL:
         # the blocks of M start from the identity's rows; those of S_loc from zero
         eye = tl.where(vrow[:, None] == cols[None, :], 1.0, 0.0)
