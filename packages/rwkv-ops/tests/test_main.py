@@ -30,6 +30,9 @@ def test_bench_quick_numpy(tmp_path):
                            "--json", str(out_json)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert "| rwkv-ops 0.1.0 numpy native |" in proc.stdout
+    # each implementation's row also goes to stderr as soon as it is measured (a run stopped from
+    # outside keeps what it measured)
+    assert "| rwkv-ops 0.1.0 numpy native |" in proc.stderr
     rows = json.loads(out_json.read_text())["rows"]
     timing = next(r for r in rows if r["kind"] == "time")
     error = next(r for r in rows if r["kind"] == "error")
