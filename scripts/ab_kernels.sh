@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# A/B of the Triton kernels in one GPU run: the working tree's shared-kernels/triton against the
+# same folder at an earlier commit, timed by benchmarks/triton_dev.py in the same run on the same
+# GPU (timings from different machines do not compare).
+#   here:        scripts/ab_kernels.sh prepare REV      (writes .ab-baseline/, git-ignored)
+#   GPU machine: scripts/gpu_check.sh run scripts/ab_kernels.sh run [triton_dev.py args]
+#                (carry .ab-baseline with the run, e.g. carry [".whl", ".ab-baseline"])
+# Prints the S / L table and the per-kernel lines of both; full logs in $OUT/ab-{new,old}.txt.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+case "${1:-}" in
+    prepare)
+        rev=${2:?usage: scripts/ab_kernels.sh prepare REV}
+        rm -rf .ab-baseline && mkdir -p .ab-baseline
+        for f in $(git ls-tree --name-only "$rev" shared-kernels/triton/); do
+            git show "$rev:$f" > ".ab-baseline/$(basename "$f")"
+        done
+        git rev-parse "$rev" > .ab-baseline/REVISION
+        echo "baseline kernels of $(cat .ab-baseline/REVISION) in .ab-baseline/"
+        ;;
+    run)
+        shift
+        [ -d .ab-baseline ] || { echo "no .ab-baseline/: run 'scripts/ab_kernels.sh prepare REV' first and carry it"; exit 2; }
+        OUT=${OUT:-.gpu-out}; mkdir -p "$OUT"
+        args=("$@"); [ ${#args[@]} -eq 0 ] && args=(--quick --no-errors)
+        python3 benchmarks/triton_dev.py "${args[@]}" > "$OUT/ab-new.txt" 2>&1
+        mv shared-kernels/triton shared-kernels/triton.ab-new
+        mkdir shared-kernels/triton && cp .ab-baseline/*.py shared-kernels/triton/
+        python3 benchmarks/triton_dev.py "${args[@]}" > "$OUT/ab-old.txt" 2>&1
+        rm -rf shared-kernels/triton && mv shared-kernels/triton.ab-new shared-kernels/triton
+        for side in new old; do
+            echo "== $side ($([ $side = old ] && cat .ab-baseline/REVISION || echo working tree))"
+            grep -E "^\| [SL] |_kernel |per-kernel \(shape [SL], fwd under" "$OUT/ab-$side.txt" | cut -c1-160
+        done
+        ;;
+    *)
+        echo "usage: scripts/ab_kernels.sh prepare REV | run [triton_dev.py args]"; exit 2 ;;
+esac
