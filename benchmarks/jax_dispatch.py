@@ -24,13 +24,10 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from rwkv_ops._frameworks import wait_ready
+from rwkv_ops._frameworks import JaxAdapter, wait_ready
 from rwkv_ops.jax import triton_launcher as launcher
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from decode_bench import protocol_numpy  # noqa: E402
+from rwkv_ops.numpy.testing import make_inputs
 
 
 def per_call(fn, n=10):
@@ -93,9 +90,10 @@ def trace_last_call(f, args, calls=4, top=80):
 
 
 def main():
-    xs, s0 = protocol_numpy(8, 4096, 64, 64, seed=0)
-    args = [jnp.asarray(x).astype(jnp.bfloat16) for x in xs] + [jnp.asarray(s0)]
-    f = jax.jit(lambda *a: launcher.generalized_delta_rule(*a[:6], a[6]))
+    adapter = JaxAdapter()
+    x = make_inputs(8, 4096, 64, 64, seed=0)
+    # the bench's own jitted calls (fwd; fwd+bwd with the protocol's random cotangents)
+    f, args = adapter.jitted(launcher.generalized_delta_rule, x, "bfloat16", grads=False)
     tiny = jax.jit(lambda x: x + 1)
     x1 = jnp.ones((8,))
     print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
@@ -105,15 +103,7 @@ def main():
     print(f"trivial jit, per call:      {per_call(lambda: jax.block_until_ready(tiny(x1))):.3f} ms")
     print(f"trivial jit, polling:       {per_call(lambda: wait_ready(tiny(x1))):.3f} ms")
     if "--grad" in sys.argv[1:]:
-        # fwd+bwd with the protocol's random cotangents, as the bench times it
-        do = jnp.asarray(np.random.default_rng(1).standard_normal(args[0].shape), jnp.bfloat16)
-        ds = jnp.asarray(np.random.default_rng(2).standard_normal(s0.shape), jnp.float32)
-
-        def fwd_bwd(*a):
-            _, vjp = jax.vjp(lambda *b: launcher.generalized_delta_rule(*b[:6], b[6]), *a)
-            return vjp((do, ds))
-
-        g = jax.jit(fwd_bwd)
+        g, args = adapter.jitted(launcher.generalized_delta_rule, x, "bfloat16", grads=True)
         print(f"S fwd+bwd, per call, polling:  {per_call(lambda: wait_ready(g(*args))):.3f} ms")
         print(f"S fwd+bwd, back to back:       {back_to_back(g, args):.3f} ms")
         if "--trace" in sys.argv[1:]:

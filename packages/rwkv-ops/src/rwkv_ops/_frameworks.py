@@ -236,6 +236,12 @@ class JaxAdapter(Adapter):
         return np.asarray(o).astype(np.float64), np.asarray(s).astype(np.float64), grad_out
 
     def timer(self, op, x, dtype, grads):
+        f, args = self.jitted(op, x, dtype, grads)
+        return lambda: wait_ready(f(*args))
+
+    def jitted(self, op, x, dtype, grads):
+        """(f, args): the jitted call the timer times (fwd, or fwd+bwd with the protocol's
+        cotangents) and its arguments, the six inputs in dtype and the fp32 initial state."""
         jax, jnp = self.jax, self.jnp
         args, s0, _ = self._inputs(x, dtype)
         if not grads:
@@ -251,7 +257,7 @@ class JaxAdapter(Adapter):
                 return vjp((do, ds))
 
             f = jax.jit(fwd_bwd)
-        return lambda: wait_ready(f(*args, s0))
+        return f, args + [s0]
 
     def time(self, op, x, dtype, grads, repeats=10):
         # The protocol for JAX: jit-compiled, median of 10 timed calls after warm-up.

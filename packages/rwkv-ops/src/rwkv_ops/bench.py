@@ -188,8 +188,8 @@ def main(argv=None) -> int:
     print(header)
     print()
     print(table(rows, shapes))
-    _write_json(args.json, header, rows)
-    print(f"\nresults: {os.path.abspath(args.json)}", file=sys.stderr)
+    if rows:  # written after each implementation above
+        print(f"\nresults: {os.path.abspath(args.json)}", file=sys.stderr)
     if sweep and plot(rows, args.plot, tokens):
         print(f"plot: {os.path.abspath(args.plot)}", file=sys.stderr)
     return 1 if any(r["kind"] == "failure" for r in rows) else 0
