@@ -142,21 +142,20 @@ def chunk_prep_kernel(
 
 
 @triton.jit
-def _scan_step_loads(dec_ptr, x_ptr, bh, NC, c, c_end, T_n, stride_t, rows, cols, K: tl.constexpr):
-    """The per-step operands of the forward scan that are not products' shared-memory tiles: chunk
-    c's decay dec ([K], from the prep tiles) and the transposed [BV, 16] tile of v (x_ptr points
-    at its [BV, 16] view at step 0; returned in its own dtype). Nothing is read when c is outside
-    [0, c_end) (the scan loads one chunk ahead). The state-gradient scan keeps plain loads: the
-    same prefetch there raised its registers from 128 to 168, and 512 programs (shape S) no
-    longer fit in one wave (H200: 1.68 vs 1.13 ms)."""
+def _scan_step_loads(dec_ptr, v_ptr, bh, NC, c, c_end, T_n, stride_t, rows, cols, K: tl.constexpr):
+    """The forward scan's per-step operands that are not products' shared-memory tiles: chunk c's
+    decay dec ([K], from the prep tiles) and its transposed [BV, 16] tile of v (v_ptr points at
+    the tile of step 0; returned in v's dtype). Nothing is read for c >= c_end (the scan loads
+    one chunk ahead). The state-gradient scan keeps plain loads: the same prefetch there raised
+    its registers from 128 to 168, and 512 programs (shape S) no longer fit in one wave (H200:
+    1.68 vs 1.13 ms)."""
     c_k = c + cols * 0                    # c as tensors: the masks stay tensors in the interpreter
     c_l = c + rows * 0
-    dec = tl.load(dec_ptr + (bh.to(tl.int64) * NC + c) * K + cols, mask=(c_k < c_end) & (c_k >= 0),
-                  other=1.0)
+    dec = tl.load(dec_ptr + (bh.to(tl.int64) * NC + c) * K + cols, mask=c_k < c_end, other=1.0)
     t0 = c * L_
-    live = (c_l < c_end) & (c_l >= 0) & (c_l * L_ + rows < T_n)
-    x = tl.load(x_ptr + t0.to(tl.int64) * stride_t, mask=live[None, :], other=0.0)
-    return dec, x
+    live = (c_l < c_end) & (c_l * L_ + rows < T_n)
+    v = tl.load(v_ptr + t0.to(tl.int64) * stride_t, mask=live[None, :], other=0.0)
+    return dec, v
 
 
 @triton.jit(do_not_specialize=["T", "H", "BH", "NC", "CPS"])
