@@ -22,7 +22,7 @@ unchanged), and a gradient program of a chunk wholly past the end returns at onc
 import triton
 import triton.language as tl
 
-from .chunk_common import (FLOOR_, L_, chunk_log_decays, load_tile, scan_program,
+from .chunk_common import (FLOOR_, L_, chunk_log_decays, exp_, load_tile, scan_program,
                            segment_start_state, sequence_span, step_validity, tf32,
                            unit_lower_inverse)
 
@@ -100,16 +100,16 @@ def _chunk_factors(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, t, T, cols, stride_t, vali
     chunk_fwd.py."""
     w = load_tile(w_ptr, t, T, cols, stride_t)
     lam_in, lam_ex, lam_mid, lam_end = chunk_log_decays(w, valid)
-    e_in = tl.exp(lam_in - lam_mid[None, :])
-    e_ex = tl.exp(lam_ex - lam_mid[None, :])
-    e_inv = tl.exp(lam_mid[None, :] - lam_in)
+    e_in = exp_(lam_in - lam_mid[None, :])
+    e_ex = exp_(lam_ex - lam_mid[None, :])
+    e_inv = exp_(lam_mid[None, :] - lam_in)
     q_t = load_tile(r_ptr, t, T, cols, stride_t) * e_in
     a_t = tl.where(valid[:, None], load_tile(a_ptr, t, T, cols, stride_t), 0.0) * e_ex
     k_h = tl.where(valid[:, None], load_tile(k_ptr, t, T, cols, stride_t), 0.0) * e_inv
     b_h = load_tile(b_ptr, t, T, cols, stride_t) * e_inv
     return (q_t, k_h, a_t, b_h, tf32(q_t, PREC), tf32(k_h, PREC), tf32(a_t, PREC), tf32(b_h, PREC),
-            e_in, e_ex, e_inv, tl.exp(lam_mid), tl.exp(lam_end - lam_mid), tl.exp(lam_end),
-            -tl.exp(w))
+            e_in, e_ex, e_inv, exp_(lam_mid), exp_(lam_end - lam_mid), exp_(lam_end),
+            -exp_(w))
 
 
 @triton.jit(do_not_specialize=["T", "H", "BH", "NC"])
@@ -261,7 +261,7 @@ def chunk_bwd_kernel(
     # dd/dw = lam * d: d_lam / e^-FLOOR * lam * d = d_lam * lam * exp(lam + FLOOR) (-> 0, and
     # exactly 0 rather than -inf * 0 for huge w).
     dlam_dw = tl.where(lam_raw >= -FLOOR_, lam_raw,
-                       tl.where(lam_raw > -100.0, lam_raw * tl.exp(lam_raw + FLOOR_), 0.0))
+                       tl.where(lam_raw > -100.0, lam_raw * exp_(lam_raw + FLOOR_), 0.0))
     dw = tl.where(keep, d_lam * dlam_dw, 0.0)
     dr = tl.where(keep, (dq_t + dr_s * to_mid[None, :]) * e_in, 0.0)
     da = tl.where(keep, (da_t + da_s * to_mid[None, :]) * e_ex, 0.0)

@@ -17,6 +17,16 @@ LAMBDA_FLOOR = 10.0
 L_ = tl.constexpr(CHUNK)
 MID_ = tl.constexpr(CHUNK // 2 - 1)
 FLOOR_ = tl.constexpr(LAMBDA_FLOOR)
+LOG2E_ = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def exp_(x):
+    """exp(x) as one MUFU.EX2 (ex2.approx.ftz): ``tl.exp`` lowers to the non-flushing ex2.approx,
+    which wraps every exponential in a range test and two predicated multiplies. The kernels'
+    factors lie in [e^-80, e^80] (normal numbers); a result below 2^-126 (only exp(w) of a
+    very negative w, a lambda of -0 instead of -1e-38) flushes to 0."""
+    return tl.math.exp2(x * LOG2E_)
 
 
 @triton.jit
@@ -106,7 +116,7 @@ def chunk_log_decays(w, valid):
     Returns lam_in (Lam_i, inclusive), lam_ex (Lam_{i-1}), lam_mid (Lam at the anchor row, [K]),
     lam_end (Lam at the chunk's last row, [K]). Invalid steps are identity steps (lambda = 0).
     """
-    lam = tl.maximum(-tl.exp(w), -FLOOR_)
+    lam = tl.maximum(-exp_(w), -FLOOR_)
     lam = tl.where(valid[:, None], lam, 0.0)
     lam_in = tl.cumsum(lam, axis=0)
     lam_ex = lam_in - lam
@@ -117,10 +127,12 @@ def chunk_log_decays(w, valid):
 
 
 @triton.jit
-def chunk_log_decays3(w, valid):
-    """chunk_log_decays for G chunks at once: w [G, CHUNK, K], valid [G, CHUNK]; anchors [G, K]."""
-    lam = tl.maximum(-tl.exp(w), -FLOOR_)
-    lam = tl.where(valid[:, :, None], lam, 0.0)
+def chunk_log_decays3(w, valid, FULL: tl.constexpr):
+    """chunk_log_decays for G chunks at once: w [G, CHUNK, K], valid [G, CHUNK]; anchors [G, K].
+    FULL: every step is valid (valid is not read)."""
+    lam = tl.maximum(-exp_(w), -FLOOR_)
+    if not FULL:
+        lam = tl.where(valid[:, :, None], lam, 0.0)
     lam_in = tl.cumsum(lam, axis=1)
     lam_ex = lam_in - lam
     rows = tl.arange(0, L_)[None, :, None]

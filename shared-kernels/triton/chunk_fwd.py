@@ -37,8 +37,34 @@ Buffers of the K-side tiles: [B*H, NC, 16, K] (W, b_bar, Kc, R2), [B*H, NC, 16, 
 import triton
 import triton.language as tl
 
-from .chunk_common import (L_, chunk_log_decays3, scan_program, segment_start_state, sequence_span,
-                           tf32, unit_lower_inverse)
+from .chunk_common import (L_, chunk_log_decays3, exp_, scan_program, segment_start_state,
+                           sequence_span, tf32, unit_lower_inverse)
+
+
+@triton.jit
+def _prep_load(ptr, ld, FULL: tl.constexpr):
+    """fp32 tile of the prep's inputs; steps outside the sequence read 0 unless FULL."""
+    if FULL:
+        x = tl.load(ptr)
+    else:
+        x = tl.load(ptr, mask=ld, other=0.0)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _prep_keep(x, keep, FULL: tl.constexpr):
+    """x with its invalid steps zeroed (FULL: every step is valid)."""
+    if not FULL:
+        x = tl.where(keep, x, 0.0)
+    return x
+
+
+@triton.jit
+def _prep_store(ptr, x, ok, FULL: tl.constexpr):
+    if FULL:
+        tl.store(ptr, x)
+    else:
+        tl.store(ptr, x, mask=ok)
 
 
 @triton.jit(do_not_specialize=["T", "H", "BH", "NC"])
@@ -48,7 +74,7 @@ def chunk_prep_kernel(
     T, H, BH, NC,
     stride_b, stride_t, stride_h,
     K: tl.constexpr, G: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr,
-    PREC_INV: tl.constexpr, VARLEN: tl.constexpr,
+    PREC_INV: tl.constexpr, VARLEN: tl.constexpr, FULL: tl.constexpr,
 ):
     """K-side tiles of G consecutive chunks of one (batch, head). Grid: (ceil(NC / G) * BH,).
 
@@ -92,26 +118,26 @@ def chunk_prep_kernel(
     incl = (rows[:, None] >= rows[None, :])[None, :, :]
     strict = (rows[:, None] > rows[None, :])[None, :, :]
 
-    w = tl.load(w_ptr + base + offs, mask=ld, other=0.0).to(tl.float32)
-    lam_in, lam_ex, lam_mid, lam_end = chunk_log_decays3(w, valid)
+    w = _prep_load(w_ptr + base + offs, ld, FULL)
+    lam_in, lam_ex, lam_mid, lam_end = chunk_log_decays3(w, valid, FULL)
     mid = lam_mid[:, None, :]
-    to_mid = tl.exp(lam_mid)[:, None, :]
-    mid_to_end = tl.exp(lam_end - lam_mid)[:, None, :]
-    tl.store(deco_ptr + (bh.to(tl.int64) * NC + c[:, None]) * K + cols[None, :], tl.exp(lam_end),
-             mask=(c < NC)[:, None])
+    to_mid = exp_(lam_mid)[:, None, :]
+    mid_to_end = exp_(lam_end - lam_mid)[:, None, :]
+    _prep_store(deco_ptr + (bh.to(tl.int64) * NC + c[:, None]) * K + cols[None, :], exp_(lam_end),
+                (c < NC)[:, None], FULL)
 
     # k_hat, b_hat = x exp(Lam_mid - Lam_i); a~ = a exp(Lam_{i-1} - Lam_mid); q~ = r exp(Lam_i - Lam_mid)
-    e_inv = tl.exp(mid - lam_in)
-    kk = tl.where(keep, tl.load(k_ptr + base + offs, mask=ld, other=0.0).to(tl.float32), 0.0)
+    e_inv = exp_(mid - lam_in)
+    kk = _prep_keep(_prep_load(k_ptr + base + offs, ld, FULL), keep, FULL)
     k_h = kk * e_inv
-    bb = tl.load(b_ptr + base + offs, mask=ld, other=0.0).to(tl.float32)
+    bb = _prep_load(b_ptr + base + offs, ld, FULL)
     b_h = bb * e_inv
     b_bar = tf32(b_h * mid_to_end, PREC)
-    tl.store(bo_ptr + out0 + tiles, b_bar, mask=ok)
-    rr = tl.load(r_ptr + base + offs, mask=ld, other=0.0).to(tl.float32)
-    q_t = rr * tl.exp(lam_in - mid)
-    aa = tl.where(keep, tl.load(a_ptr + base + offs, mask=ld, other=0.0).to(tl.float32), 0.0)
-    a_t = aa * tl.exp(lam_ex - mid)
+    _prep_store(bo_ptr + out0 + tiles, b_bar, ok, FULL)
+    rr = _prep_load(r_ptr + base + offs, ld, FULL)
+    q_t = rr * exp_(lam_in - mid)
+    aa = _prep_keep(_prep_load(a_ptr + base + offs, ld, FULL), keep, FULL)
+    a_t = aa * exp_(lam_ex - mid)
 
     q_r = tf32(q_t, PREC)
     a_r = tf32(a_t, PREC)
@@ -127,18 +153,18 @@ def chunk_prep_kernel(
 
     W = tl.dot(N, tf32(a_t * to_mid, PREC), input_precision=PREC)
     W_r = tf32(W, PREC)
-    tl.store(wo_ptr + out0 + tiles, W_r, mask=ok)
+    _prep_store(wo_ptr + out0 + tiles, W_r, ok, FULL)
     Ak = tf32(tl.dot(N, tf32(A_ak, PREC), input_precision=PREC), PREC)
     Kc = tl.dot(tl.trans(Ak, 0, 2, 1), b_bar, k_h * mid_to_end, input_precision=PREC)
-    tl.store(kco_ptr + out0 + tiles, tf32(Kc, PREC), mask=ok)
+    _prep_store(kco_ptr + out0 + tiles, tf32(Kc, PREC), ok, FULL)
     A_qb_r = tf32(A_qb, PREC)
     R2 = tl.dot(A_qb_r, W_r, q_t * to_mid, input_precision=PREC)
-    R2 = tl.where(keep, R2, 0.0)
-    tl.store(r2o_ptr + out0 + tiles, tf32(R2, PREC), mask=ok)
+    R2 = _prep_keep(R2, keep, FULL)
+    _prep_store(r2o_ptr + out0 + tiles, tf32(R2, PREC), ok, FULL)
     Qc = tl.dot(A_qb_r, Ak, A_qk, input_precision=PREC)
-    Qc = tl.where(keep, Qc, 0.0)
+    Qc = _prep_keep(Qc, keep, FULL)
     sq = (gi[:, None, None] * L_ + rows[None, :, None]) * L_ + rows[None, None, :]
-    tl.store(qco_ptr + (bh.to(tl.int64) * NC + cb * G) * L_ * L_ + sq, tf32(Qc, PREC), mask=ok)
+    _prep_store(qco_ptr + (bh.to(tl.int64) * NC + cb * G) * L_ * L_ + sq, tf32(Qc, PREC), ok, FULL)
 
 
 @triton.jit

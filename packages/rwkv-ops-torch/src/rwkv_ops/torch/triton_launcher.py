@@ -119,7 +119,7 @@ def _launch_plan(r, w, k, v, a, b, mask, head_first, chunks_per_segment, cu_seql
 
 def _forward_impl(r, w, k, v, a, b, initial_state, mask, head_first, chunks_per_segment, save,
                   cu_seqlens=None, max_len=0):
-    chunk_fwd, _, _ = _kernels()
+    chunk_fwd, _, configs = _kernels()
     (B, T, H, K), (sb, st, sh), BH, NC, n_seg, cfg, prec, prec_inv, m, cu = _launch_plan(
         r, w, k, v, a, b, mask, head_first, chunks_per_segment, cu_seqlens, max_len)
     has_mask, varlen = mask is not None, cu_seqlens is not None
@@ -137,7 +137,7 @@ def _forward_impl(r, w, k, v, a, b, initial_state, mask, head_first, chunks_per_
         wt, bt, kct, r2t, qct, dect,
         T, H, BH, NC, sb, st, sh,
         K=K, G=G, HAS_MASK=has_mask, PREC=prec,
-        PREC_INV=prec_inv, VARLEN=varlen,
+        PREC_INV=prec_inv, VARLEN=varlen, FULL=configs.whole_chunks(T, G, has_mask, varlen),
         num_warps=cfg.warps_prep)
 
     y = torch.empty(r.shape, dtype=r.dtype, device=dev)
