@@ -92,11 +92,40 @@ def segment_start_state(init_ptr, b, h, seg, init_sb, init_sh, init_ss, state_ti
 
 
 @triton.jit
-def load_tile(ptr, t, T, cols, stride_t):
-    """[CHUNK, N] fp32 tile of rows t (rows at or past T read as 0)."""
+def load_f32(ptr, mask, FULL: tl.constexpr):
+    """fp32 values at ptr, 0 where mask is False. FULL (``configs.whole_chunks``: whole chunks,
+    no mask, no packed sequences): every element exists and mask is not read, so the load has no
+    predicates and no selects."""
+    if FULL:
+        x = tl.load(ptr)
+    else:
+        x = tl.load(ptr, mask=mask, other=0.0)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def store_cast(ptr, x, mask, FULL: tl.constexpr):
+    """Store x in ptr's dtype where mask is True (FULL: everywhere; mask is not read)."""
+    if FULL:
+        tl.store(ptr, x.to(ptr.dtype.element_ty))
+    else:
+        tl.store(ptr, x.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def load_tile(ptr, t, T, cols, stride_t, FULL: tl.constexpr):
+    """[CHUNK, N] fp32 tile of rows t (rows at or past T read as 0; FULL: all rows exist)."""
     # 64-bit row offsets: T * H * K may pass 2^31
-    return tl.load(ptr + t.to(tl.int64)[:, None] * stride_t + cols[None, :], mask=(t < T)[:, None],
-                   other=0.0).to(tl.float32)
+    return load_f32(ptr + t.to(tl.int64)[:, None] * stride_t + cols[None, :], (t < T)[:, None],
+                    FULL)
+
+
+@triton.jit
+def zero_invalid(x, valid, FULL: tl.constexpr):
+    """x with the entries where valid is False set to 0 (FULL: every step is valid; x as is)."""
+    if not FULL:
+        x = tl.where(valid, x, 0.0)
+    return x
 
 
 @triton.jit
@@ -110,14 +139,14 @@ def step_validity(mask_ptr, t, T, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
-def chunk_log_decays(w, valid):
+def chunk_log_decays(w, valid, FULL: tl.constexpr):
     """Cumulative log decays of one chunk from w [CHUNK, K].
 
     Returns lam_in (Lam_i, inclusive), lam_ex (Lam_{i-1}), lam_mid (Lam at the anchor row, [K]),
-    lam_end (Lam at the chunk's last row, [K]). Invalid steps are identity steps (lambda = 0).
+    lam_end (Lam at the chunk's last row, [K]). Invalid steps are identity steps (lambda = 0);
+    FULL: every step is valid (valid is not read).
     """
-    lam = tl.maximum(-exp_(w), -FLOOR_)
-    lam = tl.where(valid[:, None], lam, 0.0)
+    lam = zero_invalid(tl.maximum(-exp_(w), -FLOOR_), valid[:, None], FULL)
     lam_in = tl.cumsum(lam, axis=0)
     lam_ex = lam_in - lam
     rows = tl.arange(0, L_)
@@ -130,9 +159,7 @@ def chunk_log_decays(w, valid):
 def chunk_log_decays3(w, valid, FULL: tl.constexpr):
     """chunk_log_decays for G chunks at once: w [G, CHUNK, K], valid [G, CHUNK]; anchors [G, K].
     FULL: every step is valid (valid is not read)."""
-    lam = tl.maximum(-exp_(w), -FLOOR_)
-    if not FULL:
-        lam = tl.where(valid[:, :, None], lam, 0.0)
+    lam = zero_invalid(tl.maximum(-exp_(w), -FLOOR_), valid[:, :, None], FULL)
     lam_in = tl.cumsum(lam, axis=1)
     lam_ex = lam_in - lam
     rows = tl.arange(0, L_)[None, :, None]

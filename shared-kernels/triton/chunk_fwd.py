@@ -37,34 +37,9 @@ Buffers of the K-side tiles: [B*H, NC, 16, K] (W, b_bar, Kc, R2), [B*H, NC, 16, 
 import triton
 import triton.language as tl
 
-from .chunk_common import (L_, chunk_log_decays3, exp_, scan_program, segment_start_state,
-                           sequence_span, tf32, unit_lower_inverse)
-
-
-@triton.jit
-def _prep_load(ptr, ld, FULL: tl.constexpr):
-    """fp32 tile of the prep's inputs; steps outside the sequence read 0 unless FULL."""
-    if FULL:
-        x = tl.load(ptr)
-    else:
-        x = tl.load(ptr, mask=ld, other=0.0)
-    return x.to(tl.float32)
-
-
-@triton.jit
-def _prep_keep(x, keep, FULL: tl.constexpr):
-    """x with its invalid steps zeroed (FULL: every step is valid)."""
-    if not FULL:
-        x = tl.where(keep, x, 0.0)
-    return x
-
-
-@triton.jit
-def _prep_store(ptr, x, ok, FULL: tl.constexpr):
-    if FULL:
-        tl.store(ptr, x)
-    else:
-        tl.store(ptr, x, mask=ok)
+from .chunk_common import (L_, chunk_log_decays3, exp_, load_f32, scan_program,
+                           segment_start_state, sequence_span, store_cast, tf32,
+                           unit_lower_inverse, zero_invalid)
 
 
 @triton.jit(do_not_specialize=["T", "H", "BH", "NC"])
@@ -86,6 +61,8 @@ def chunk_prep_kernel(
     Outputs as in the module docstring; rows of R2 and Qc at padded or masked steps are 0 (so are
     their outputs, and their dy never reaches the state).
     In tf32 mode the tiles are stored rounded to tf32 (they are only ever product operands).
+    FULL (``configs.whole_chunks``): every chunk whole, no mask, no packed sequences; the kernel
+    then has no masked loads, stores or selects.
     """
     n_blk = tl.cdiv(NC, G)
     cb = tl.program_id(0) % n_blk
@@ -118,25 +95,25 @@ def chunk_prep_kernel(
     incl = (rows[:, None] >= rows[None, :])[None, :, :]
     strict = (rows[:, None] > rows[None, :])[None, :, :]
 
-    w = _prep_load(w_ptr + base + offs, ld, FULL)
+    w = load_f32(w_ptr + base + offs, ld, FULL)
     lam_in, lam_ex, lam_mid, lam_end = chunk_log_decays3(w, valid, FULL)
     mid = lam_mid[:, None, :]
     to_mid = exp_(lam_mid)[:, None, :]
     mid_to_end = exp_(lam_end - lam_mid)[:, None, :]
-    _prep_store(deco_ptr + (bh.to(tl.int64) * NC + c[:, None]) * K + cols[None, :], exp_(lam_end),
+    store_cast(deco_ptr + (bh.to(tl.int64) * NC + c[:, None]) * K + cols[None, :], exp_(lam_end),
                 (c < NC)[:, None], FULL)
 
     # k_hat, b_hat = x exp(Lam_mid - Lam_i); a~ = a exp(Lam_{i-1} - Lam_mid); q~ = r exp(Lam_i - Lam_mid)
     e_inv = exp_(mid - lam_in)
-    kk = _prep_keep(_prep_load(k_ptr + base + offs, ld, FULL), keep, FULL)
+    kk = zero_invalid(load_f32(k_ptr + base + offs, ld, FULL), keep, FULL)
     k_h = kk * e_inv
-    bb = _prep_load(b_ptr + base + offs, ld, FULL)
+    bb = load_f32(b_ptr + base + offs, ld, FULL)
     b_h = bb * e_inv
     b_bar = tf32(b_h * mid_to_end, PREC)
-    _prep_store(bo_ptr + out0 + tiles, b_bar, ok, FULL)
-    rr = _prep_load(r_ptr + base + offs, ld, FULL)
+    store_cast(bo_ptr + out0 + tiles, b_bar, ok, FULL)
+    rr = load_f32(r_ptr + base + offs, ld, FULL)
     q_t = rr * exp_(lam_in - mid)
-    aa = _prep_keep(_prep_load(a_ptr + base + offs, ld, FULL), keep, FULL)
+    aa = zero_invalid(load_f32(a_ptr + base + offs, ld, FULL), keep, FULL)
     a_t = aa * exp_(lam_ex - mid)
 
     q_r = tf32(q_t, PREC)
@@ -153,18 +130,18 @@ def chunk_prep_kernel(
 
     W = tl.dot(N, tf32(a_t * to_mid, PREC), input_precision=PREC)
     W_r = tf32(W, PREC)
-    _prep_store(wo_ptr + out0 + tiles, W_r, ok, FULL)
+    store_cast(wo_ptr + out0 + tiles, W_r, ok, FULL)
     Ak = tf32(tl.dot(N, tf32(A_ak, PREC), input_precision=PREC), PREC)
     Kc = tl.dot(tl.trans(Ak, 0, 2, 1), b_bar, k_h * mid_to_end, input_precision=PREC)
-    _prep_store(kco_ptr + out0 + tiles, tf32(Kc, PREC), ok, FULL)
+    store_cast(kco_ptr + out0 + tiles, tf32(Kc, PREC), ok, FULL)
     A_qb_r = tf32(A_qb, PREC)
     R2 = tl.dot(A_qb_r, W_r, q_t * to_mid, input_precision=PREC)
-    R2 = _prep_keep(R2, keep, FULL)
-    _prep_store(r2o_ptr + out0 + tiles, tf32(R2, PREC), ok, FULL)
+    R2 = zero_invalid(R2, keep, FULL)
+    store_cast(r2o_ptr + out0 + tiles, tf32(R2, PREC), ok, FULL)
     Qc = tl.dot(A_qb_r, Ak, A_qk, input_precision=PREC)
-    Qc = _prep_keep(Qc, keep, FULL)
+    Qc = zero_invalid(Qc, keep, FULL)
     sq = (gi[:, None, None] * L_ + rows[None, :, None]) * L_ + rows[None, None, :]
-    _prep_store(qco_ptr + (bh.to(tl.int64) * NC + cb * G) * L_ * L_ + sq, tf32(Qc, PREC), ok, FULL)
+    store_cast(qco_ptr + (bh.to(tl.int64) * NC + cb * G) * L_ * L_ + sq, tf32(Qc, PREC), ok, FULL)
 
 
 @triton.jit

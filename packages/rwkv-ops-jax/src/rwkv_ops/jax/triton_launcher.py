@@ -243,13 +243,13 @@ def _entries() -> dict:
                      dr, dw, dk, dv, da, db,
                      H: tl.constexpr, K: tl.constexpr, BV: tl.constexpr,
                      HEAD_FIRST: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr,
-                     PREC_INV: tl.constexpr, VARLEN: tl.constexpr):
+                     PREC_INV: tl.constexpr, VARLEN: tl.constexpr, FULL: tl.constexpr):
         T, BH, NC = T_p1 - 1, BH_p1 - 1, NC_p1 - 1
         stride_b, stride_t, stride_h = layout_strides(T, H, K, HEAD_FIRST)
         _chunk_bwd_kernel(r, w, k, v, a, b, dy, mask, ckpt, gck, cu, dr, dw, dk, dv, da, db,
                           T, H, BH, NC, stride_b, stride_t, stride_h,
                           K=K, BV=BV, HAS_MASK=HAS_MASK, PREC=PREC, PREC_INV=PREC_INV,
-                          VARLEN=VARLEN)
+                          VARLEN=VARLEN, FULL=FULL)
 
     _ENTRIES.update(prep=rwkv_gdr_prep, scan_fwd=rwkv_gdr_scan_fwd, combine=rwkv_gdr_combine,
                     scan_bwd=rwkv_gdr_scan_bwd, bwd=rwkv_gdr_bwd)
@@ -472,7 +472,8 @@ def _backward_local(static, *arrays):
                  tuple(_sds(x.shape, x.dtype) for x in (r, w, k, v, a, b)), (NC * BH,),
                  cfg.warps_bwd, cfg.stages_bwd)
     flags = dict(H=H, K=K, HEAD_FIRST=static.head_first, HAS_MASK=mask is not None, PREC=prec,
-                 PREC_INV=_inverse_precision(prec, cfg), VARLEN=varlen)
+                 PREC_INV=_inverse_precision(prec, cfg), VARLEN=varlen,
+                 FULL=_configs().whole_chunks(T, 1, mask is not None, varlen))
     grads = _launch("bwd", *grad_args, BV=cfg.bv_bwd, **flags)
     return tuple(grads) + ((ds0,) if need_ds0 else ())
 

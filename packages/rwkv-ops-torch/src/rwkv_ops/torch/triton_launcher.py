@@ -230,7 +230,7 @@ triton_gdr_fwd.register_fake(_forward_fake)
 
 def _backward_impl(r, w, k, v, a, b, initial_state, mask, ckpt, seg_m, wt, bt, r2t, dect, do,
                    dfinal, head_first, chunks_per_segment, cu_seqlens=None, max_len=0):
-    chunk_fwd, chunk_bwd, _ = _kernels()
+    chunk_fwd, chunk_bwd, configs = _kernels()
     (B, T, H, K), (sb, st, sh), BH, NC, n_seg, cfg, prec, prec_inv, m, cu = _launch_plan(
         r, w, k, v, a, b, mask, head_first, chunks_per_segment, cu_seqlens, max_len)
     has_mask, varlen = mask is not None, cu_seqlens is not None
@@ -274,7 +274,7 @@ def _backward_impl(r, w, k, v, a, b, initial_state, mask, ckpt, seg_m, wt, bt, r
         *grads,
         T, H, BH, NC, sb, st, sh,
         K=K, BV=cfg.bv_bwd, HAS_MASK=has_mask, PREC=prec,
-        PREC_INV=prec_inv, VARLEN=varlen,
+        PREC_INV=prec_inv, VARLEN=varlen, FULL=configs.whole_chunks(T, 1, has_mask, varlen),
         num_warps=cfg.warps_bwd, num_stages=cfg.stages_bwd)
     return (*grads, ds0)
 
