@@ -206,6 +206,8 @@ def main():
         variants = {
             "fwd-bv64-w4": dict(bv_fwd=64, warps_fwd=4),
             "prep-w2": dict(warps_prep=2),
+            "prep-bk32": dict(prep_bk=32),
+            "prep-bk16": dict(prep_bk=16),
             "state-bv32-w2": dict(bv_state=32, warps_state=2),
             "bwd-w8": dict(warps_bwd=8),
             "bwd-bv32": dict(bv_bwd=32),

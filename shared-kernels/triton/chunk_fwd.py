@@ -42,6 +42,58 @@ from .chunk_common import (L_, chunk_log_decays3, exp_, load_f32, scan_program,
                            unit_lower_inverse, zero_invalid)
 
 
+@triton.jit
+def _prep_factors(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, deco_ptr, bo_ptr, wo_ptr, kco_ptr, r2o_ptr,
+                  offs, tiles, ld, valid, keep, ok, dec_off, dec_ok, FULL: tl.constexpr,
+                  PREC: tl.constexpr, SPLIT: tl.constexpr):
+    """The mid-anchored factors of a [G, 16, n] block of columns (every column's decays are its
+    own, so any block of columns stands alone). Stores the block's dec and b_bar; with SPLIT also
+    a_s, k_s and q_s into the W, Kc and R2 buffers, as temporaries that the second pass reads.
+
+    Returns a_s = a~ exp(Lam_mid) (tf32-rounded), b_bar, k_s = k^ exp(Lam_end - Lam_mid) and
+    q_s = q~ exp(Lam_mid) (unrounded: they are product accumulators), and the rounded q~, a~,
+    k^T, b^T of the pair products, with k^, b^ = x exp(Lam_mid - Lam_i),
+    a~ = a exp(Lam_{i-1} - Lam_mid), q~ = r exp(Lam_i - Lam_mid).
+    """
+    w = load_f32(w_ptr + offs, ld, FULL)
+    lam_in, lam_ex, lam_mid, lam_end = chunk_log_decays3(w, valid, FULL)
+    mid = lam_mid[:, None, :]
+    to_mid = exp_(lam_mid)[:, None, :]
+    mid_to_end = exp_(lam_end - lam_mid)[:, None, :]
+    store_cast(deco_ptr + dec_off, exp_(lam_end), dec_ok, FULL)
+    e_inv = exp_(mid - lam_in)
+    k_h = zero_invalid(load_f32(k_ptr + offs, ld, FULL), keep, FULL) * e_inv
+    k_s = k_h * mid_to_end
+    if SPLIT:
+        store_cast(kco_ptr + tiles, k_s, ok, FULL)
+    b_h = load_f32(b_ptr + offs, ld, FULL) * e_inv
+    b_bar = tf32(b_h * mid_to_end, PREC)
+    store_cast(bo_ptr + tiles, b_bar, ok, FULL)
+    q_t = load_f32(r_ptr + offs, ld, FULL) * exp_(lam_in - mid)
+    q_s = q_t * to_mid
+    if SPLIT:
+        store_cast(r2o_ptr + tiles, q_s, ok, FULL)
+    a_t = zero_invalid(load_f32(a_ptr + offs, ld, FULL), keep, FULL) * exp_(lam_ex - mid)
+    a_s = tf32(a_t * to_mid, PREC)
+    if SPLIT:
+        store_cast(wo_ptr + tiles, a_s, ok, FULL)
+    return (a_s, b_bar, k_s, q_s, tf32(q_t, PREC), tf32(a_t, PREC),
+            tl.trans(tf32(k_h, PREC), 0, 2, 1), tl.trans(tf32(b_h, PREC), 0, 2, 1))
+
+
+@triton.jit
+def _prep_outputs(N, AkT, A_qb_r, a_s, b_bar, k_s, q_s, wo_ptr, kco_ptr, r2o_ptr, tiles, ok, keep,
+                  FULL: tl.constexpr, PREC: tl.constexpr):
+    """W = N a_s, Kc = Ak^T b_bar + k_s, R2 = A_qb W + q_s of a block of columns, stored
+    tf32-rounded (R2 zero at invalid steps)."""
+    W_r = tf32(tl.dot(N, a_s, input_precision=PREC), PREC)
+    store_cast(wo_ptr + tiles, W_r, ok, FULL)
+    Kc = tl.dot(AkT, b_bar, k_s, input_precision=PREC)
+    store_cast(kco_ptr + tiles, tf32(Kc, PREC), ok, FULL)
+    R2 = zero_invalid(tl.dot(A_qb_r, W_r, q_s, input_precision=PREC), keep, FULL)
+    store_cast(r2o_ptr + tiles, tf32(R2, PREC), ok, FULL)
+
+
 @triton.jit(do_not_specialize=["T", "H", "BH", "NC"])
 def chunk_prep_kernel(
     r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, mask_ptr, cu_ptr,
@@ -49,7 +101,7 @@ def chunk_prep_kernel(
     T, H, BH, NC,
     stride_b, stride_t, stride_h,
     K: tl.constexpr, G: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr,
-    PREC_INV: tl.constexpr, VARLEN: tl.constexpr, FULL: tl.constexpr,
+    PREC_INV: tl.constexpr, VARLEN: tl.constexpr, FULL: tl.constexpr, BK: tl.constexpr,
 ):
     """K-side tiles of G consecutive chunks of one (batch, head). Grid: (ceil(NC / G) * BH,).
 
@@ -63,6 +115,12 @@ def chunk_prep_kernel(
     In tf32 mode the tiles are stored rounded to tf32 (they are only ever product operands).
     FULL (``configs.whole_chunks``): every chunk whole, no mask, no packed sequences; the kernel
     then has no masked loads, stores or selects.
+    BK: columns per block. BK = K holds whole [G, 16, K] tiles in registers (255 registers on one
+    warp at K = 64). BK < K works in blocks of columns: the pair matrices accumulate over the
+    blocks, and the factors that W, Kc and R2 need go through their output buffers (L2) between
+    the two passes, so the registers follow BK instead of K (sm_90 SASS at K = 64, FULL: BK = 32
+    takes 168 registers and 4640 instructions per warp, BK = K 255 and 3912; which is faster is
+    for ``benchmarks/triton_dev.py --sweep --only prep-bk32,prep-bk16`` to tell).
     """
     n_blk = tl.cdiv(NC, G)
     cb = tl.program_id(0) % n_blk
@@ -71,7 +129,6 @@ def chunk_prep_kernel(
     h = bh % H
     gi = tl.arange(0, G)
     rows = tl.arange(0, L_)
-    cols = tl.arange(0, K)
     c = cb * G + gi                                          # [G]
     t = c[:, None] * L_ + rows[None, :]                      # [G, L]
     seq, T_n = sequence_span(cu_ptr, b, T, stride_b, stride_t, VARLEN)
@@ -86,60 +143,61 @@ def chunk_prep_kernel(
     # 64-bit base of this block, 32-bit offsets inside it
     t0 = (cb * G * L_).to(tl.int64)
     base = seq + h.to(tl.int64) * stride_h + t0 * stride_t
-    offs = ((gi[:, None, None] * L_ + rows[None, :, None]) * stride_t + cols[None, None, :])
+    in_rows = (gi[:, None, None] * L_ + rows[None, :, None]) * stride_t
     ld = inb[:, :, None]
     keep = valid[:, :, None]
     ok = (c < NC)[:, None, None]
     out0 = (bh.to(tl.int64) * NC + cb * G) * L_ * K
-    tiles = (gi[:, None, None] * L_ + rows[None, :, None]) * K + cols[None, None, :]
+    out_rows = (gi[:, None, None] * L_ + rows[None, :, None]) * K
+    dec_rows = (bh.to(tl.int64) * NC + c[:, None]) * K
+    dec_ok = (c < NC)[:, None]
     incl = (rows[:, None] >= rows[None, :])[None, :, :]
     strict = (rows[:, None] > rows[None, :])[None, :, :]
+    bcols = tl.arange(0, BK)
+    wo_ptr += out0
+    bo_ptr += out0
+    kco_ptr += out0
+    r2o_ptr += out0
 
-    w = load_f32(w_ptr + base + offs, ld, FULL)
-    lam_in, lam_ex, lam_mid, lam_end = chunk_log_decays3(w, valid, FULL)
-    mid = lam_mid[:, None, :]
-    to_mid = exp_(lam_mid)[:, None, :]
-    mid_to_end = exp_(lam_end - lam_mid)[:, None, :]
-    store_cast(deco_ptr + (bh.to(tl.int64) * NC + c[:, None]) * K + cols[None, :], exp_(lam_end),
-                (c < NC)[:, None], FULL)
+    # the pair products over the columns (pass 1)
+    A_ab = tl.zeros([G, L_, L_], dtype=tl.float32)
+    A_ak = tl.zeros([G, L_, L_], dtype=tl.float32)
+    A_qb = tl.zeros([G, L_, L_], dtype=tl.float32)
+    A_qk = tl.zeros([G, L_, L_], dtype=tl.float32)
+    for kb in tl.static_range(0, K // BK):
+        cols = kb * BK + bcols
+        tiles = out_rows + cols[None, None, :]
+        # with BK < K, pass 2 reads a_s, k_s, q_s back (W, Kc and R2 overwrite them)
+        a_s, b_bar, k_s, q_s, q_r, a_r, kT, bT = _prep_factors(
+            r_ptr + base, w_ptr + base, k_ptr + base, a_ptr + base, b_ptr + base, deco_ptr,
+            bo_ptr, wo_ptr, kco_ptr, r2o_ptr, in_rows + cols[None, None, :], tiles, ld, valid,
+            keep, ok, dec_rows + cols[None, :], dec_ok, FULL, PREC, BK < K)
+        A_ab = tl.dot(a_r, bT, A_ab, input_precision=PREC)
+        A_ak = tl.dot(a_r, kT, A_ak, input_precision=PREC)
+        A_qb = tl.dot(q_r, bT, A_qb, input_precision=PREC)
+        A_qk = tl.dot(q_r, kT, A_qk, input_precision=PREC)
 
-    # k_hat, b_hat = x exp(Lam_mid - Lam_i); a~ = a exp(Lam_{i-1} - Lam_mid); q~ = r exp(Lam_i - Lam_mid)
-    e_inv = exp_(mid - lam_in)
-    kk = zero_invalid(load_f32(k_ptr + base + offs, ld, FULL), keep, FULL)
-    k_h = kk * e_inv
-    bb = load_f32(b_ptr + base + offs, ld, FULL)
-    b_h = bb * e_inv
-    b_bar = tf32(b_h * mid_to_end, PREC)
-    store_cast(bo_ptr + out0 + tiles, b_bar, ok, FULL)
-    rr = load_f32(r_ptr + base + offs, ld, FULL)
-    q_t = rr * exp_(lam_in - mid)
-    aa = zero_invalid(load_f32(a_ptr + base + offs, ld, FULL), keep, FULL)
-    a_t = aa * exp_(lam_ex - mid)
+    # the chunk's L x L algebra. Pair products carry exactly the decay between their steps;
+    # entries above the diagonal may overflow and are selected away, never multiplied by 0.
+    N = tf32(unit_lower_inverse(tl.where(strict, A_ab, 0.0), PREC_INV), PREC)
+    Ak = tf32(tl.dot(N, tf32(tl.where(strict, A_ak, 0.0), PREC), input_precision=PREC), PREC)
+    AkT = tl.trans(Ak, 0, 2, 1)
+    A_qb_r = tf32(tl.where(incl, A_qb, 0.0), PREC)
 
-    q_r = tf32(q_t, PREC)
-    a_r = tf32(a_t, PREC)
-    kT = tl.trans(tf32(k_h, PREC), 0, 2, 1)
-    bT = tl.trans(tf32(b_h, PREC), 0, 2, 1)
-    # pair products carry exactly the decay between their steps; entries above the diagonal may
-    # overflow and are selected away, never multiplied by 0
-    A_ab = tl.where(strict, tl.dot(a_r, bT, input_precision=PREC), 0.0)
-    A_ak = tl.where(strict, tl.dot(a_r, kT, input_precision=PREC), 0.0)
-    A_qb = tl.where(incl, tl.dot(q_r, bT, input_precision=PREC), 0.0)
-    A_qk = tl.where(incl, tl.dot(q_r, kT, input_precision=PREC), 0.0)
-    N = tf32(unit_lower_inverse(A_ab, PREC_INV), PREC)
-
-    W = tl.dot(N, tf32(a_t * to_mid, PREC), input_precision=PREC)
-    W_r = tf32(W, PREC)
-    store_cast(wo_ptr + out0 + tiles, W_r, ok, FULL)
-    Ak = tf32(tl.dot(N, tf32(A_ak, PREC), input_precision=PREC), PREC)
-    Kc = tl.dot(tl.trans(Ak, 0, 2, 1), b_bar, k_h * mid_to_end, input_precision=PREC)
-    store_cast(kco_ptr + out0 + tiles, tf32(Kc, PREC), ok, FULL)
-    A_qb_r = tf32(A_qb, PREC)
-    R2 = tl.dot(A_qb_r, W_r, q_t * to_mid, input_precision=PREC)
-    R2 = zero_invalid(R2, keep, FULL)
-    store_cast(r2o_ptr + out0 + tiles, tf32(R2, PREC), ok, FULL)
-    Qc = tl.dot(A_qb_r, Ak, A_qk, input_precision=PREC)
-    Qc = zero_invalid(Qc, keep, FULL)
+    # W, Kc, R2 (pass 2)
+    if BK == K:
+        _prep_outputs(N, AkT, A_qb_r, a_s, b_bar, k_s, q_s, wo_ptr, kco_ptr, r2o_ptr, tiles, ok,
+                      keep, FULL, PREC)
+    else:
+        # the temporaries were stored by other threads of this program
+        tl.debug_barrier()
+        for kb in tl.static_range(0, K // BK):
+            tiles = out_rows + (kb * BK + bcols)[None, None, :]
+            _prep_outputs(N, AkT, A_qb_r, tl.load(wo_ptr + tiles), tl.load(bo_ptr + tiles),
+                          tl.load(kco_ptr + tiles), tl.load(r2o_ptr + tiles), wo_ptr, kco_ptr,
+                          r2o_ptr, tiles, ok, keep, FULL, PREC)
+    Qc = zero_invalid(tl.dot(A_qb_r, Ak, tl.where(incl, A_qk, 0.0), input_precision=PREC), keep,
+                      FULL)
     sq = (gi[:, None, None] * L_ + rows[None, :, None]) * L_ + rows[None, None, :]
     store_cast(qco_ptr + (bh.to(tl.int64) * NC + cb * G) * L_ * L_ + sq, tf32(Qc, PREC), ok, FULL)
 

@@ -182,6 +182,17 @@ def test_segments(forced, monkeypatch):
         check(x, "float32", label=f"segments T={T} state={state} mask={mask}")
 
 
+@pytest.mark.parametrize("T,mask", [(48, None), (40, "random")])
+def test_prep_column_blocks(T, mask, monkeypatch):
+    """The prep kernel in blocks of 16 columns (two passes through the tile buffers), whole
+    chunks (FULL) and a tail chunk with a mask."""
+    real = triton_launcher.select_config
+    monkeypatch.setattr(triton_launcher, "select_config",
+                        lambda *args: real(*args).with_(prep_bk=16))
+    x = make_inputs(2, T, 2, 64, seed=SEED + 4, mask=mask)
+    check(x, "float32", label=f"prep blocks T={T} mask={mask}")
+
+
 def test_transformations():
     """jit, grad, value_and_grad and checkpoint agree with each other and with the reference;
     output_final_state=False returns None; T = 0 returns the initial state."""

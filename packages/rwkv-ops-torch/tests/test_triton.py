@@ -145,6 +145,16 @@ def test_segments(cps, monkeypatch, poison_empty, request):
     check(errors, TOL[torch.float32, "full"], seed)
 
 
+@pytest.mark.parametrize("T,mask", [(48, None), (40, "random")])
+def test_prep_column_blocks(T, mask, monkeypatch, poison_empty, request):
+    """The prep kernel in blocks of 16 columns (two passes through the tile buffers), whole
+    chunks (FULL) and a tail chunk with a mask."""
+    real = launcher.select_config
+    monkeypatch.setattr(launcher, "select_config", lambda *args: real(*args).with_(prep_bk=16))
+    seed = _seed(request)
+    check(run_case(seed, 2, T, 2, 64, mask=mask), TOL[torch.float32, "model"], seed)
+
+
 def test_float64_inputs(request):
     seed = _seed(request)
     x = make_inputs(1, 20, 2, 32, seed=seed)
