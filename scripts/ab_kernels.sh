@@ -6,6 +6,8 @@
 #   GPU machine: scripts/gpu_check.sh run scripts/ab_kernels.sh run [triton_dev.py args]
 #                (carry .ab-baseline with the run, e.g. carry [".whl", ".ab-baseline"])
 # Prints the S / L table and the per-kernel lines of both; full logs in $OUT/ab-{new,old}.txt.
+# Both sides run with the working tree's launchers: when the change adds a kernel argument or a
+# configs.py function, add the same (unused) to the .ab-baseline copy after `prepare`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
