@@ -1,0 +1,114 @@
+"""Registers, spills and SASS instruction counts of the chunk kernels, compiled here for sm_90
+(no GPU needed: Triton compiles for a target, and its wheel ships cuobjdump).
+
+    python3 benchmarks/sass_counts.py                    # the four kernels at K = 64, bf16, FULL
+    python3 benchmarks/sass_counts.py prep BK=32         # one kernel, constexprs changed
+    python3 benchmarks/sass_counts.py bwd K=128 BV=64 warps=8 FULL=False
+
+Kernels: prep, scan_fwd, scan_bwd, bwd. Arguments name=value set a constexpr of the kernel (or
+``warps`` / ``stages``); the defaults are those of shape S (K = 64, tf32 products, whole chunks).
+Pointers and strides are declared 16-byte aligned, as the launchers' contiguous tensors are.
+
+A static count: the instructions of the program text, so a loop body counts once (the kernels
+here are straight-line at K = 64 except the scans' chunk loop). It ranks variants by work and
+registers, not by time; what is faster is for a GPU to tell (benchmarks/triton_dev.py --sweep).
+The numbers are those of the Triton installed here; the GPU machine's version may allocate
+registers differently (benchmarks/profile_kernels.py prints the GPU build's registers).
+"""
+
+import collections
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from rwkv_ops.torch._triton import chunk_bwd, chunk_fwd
+
+# pointer arguments that hold the bf16 inputs, outputs and gradients; the rest are fp32 buffers
+BF16 = {"r_ptr", "w_ptr", "k_ptr", "v_ptr", "a_ptr", "b_ptr", "dy_ptr", "y_ptr", "dr_ptr",
+        "dw_ptr", "dk_ptr", "dv_ptr", "da_ptr", "db_ptr"}
+COMMON = dict(K=64, PREC="tf32", VARLEN=False)
+KERNELS = {
+    "prep": (chunk_fwd.chunk_prep_kernel, 1, 3,
+             dict(G=1, HAS_MASK=False, PREC_INV="tf32", FULL=True, BK=64)),
+    "scan_fwd": (chunk_fwd.chunk_scan_fwd_kernel, 2, 3,
+                 dict(BV=32, HAS_INIT=True, LOCAL=False, WRITE_Y=True, SAVE_CKPT=True,
+                      WRITE_END=True)),
+    "scan_bwd": (chunk_bwd.chunk_scan_bwd_kernel, 4, 1,
+                 dict(BV=64, HAS_INIT=True, LOCAL=False, SAVE_CKPT=True, WRITE_END=True)),
+    "bwd": (chunk_bwd.chunk_bwd_kernel, 4, 1,
+            dict(BV=64, HAS_MASK=False, PREC_INV="tf32", FULL=True)),
+}
+
+
+def pointer_type(name):
+    if name in BF16:
+        return "*bf16"
+    return {"mask_ptr": "*u8", "cu_ptr": "*i32"}.get(name, "*fp32")
+
+
+def compile_sm90(fn, constexprs, warps, stages):
+    names = fn.arg_names
+    signature, attrs = {}, {}
+    for i, name in enumerate(names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = pointer_type(name)
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            signature[name] = "i32"
+            if name.startswith("stride") or name.endswith(("_sb", "_sh", "_ss", "_sbh")):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    source = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": warps, "num_stages": stages})
+
+
+def sass_report(compiled, top=16):
+    """(registers, spill stack bytes, instruction count, the most frequent opcodes)."""
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([os.path.join(tools, "cuobjdump"), "-sass", f.name],
+                              capture_output=True, text=True, check=True).stdout
+        usage = subprocess.run([os.path.join(tools, "cuobjdump"), "-res-usage", f.name],
+                               capture_output=True, text=True, check=True).stdout
+    ops = collections.Counter()
+    for line in sass.splitlines():
+        m = re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_]+)", line)
+        if m:
+            ops[m.group(2)] += 1
+    regs = int(re.search(r"REG:(\d+)", usage).group(1))
+    stack = int(re.search(r"STACK:(\d+)", usage).group(1))
+    return regs, stack, sum(ops.values()), ops.most_common(top)
+
+
+def main(argv):
+    names = [a for a in argv if "=" not in a] or list(KERNELS)
+    changes = {}
+    for arg in (a for a in argv if "=" in a):
+        key, value = arg.split("=", 1)
+        changes[key] = {"True": True, "False": False}.get(value, int(value) if value.isdigit()
+                                                          else value)
+    for name in names:
+        fn, warps, stages, own = KERNELS[name]
+        constexprs = {**COMMON, **own}
+        constexprs.update({k: v for k, v in changes.items() if k in fn.arg_names})
+        warps = changes.get("warps", warps)
+        stages = changes.get("stages", stages)
+        regs, stack, total, ops = sass_report(compile_sm90(fn, constexprs, warps, stages))
+        shown = " ".join(f"{k}={v}" for k, v in sorted(constexprs.items()))
+        print(f"{name} ({shown}, {warps} warps, {stages} stages): {regs} registers, "
+              f"{stack} B spill stack, {total} SASS instructions per warp")
+        print("    " + "  ".join(f"{op} {n}" for op, n in ops))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
