@@ -12,8 +12,13 @@ Pointers and strides are declared 16-byte aligned, as the launchers' contiguous 
 A static count: the instructions of the program text, so a loop body counts once (the kernels
 here are straight-line at K = 64 except the scans' chunk loop). It ranks variants by work and
 registers, not by time; what is faster is for a GPU to tell (benchmarks/triton_dev.py --sweep).
-The numbers are those of the Triton installed here; the GPU machine's version may allocate
-registers differently (benchmarks/profile_kernels.py prints the GPU build's registers).
+The numbers are those of the Triton it runs with. To match the GPU machine's Triton (3.6; the
+workspace locks a newer one, which allocates registers differently), overlay it:
+
+    uv run --with triton==3.6.0 python benchmarks/sass_counts.py
+
+With 3.6 the state-gradient scan takes 127 registers here, where Nsight Compute read 128 on the
+H200 (benchmarks/profile_kernels.py prints the GPU build's registers).
 """
 
 import collections
