@@ -24,8 +24,9 @@ LOG2E_ = tl.constexpr(1.4426950408889634)
 def exp_(x):
     """exp(x) as one MUFU.EX2 (ex2.approx.ftz): ``tl.exp`` lowers to the non-flushing ex2.approx,
     which wraps every exponential in a range test and two predicated multiplies. The kernels'
-    factors lie in [e^-80, e^80] (normal numbers); a result below 2^-126 (only exp(w) of a
-    very negative w, a lambda of -0 instead of -1e-38) flushes to 0."""
+    factors lie in [e^-80, e^80] (normal numbers). A result below 2^-126 flushes to 0; that
+    happens only for exp(w) of a very negative w (a lambda of -0 instead of about -1e-38) and
+    for the gradient kernel's term exp(lambda + floor) at lambda < -97 (0 instead of < 1e-38)."""
     return tl.math.exp2(x * LOG2E_)
 
 
