@@ -30,7 +30,8 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 from rwkv_ops.jax import triton_launcher  # noqa: E402
 from rwkv_ops.jax.triton_launcher import generalized_delta_rule  # noqa: E402
 from rwkv_ops.numpy import reference  # noqa: E402
-from rwkv_ops.numpy.testing import make_cotangents, make_inputs, rel_error, seed_from_env  # noqa: E402
+from rwkv_ops.numpy.testing import (make_cotangents, make_inputs, override_config,  # noqa: E402
+                                    rel_error, seed_from_env)
 
 if GPU:
     pytestmark = pytest.mark.gpu
@@ -186,9 +187,7 @@ def test_segments(forced, monkeypatch):
 def test_prep_column_blocks(T, mask, monkeypatch):
     """The prep kernel in blocks of 16 columns (two passes through the tile buffers), whole
     chunks (FULL) and a tail chunk with a mask."""
-    real = triton_launcher.select_config
-    monkeypatch.setattr(triton_launcher, "select_config",
-                        lambda *args: real(*args).with_(prep_bk=16))
+    override_config(monkeypatch, triton_launcher, prep_bk=16)
     x = make_inputs(2, T, 2, 64, seed=SEED + 4, mask=mask)
     check(x, "float32", label=f"prep blocks T={T} mask={mask}")
 

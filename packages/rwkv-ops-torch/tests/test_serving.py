@@ -20,7 +20,8 @@ import torch
 from rwkv_ops.common import KernelUnavailableError
 from rwkv_ops.numpy.reference import (generalized_delta_rule_backward,
                                       generalized_delta_rule_reference)
-from rwkv_ops.numpy.testing import assert_errors, make_cotangents, make_inputs, rel_error, seed_for
+from rwkv_ops.numpy.testing import (assert_errors, make_cotangents, make_inputs, override_config,
+                                    rel_error, seed_for)
 from rwkv_ops.torch import decode, inference, varlen
 from rwkv_ops.torch.api import generalized_delta_rule
 
@@ -243,9 +244,7 @@ def test_varlen_triton_segments(cps, monkeypatch, poison_empty, request):
     """The segment split forced on: segments past a short sequence's end are identity segments."""
     from rwkv_ops.torch import triton_launcher
 
-    real = triton_launcher.select_config
-    monkeypatch.setattr(triton_launcher, "select_config",
-                        lambda *args: real(*args).with_(chunks_per_segment=cps))
+    override_config(monkeypatch, triton_launcher, chunks_per_segment=cps)
     check_varlen(seed_for(request), (20, 0, 53, 7), "triton")
 
 

@@ -20,7 +20,8 @@ import torch
 from rwkv_ops.common import KernelUnavailableError
 from rwkv_ops.numpy.reference import (generalized_delta_rule_backward,
                                       generalized_delta_rule_reference)
-from rwkv_ops.numpy.testing import make_cotangents, make_inputs, rel_error, seed_from_env
+from rwkv_ops.numpy.testing import (make_cotangents, make_inputs, override_config, rel_error,
+                                    seed_from_env)
 from rwkv_ops.torch import triton_launcher as launcher
 
 HAS_CUDA = torch.cuda.is_available()
@@ -136,9 +137,7 @@ def test_optional_state(initial_state, output_final_state, poison_empty, request
 @pytest.mark.parametrize("cps", [1, 2])
 def test_segments(cps, monkeypatch, poison_empty, request):
     """The segment algebra (per-segment local state + transition, combined), forced on."""
-    real = launcher.select_config
-    monkeypatch.setattr(launcher, "select_config",
-                        lambda *args: real(*args).with_(chunks_per_segment=cps))
+    override_config(monkeypatch, launcher, chunks_per_segment=cps)
     seed = _seed(request)
     errors = run_case(seed, 2, 80 if not HAS_CUDA else 1000, 2, 32, mask="random", state_batch=1,
                       decays="full")
@@ -149,8 +148,7 @@ def test_segments(cps, monkeypatch, poison_empty, request):
 def test_prep_column_blocks(T, mask, monkeypatch, poison_empty, request):
     """The prep kernel in blocks of 16 columns (two passes through the tile buffers), whole
     chunks (FULL) and a tail chunk with a mask."""
-    real = launcher.select_config
-    monkeypatch.setattr(launcher, "select_config", lambda *args: real(*args).with_(prep_bk=16))
+    override_config(monkeypatch, launcher, prep_bk=16)
     seed = _seed(request)
     check(run_case(seed, 2, T, 2, 64, mask=mask), TOL[torch.float32, "model"], seed)
 

@@ -112,3 +112,11 @@ def assert_errors(errors, tol, seed):
     worst = max(errors, key=errors.get)
     listing = " ".join(f"{n}={e:.2e}" for n, e in errors.items())
     assert errors[worst] <= tol, f"seed={seed}: {worst} error {errors[worst]:.3e} > {tol:.0e} ({listing})"
+
+
+def override_config(monkeypatch, launcher, **changes):
+    """Make a Triton launcher (``rwkv_ops.torch.triton_launcher`` or ``rwkv_ops.jax.
+    triton_launcher``) run with its ChunkConfig fields ``changes`` set, for the rest of the test
+    (pytest's ``monkeypatch`` undoes it)."""
+    real = launcher.select_config
+    monkeypatch.setattr(launcher, "select_config", lambda *args: real(*args).with_(**changes))
