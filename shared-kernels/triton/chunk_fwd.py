@@ -160,6 +160,7 @@ def chunk_prep_kernel(
     r2o_ptr += out0
 
     # the pair products over the columns (pass 1)
+    tl.static_assert(K % BK == 0, "BK must divide K")
     A_ab = tl.zeros([G, L_, L_], dtype=tl.float32)
     A_ak = tl.zeros([G, L_, L_], dtype=tl.float32)
     A_qb = tl.zeros([G, L_, L_], dtype=tl.float32)
@@ -186,6 +187,7 @@ def chunk_prep_kernel(
 
     # W, Kc, R2 (pass 2)
     if BK == K:
+        # the one block's factors are still in registers (the static loop above ran once)
         _prep_outputs(N, AkT, A_qb_r, a_s, b_bar, k_s, q_s, wo_ptr, kco_ptr, r2o_ptr, tiles, ok,
                       keep, FULL, PREC)
     else:
