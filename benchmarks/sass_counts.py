@@ -4,6 +4,7 @@
     python3 benchmarks/sass_counts.py                    # the four kernels at K = 64, bf16, FULL
     python3 benchmarks/sass_counts.py prep BK=32         # one kernel, constexprs changed
     python3 benchmarks/sass_counts.py bwd K=128 BV=64 warps=8 FULL=False
+    python3 benchmarks/sass_counts.py scan_fwd maxnreg=128  # a register cap (torch launch option)
 
 Kernels: prep, scan_fwd, scan_bwd, bwd. Arguments name=value set a constexpr of the kernel (or
 ``warps`` / ``stages``); the defaults are those of shape S (K = 64, tf32 products, whole chunks).
@@ -57,7 +58,7 @@ def pointer_type(name):
     return {"mask_ptr": "*u8", "cu_ptr": "*i32"}.get(name, "*fp32")
 
 
-def compile_sm90(fn, constexprs, warps, stages):
+def compile_sm90(fn, constexprs, warps, stages, maxnreg=None):
     names = fn.arg_names
     signature, attrs = {}, {}
     for i, name in enumerate(names):
@@ -72,7 +73,8 @@ def compile_sm90(fn, constexprs, warps, stages):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     source = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": warps, "num_stages": stages})
+                          options={"num_warps": warps, "num_stages": stages,
+                                   **({"maxnreg": maxnreg} if maxnreg else {})})
 
 
 def sass_report(compiled, top=16):
@@ -108,7 +110,8 @@ def main(argv):
         constexprs.update({k: v for k, v in changes.items() if k in fn.arg_names})
         warps = changes.get("warps", warps)
         stages = changes.get("stages", stages)
-        regs, stack, total, ops = sass_report(compile_sm90(fn, constexprs, warps, stages))
+        regs, stack, total, ops = sass_report(compile_sm90(fn, constexprs, warps, stages,
+                                                           changes.get("maxnreg")))
         shown = " ".join(f"{k}={v}" for k, v in sorted(constexprs.items()))
         print(f"{name} ({shown}, {warps} warps, {stages} stages): {regs} registers, "
               f"{stack} B spill stack, {total} SASS instructions per warp")
