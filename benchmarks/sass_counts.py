@@ -2,7 +2,7 @@
 (no GPU needed: Triton compiles for a target, and its wheel ships cuobjdump).
 
     python3 benchmarks/sass_counts.py                    # the four kernels at K = 64, bf16, FULL
-    python3 benchmarks/sass_counts.py prep BK=32         # one kernel, constexprs changed
+    python3 benchmarks/sass_counts.py prep G=2 warps=2   # one kernel, constexprs changed
     python3 benchmarks/sass_counts.py bwd K=128 BV=64 warps=8 FULL=False
     python3 benchmarks/sass_counts.py scan_fwd maxnreg=128  # a register cap (torch launch option)
 
@@ -41,7 +41,7 @@ BF16 = {"r_ptr", "w_ptr", "k_ptr", "v_ptr", "a_ptr", "b_ptr", "dy_ptr", "y_ptr",
 COMMON = dict(K=64, PREC="tf32", VARLEN=False)
 KERNELS = {
     "prep": (chunk_fwd.chunk_prep_kernel, 1, 3,
-             dict(G=1, HAS_MASK=False, PREC_INV="tf32", FULL=True, BK=64)),
+             dict(G=1, HAS_MASK=False, PREC_INV="tf32", FULL=True)),
     "scan_fwd": (chunk_fwd.chunk_scan_fwd_kernel, 2, 3,
                  dict(BV=32, HAS_INIT=True, LOCAL=False, WRITE_Y=True, SAVE_CKPT=True,
                       WRITE_END=True)),

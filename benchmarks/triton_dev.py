@@ -9,7 +9,7 @@ Prints: the S / L table (ms) and S peak memory; the worst relative error at the 
 profiler) with the bytes each kernel must move and the bandwidth that implies. ``--sweep`` also
 times a few alternative launch configurations.
 
-    python benchmarks/triton_dev.py [--sweep] [--quick]
+    python benchmarks/triton_dev.py [--sweep] [--quick] [--shape NAME=B,T,H,K ...]
 
 Results and the sweeps tried so far: docs/benchmarks.md ("Where the Triton time goes").
 """
@@ -177,7 +177,15 @@ def main():
     parser.add_argument("--quick", action="store_true", help="shorter do_bench windows")
     parser.add_argument("--no-errors", action="store_true")
     parser.add_argument("--only", default="", help="comma-separated sweep variants to run")
+    parser.add_argument("--shape", action="append", default=[], metavar="NAME=B,T,H,K",
+                        help="time this shape instead of S and L (repeatable), e.g. "
+                             "K128=8,4096,32,128")
     args = parser.parse_args()
+    if args.shape:
+        SHAPES.clear()
+        for spec in args.shape:
+            name, dims = spec.split("=")
+            SHAPES[name] = tuple(int(d) for d in dims.split(","))
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
           f"triton {triton.__version__}")
 
@@ -206,8 +214,7 @@ def main():
         variants = {
             "fwd-bv64-w4": dict(bv_fwd=64, warps_fwd=4),
             "prep-w2": dict(warps_prep=2),
-            "prep-bk32": dict(prep_bk=32),
-            "prep-bk16": dict(prep_bk=16),
+            "fwd-bv16-w1": dict(bv_fwd=16, warps_fwd=1),
             "state-bv32-w2": dict(bv_state=32, warps_state=2),
             "bwd-w8": dict(warps_bwd=8),
             "bwd-bv32": dict(bv_bwd=32),

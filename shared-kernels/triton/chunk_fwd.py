@@ -43,12 +43,9 @@ from .chunk_common import (L_, chunk_log_decays3, exp_, load_f32, scan_program,
 
 
 @triton.jit
-def _prep_factors(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, deco_ptr, bo_ptr, wo_ptr, kco_ptr, r2o_ptr,
-                  offs, tiles, ld, valid, keep, ok, dec_off, dec_ok, FULL: tl.constexpr,
-                  PREC: tl.constexpr, SPLIT: tl.constexpr):
-    """The mid-anchored factors of a [G, 16, n] block of columns (every column's decays are its
-    own, so any block of columns stands alone). Stores the block's dec and b_bar; with SPLIT also
-    a_s, k_s and q_s into the W, Kc and R2 buffers, as temporaries that the second pass reads.
+def _prep_factors(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, deco_ptr, bo_ptr, offs, tiles, ld, valid,
+                  keep, ok, dec_off, dec_ok, FULL: tl.constexpr, PREC: tl.constexpr):
+    """The mid-anchored factors of G chunks ([G, 16, K]). Stores dec and b_bar.
 
     Returns a_s = a~ exp(Lam_mid) (tf32-rounded), b_bar, k_s = k^ exp(Lam_end - Lam_mid) and
     q_s = q~ exp(Lam_mid) (unrounded: they are product accumulators), and the rounded q~, a~,
@@ -64,19 +61,13 @@ def _prep_factors(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, deco_ptr, bo_ptr, wo_ptr, k
     e_inv = exp_(mid - lam_in)
     k_h = zero_invalid(load_f32(k_ptr + offs, ld, FULL), keep, FULL) * e_inv
     k_s = k_h * mid_to_end
-    if SPLIT:
-        store_cast(kco_ptr + tiles, k_s, ok, FULL)
     b_h = load_f32(b_ptr + offs, ld, FULL) * e_inv
     b_bar = tf32(b_h * mid_to_end, PREC)
     store_cast(bo_ptr + tiles, b_bar, ok, FULL)
     q_t = load_f32(r_ptr + offs, ld, FULL) * exp_(lam_in - mid)
     q_s = q_t * to_mid
-    if SPLIT:
-        store_cast(r2o_ptr + tiles, q_s, ok, FULL)
     a_t = zero_invalid(load_f32(a_ptr + offs, ld, FULL), keep, FULL) * exp_(lam_ex - mid)
     a_s = tf32(a_t * to_mid, PREC)
-    if SPLIT:
-        store_cast(wo_ptr + tiles, a_s, ok, FULL)
     return (a_s, b_bar, k_s, q_s, tf32(q_t, PREC), tf32(a_t, PREC),
             tl.trans(tf32(k_h, PREC), 0, 2, 1), tl.trans(tf32(b_h, PREC), 0, 2, 1))
 
@@ -84,8 +75,8 @@ def _prep_factors(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, deco_ptr, bo_ptr, wo_ptr, k
 @triton.jit
 def _prep_outputs(N, AkT, A_qb_r, a_s, b_bar, k_s, q_s, wo_ptr, kco_ptr, r2o_ptr, tiles, ok, keep,
                   FULL: tl.constexpr, PREC: tl.constexpr):
-    """W = N a_s, Kc = Ak^T b_bar + k_s, R2 = A_qb W + q_s of a block of columns, stored
-    tf32-rounded (R2 zero at invalid steps)."""
+    """W = N a_s, Kc = Ak^T b_bar + k_s, R2 = A_qb W + q_s, stored tf32-rounded (R2 zero at
+    invalid steps)."""
     W_r = tf32(tl.dot(N, a_s, input_precision=PREC), PREC)
     store_cast(wo_ptr + tiles, W_r, ok, FULL)
     Kc = tl.dot(AkT, b_bar, k_s, input_precision=PREC)
@@ -101,7 +92,7 @@ def chunk_prep_kernel(
     T, H, BH, NC,
     stride_b, stride_t, stride_h,
     K: tl.constexpr, G: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr,
-    PREC_INV: tl.constexpr, VARLEN: tl.constexpr, FULL: tl.constexpr, BK: tl.constexpr,
+    PREC_INV: tl.constexpr, VARLEN: tl.constexpr, FULL: tl.constexpr,
 ):
     """K-side tiles of G consecutive chunks of one (batch, head). Grid: (ceil(NC / G) * BH,).
 
@@ -115,12 +106,10 @@ def chunk_prep_kernel(
     In tf32 mode the tiles are stored rounded to tf32 (they are only ever product operands).
     FULL (``configs.whole_chunks``): every chunk whole, no mask, no packed sequences; the kernel
     then has no masked loads, stores or selects.
-    BK: columns per block. BK = K holds whole [G, 16, K] tiles in registers (255 registers on one
-    warp at K = 64). BK < K works in blocks of columns: the pair matrices accumulate over the
-    blocks, and the factors that W, Kc and R2 need go through their output buffers (L2) between
-    the two passes, so the registers follow BK instead of K (sm_90 SASS at K = 64, FULL: BK = 32
-    takes 168 registers and 4640 instructions per warp, BK = K 255 and 3912; which is faster is
-    for ``benchmarks/triton_dev.py --sweep --only prep-bk32,prep-bk16`` to tell).
+    Whole [G, 16, K] tiles are held in registers (250 registers on one warp at K = 64). Working in
+    blocks of columns, with the factors of W, Kc and R2 passed through their output buffers
+    between two passes, takes fewer registers (168 at K = 64) but was slower on an H200 (shape S:
+    2.03 ms with blocks of 32 columns against 1.46; K = 128: 3.80 against 3.21 ms).
     """
     n_blk = tl.cdiv(NC, G)
     cb = tl.program_id(0) % n_blk
@@ -153,51 +142,29 @@ def chunk_prep_kernel(
     dec_ok = (c < NC)[:, None]
     incl = (rows[:, None] >= rows[None, :])[None, :, :]
     strict = (rows[:, None] > rows[None, :])[None, :, :]
-    bcols = tl.arange(0, BK)
+    cols = tl.arange(0, K)
+    tiles = out_rows + cols[None, None, :]
     wo_ptr += out0
     bo_ptr += out0
     kco_ptr += out0
     r2o_ptr += out0
 
-    # the pair products over the columns (pass 1)
-    tl.static_assert(K % BK == 0, "BK must divide K")
-    A_ab = tl.zeros([G, L_, L_], dtype=tl.float32)
-    A_ak = tl.zeros([G, L_, L_], dtype=tl.float32)
-    A_qb = tl.zeros([G, L_, L_], dtype=tl.float32)
-    A_qk = tl.zeros([G, L_, L_], dtype=tl.float32)
-    for kb in tl.static_range(0, K // BK):
-        cols = kb * BK + bcols
-        tiles = out_rows + cols[None, None, :]
-        # with BK < K, pass 2 reads a_s, k_s, q_s back (W, Kc and R2 overwrite them)
-        a_s, b_bar, k_s, q_s, q_r, a_r, kT, bT = _prep_factors(
-            r_ptr + base, w_ptr + base, k_ptr + base, a_ptr + base, b_ptr + base, deco_ptr,
-            bo_ptr, wo_ptr, kco_ptr, r2o_ptr, in_rows + cols[None, None, :], tiles, ld, valid,
-            keep, ok, dec_rows + cols[None, :], dec_ok, FULL, PREC, BK < K)
-        A_ab = tl.dot(a_r, bT, A_ab, input_precision=PREC)
-        A_ak = tl.dot(a_r, kT, A_ak, input_precision=PREC)
-        A_qb = tl.dot(q_r, bT, A_qb, input_precision=PREC)
-        A_qk = tl.dot(q_r, kT, A_qk, input_precision=PREC)
-
+    a_s, b_bar, k_s, q_s, q_r, a_r, kT, bT = _prep_factors(
+        r_ptr + base, w_ptr + base, k_ptr + base, a_ptr + base, b_ptr + base, deco_ptr, bo_ptr,
+        in_rows + cols[None, None, :], tiles, ld, valid, keep, ok, dec_rows + cols[None, :],
+        dec_ok, FULL, PREC)
     # the chunk's L x L algebra. Pair products carry exactly the decay between their steps;
     # entries above the diagonal may overflow and are selected away, never multiplied by 0.
+    A_ab = tl.dot(a_r, bT, input_precision=PREC)
+    A_ak = tl.dot(a_r, kT, input_precision=PREC)
+    A_qb = tl.dot(q_r, bT, input_precision=PREC)
+    A_qk = tl.dot(q_r, kT, input_precision=PREC)
     N = tf32(unit_lower_inverse(tl.where(strict, A_ab, 0.0), PREC_INV), PREC)
     Ak = tf32(tl.dot(N, tf32(tl.where(strict, A_ak, 0.0), PREC), input_precision=PREC), PREC)
     AkT = tl.trans(Ak, 0, 2, 1)
     A_qb_r = tf32(tl.where(incl, A_qb, 0.0), PREC)
-
-    # W, Kc, R2 (pass 2)
-    if BK == K:
-        # the one block's factors are still in registers (the static loop above ran once)
-        _prep_outputs(N, AkT, A_qb_r, a_s, b_bar, k_s, q_s, wo_ptr, kco_ptr, r2o_ptr, tiles, ok,
-                      keep, FULL, PREC)
-    else:
-        # the temporaries were stored by other threads of this program
-        tl.debug_barrier()
-        for kb in tl.static_range(0, K // BK):
-            tiles = out_rows + (kb * BK + bcols)[None, None, :]
-            _prep_outputs(N, AkT, A_qb_r, tl.load(wo_ptr + tiles), tl.load(bo_ptr + tiles),
-                          tl.load(kco_ptr + tiles), tl.load(r2o_ptr + tiles), wo_ptr, kco_ptr,
-                          r2o_ptr, tiles, ok, keep, FULL, PREC)
+    _prep_outputs(N, AkT, A_qb_r, a_s, b_bar, k_s, q_s, wo_ptr, kco_ptr, r2o_ptr, tiles, ok, keep,
+                  FULL, PREC)
     Qc = zero_invalid(tl.dot(A_qb_r, Ak, tl.where(incl, A_qk, 0.0), input_precision=PREC), keep,
                       FULL)
     sq = (gi[:, None, None] * L_ + rows[None, :, None]) * L_ + rows[None, None, :]

@@ -25,8 +25,6 @@ class ChunkConfig:
     the state-gradient scan; bv_bwd: value rows per step of the chunk-parallel gradient kernel's
     loop. chunks_per_segment: chunks per segment of the serial passes (all of them: no segments).
     prep_chunks: chunks per program of the prep kernel (one per warp with warps_prep of them).
-    prep_bk: columns per block of the prep kernel (K: whole tiles in registers; less: two passes
-    over blocks of columns, fewer registers, see ``chunk_prep_kernel``).
     precision_inverse: products of the (I - A_ab)^-1 series for bf16/fp16 inputs (fp32: ieee).
     """
 
@@ -36,7 +34,6 @@ class ChunkConfig:
     bv_bwd: int
     chunks_per_segment: int
     prep_chunks: int = 1
-    prep_bk: int = 0
     precision_inverse: str = "tf32"
     warps_prep: int = 1
     warps_fwd: int = 4
@@ -80,7 +77,6 @@ def chunk_config(K: int, dtype: str, T: int, BH: int) -> ChunkConfig:
         bv_bwd=min(K, 64),
         chunks_per_segment=cdiv(n_chunks, n_seg),
         warps_prep=1 if K <= 64 else 4,
-        prep_bk=K,
         warps_bwd=4 if K <= 64 else 8,
     )
 

@@ -30,8 +30,8 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 from rwkv_ops.jax import triton_launcher  # noqa: E402
 from rwkv_ops.jax.triton_launcher import generalized_delta_rule  # noqa: E402
 from rwkv_ops.numpy import reference  # noqa: E402
-from rwkv_ops.numpy.testing import (make_cotangents, make_inputs, override_config,  # noqa: E402
-                                    rel_error, seed_from_env)
+from rwkv_ops.numpy.testing import (make_cotangents, make_inputs, rel_error,  # noqa: E402
+                                    seed_from_env)
 
 if GPU:
     pytestmark = pytest.mark.gpu
@@ -184,12 +184,11 @@ def test_segments(forced, monkeypatch):
 
 
 @pytest.mark.parametrize("T,mask", [(48, None), (40, "random")])
-def test_prep_column_blocks(T, mask, monkeypatch):
-    """The prep kernel in blocks of 16 columns (two passes through the tile buffers), whole
-    chunks (FULL) and a tail chunk with a mask."""
-    override_config(monkeypatch, triton_launcher, prep_bk=16)
+def test_whole_and_tail_chunks(T, mask):
+    """K = 64: whole chunks without a mask (the kernels' FULL mode: unmasked loads and stores)
+    and a tail chunk with a mask."""
     x = make_inputs(2, T, 2, 64, seed=SEED + 4, mask=mask)
-    check(x, "float32", label=f"prep blocks T={T} mask={mask}")
+    check(x, "float32", label=f"whole/tail chunks T={T} mask={mask}")
 
 
 def test_transformations():

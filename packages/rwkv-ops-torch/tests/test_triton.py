@@ -145,10 +145,9 @@ def test_segments(cps, monkeypatch, poison_empty, request):
 
 
 @pytest.mark.parametrize("T,mask", [(48, None), (40, "random")])
-def test_prep_column_blocks(T, mask, monkeypatch, poison_empty, request):
-    """The prep kernel in blocks of 16 columns (two passes through the tile buffers), whole
-    chunks (FULL) and a tail chunk with a mask."""
-    override_config(monkeypatch, launcher, prep_bk=16)
+def test_whole_and_tail_chunks(T, mask, poison_empty, request):
+    """K = 64: whole chunks without a mask (the kernels' FULL mode: unmasked loads and stores)
+    and a tail chunk with a mask."""
     seed = _seed(request)
     check(run_case(seed, 2, T, 2, 64, mask=mask), TOL[torch.float32, "model"], seed)
 

@@ -182,14 +182,13 @@ def _entries() -> dict:
                       wo, bo, kco, r2o, qco, deco,
                       H: tl.constexpr, K: tl.constexpr, G: tl.constexpr,
                       HEAD_FIRST: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr,
-                      PREC_INV: tl.constexpr, VARLEN: tl.constexpr, FULL: tl.constexpr,
-                      BK: tl.constexpr):
+                      PREC_INV: tl.constexpr, VARLEN: tl.constexpr, FULL: tl.constexpr):
         T, BH, NC = T_p1 - 1, BH_p1 - 1, NC_p1 - 1
         stride_b, stride_t, stride_h = layout_strides(T, H, K, HEAD_FIRST)
         _chunk_prep_kernel(r, w, k, a, b, mask, cu, wo, bo, kco, r2o, qco, deco,
                            T, H, BH, NC, stride_b, stride_t, stride_h,
                            K=K, G=G, HAS_MASK=HAS_MASK, PREC=PREC, PREC_INV=PREC_INV,
-                           VARLEN=VARLEN, FULL=FULL, BK=BK)
+                           VARLEN=VARLEN, FULL=FULL)
 
     @triton.jit
     def rwkv_gdr_scan_fwd(v, wt, bt, kct, r2t, qct, dect, init, cu,
@@ -395,7 +394,7 @@ def _forward_local(static, *arrays):
         (-(-NC // G) * BH,), cfg.warps_prep, 3,
         H=H, K=K, G=G, HEAD_FIRST=static.head_first, HAS_MASK=mask is not None, PREC=prec,
         PREC_INV=_inverse_precision(prec, cfg), VARLEN=varlen,
-        FULL=_configs().whole_chunks(T, G, mask is not None, varlen), BK=cfg.prep_bk)
+        FULL=_configs().whole_chunks(T, G, mask is not None, varlen))
 
     bv = cfg.bv_fwd
     nv = K // bv

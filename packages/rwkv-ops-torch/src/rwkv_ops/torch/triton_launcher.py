@@ -138,7 +138,7 @@ def _forward_impl(r, w, k, v, a, b, initial_state, mask, head_first, chunks_per_
         T, H, BH, NC, sb, st, sh,
         K=K, G=G, HAS_MASK=has_mask, PREC=prec,
         PREC_INV=prec_inv, VARLEN=varlen, FULL=configs.whole_chunks(T, G, has_mask, varlen),
-        BK=cfg.prep_bk, num_warps=cfg.warps_prep)
+        num_warps=cfg.warps_prep)
 
     y = torch.empty(r.shape, dtype=r.dtype, device=dev)
     final = torch.empty((B, H, K, K), dtype=f32, device=dev)
