@@ -42,49 +42,6 @@ from .chunk_common import (L_, chunk_log_decays3, exp_, load_f32, scan_program,
                            unit_lower_inverse, zero_invalid)
 
 
-@triton.jit
-def _prep_factors(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, deco_ptr, bo_ptr, offs, tiles, ld, valid,
-                  keep, ok, dec_off, dec_ok, FULL: tl.constexpr, PREC: tl.constexpr):
-    """The mid-anchored factors of G chunks ([G, 16, K]). Stores dec and b_bar.
-
-    Returns a_s = a~ exp(Lam_mid) (tf32-rounded), b_bar, k_s = k^ exp(Lam_end - Lam_mid) and
-    q_s = q~ exp(Lam_mid) (unrounded: they are product accumulators), and the rounded q~, a~,
-    k^T, b^T of the pair products, with k^, b^ = x exp(Lam_mid - Lam_i),
-    a~ = a exp(Lam_{i-1} - Lam_mid), q~ = r exp(Lam_i - Lam_mid).
-    """
-    w = load_f32(w_ptr + offs, ld, FULL)
-    lam_in, lam_ex, lam_mid, lam_end = chunk_log_decays3(w, valid, FULL)
-    mid = lam_mid[:, None, :]
-    to_mid = exp_(lam_mid)[:, None, :]
-    mid_to_end = exp_(lam_end - lam_mid)[:, None, :]
-    store_cast(deco_ptr + dec_off, exp_(lam_end), dec_ok, FULL)
-    e_inv = exp_(mid - lam_in)
-    k_h = zero_invalid(load_f32(k_ptr + offs, ld, FULL), keep, FULL) * e_inv
-    k_s = k_h * mid_to_end
-    b_h = load_f32(b_ptr + offs, ld, FULL) * e_inv
-    b_bar = tf32(b_h * mid_to_end, PREC)
-    store_cast(bo_ptr + tiles, b_bar, ok, FULL)
-    q_t = load_f32(r_ptr + offs, ld, FULL) * exp_(lam_in - mid)
-    q_s = q_t * to_mid
-    a_t = zero_invalid(load_f32(a_ptr + offs, ld, FULL), keep, FULL) * exp_(lam_ex - mid)
-    a_s = tf32(a_t * to_mid, PREC)
-    return (a_s, b_bar, k_s, q_s, tf32(q_t, PREC), tf32(a_t, PREC),
-            tl.trans(tf32(k_h, PREC), 0, 2, 1), tl.trans(tf32(b_h, PREC), 0, 2, 1))
-
-
-@triton.jit
-def _prep_outputs(N, AkT, A_qb_r, a_s, b_bar, k_s, q_s, wo_ptr, kco_ptr, r2o_ptr, tiles, ok, keep,
-                  FULL: tl.constexpr, PREC: tl.constexpr):
-    """W = N a_s, Kc = Ak^T b_bar + k_s, R2 = A_qb W + q_s, stored tf32-rounded (R2 zero at
-    invalid steps)."""
-    W_r = tf32(tl.dot(N, a_s, input_precision=PREC), PREC)
-    store_cast(wo_ptr + tiles, W_r, ok, FULL)
-    Kc = tl.dot(AkT, b_bar, k_s, input_precision=PREC)
-    store_cast(kco_ptr + tiles, tf32(Kc, PREC), ok, FULL)
-    R2 = zero_invalid(tl.dot(A_qb_r, W_r, q_s, input_precision=PREC), keep, FULL)
-    store_cast(r2o_ptr + tiles, tf32(R2, PREC), ok, FULL)
-
-
 @triton.jit(do_not_specialize=["T", "H", "BH", "NC"])
 def chunk_prep_kernel(
     r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, mask_ptr, cu_ptr,
@@ -132,27 +89,41 @@ def chunk_prep_kernel(
     # 64-bit base of this block, 32-bit offsets inside it
     t0 = (cb * G * L_).to(tl.int64)
     base = seq + h.to(tl.int64) * stride_h + t0 * stride_t
-    in_rows = (gi[:, None, None] * L_ + rows[None, :, None]) * stride_t
+    cols = tl.arange(0, K)
+    offs = (gi[:, None, None] * L_ + rows[None, :, None]) * stride_t + cols[None, None, :]
     ld = inb[:, :, None]
     keep = valid[:, :, None]
     ok = (c < NC)[:, None, None]
     out0 = (bh.to(tl.int64) * NC + cb * G) * L_ * K
-    out_rows = (gi[:, None, None] * L_ + rows[None, :, None]) * K
-    dec_rows = (bh.to(tl.int64) * NC + c[:, None]) * K
-    dec_ok = (c < NC)[:, None]
+    tiles = (gi[:, None, None] * L_ + rows[None, :, None]) * K + cols[None, None, :]
     incl = (rows[:, None] >= rows[None, :])[None, :, :]
     strict = (rows[:, None] > rows[None, :])[None, :, :]
-    cols = tl.arange(0, K)
-    tiles = out_rows + cols[None, None, :]
-    wo_ptr += out0
-    bo_ptr += out0
-    kco_ptr += out0
-    r2o_ptr += out0
 
-    a_s, b_bar, k_s, q_s, q_r, a_r, kT, bT = _prep_factors(
-        r_ptr + base, w_ptr + base, k_ptr + base, a_ptr + base, b_ptr + base, deco_ptr, bo_ptr,
-        in_rows + cols[None, None, :], tiles, ld, valid, keep, ok, dec_rows + cols[None, :],
-        dec_ok, FULL, PREC)
+    w = load_f32(w_ptr + base + offs, ld, FULL)
+    lam_in, lam_ex, lam_mid, lam_end = chunk_log_decays3(w, valid, FULL)
+    mid = lam_mid[:, None, :]
+    to_mid = exp_(lam_mid)[:, None, :]
+    mid_to_end = exp_(lam_end - lam_mid)[:, None, :]
+    store_cast(deco_ptr + (bh.to(tl.int64) * NC + c[:, None]) * K + cols[None, :], exp_(lam_end),
+               (c < NC)[:, None], FULL)
+
+    # k^, b^ = x exp(Lam_mid - Lam_i); a~ = a exp(Lam_{i-1} - Lam_mid); q~ = r exp(Lam_i - Lam_mid);
+    # a_s, q_s and k_s, b_bar: the same anchored at the chunk's start and at its end
+    e_inv = exp_(mid - lam_in)
+    k_h = zero_invalid(load_f32(k_ptr + base + offs, ld, FULL), keep, FULL) * e_inv
+    k_s = k_h * mid_to_end
+    b_h = load_f32(b_ptr + base + offs, ld, FULL) * e_inv
+    b_bar = tf32(b_h * mid_to_end, PREC)
+    store_cast(bo_ptr + out0 + tiles, b_bar, ok, FULL)
+    q_t = load_f32(r_ptr + base + offs, ld, FULL) * exp_(lam_in - mid)
+    q_s = q_t * to_mid
+    a_t = zero_invalid(load_f32(a_ptr + base + offs, ld, FULL), keep, FULL) * exp_(lam_ex - mid)
+    a_s = tf32(a_t * to_mid, PREC)
+    q_r = tf32(q_t, PREC)
+    a_r = tf32(a_t, PREC)
+    kT = tl.trans(tf32(k_h, PREC), 0, 2, 1)
+    bT = tl.trans(tf32(b_h, PREC), 0, 2, 1)
+
     # the chunk's L x L algebra. Pair products carry exactly the decay between their steps;
     # entries above the diagonal may overflow and are selected away, never multiplied by 0.
     A_ab = tl.dot(a_r, bT, input_precision=PREC)
@@ -161,10 +132,16 @@ def chunk_prep_kernel(
     A_qk = tl.dot(q_r, kT, input_precision=PREC)
     N = tf32(unit_lower_inverse(tl.where(strict, A_ab, 0.0), PREC_INV), PREC)
     Ak = tf32(tl.dot(N, tf32(tl.where(strict, A_ak, 0.0), PREC), input_precision=PREC), PREC)
-    AkT = tl.trans(Ak, 0, 2, 1)
     A_qb_r = tf32(tl.where(incl, A_qb, 0.0), PREC)
-    _prep_outputs(N, AkT, A_qb_r, a_s, b_bar, k_s, q_s, wo_ptr, kco_ptr, r2o_ptr, tiles, ok, keep,
-                  FULL, PREC)
+
+    # W = N a_s, Kc = Ak^T b_bar + k_s, R2 = A_qb W + q_s, Qc = A_qk + A_qb Ak, stored
+    # tf32-rounded (R2 and Qc zero at invalid steps)
+    W_r = tf32(tl.dot(N, a_s, input_precision=PREC), PREC)
+    store_cast(wo_ptr + out0 + tiles, W_r, ok, FULL)
+    Kc = tl.dot(tl.trans(Ak, 0, 2, 1), b_bar, k_s, input_precision=PREC)
+    store_cast(kco_ptr + out0 + tiles, tf32(Kc, PREC), ok, FULL)
+    R2 = zero_invalid(tl.dot(A_qb_r, W_r, q_s, input_precision=PREC), keep, FULL)
+    store_cast(r2o_ptr + out0 + tiles, tf32(R2, PREC), ok, FULL)
     Qc = zero_invalid(tl.dot(A_qb_r, Ak, tl.where(incl, A_qk, 0.0), input_precision=PREC), keep,
                       FULL)
     sq = (gi[:, None, None] * L_ + rows[None, :, None]) * L_ + rows[None, None, :]
