@@ -52,9 +52,15 @@ KERNELS = {
 }
 
 
+# the prep tiles W, b_bar, Kc, R2: fp16 with tf32 products (configs.tile_dtype)
+FP16 = {"wo_ptr", "bo_ptr", "kco_ptr", "r2o_ptr", "wt_ptr", "bt_ptr", "kct_ptr", "r2t_ptr"}
+
+
 def pointer_type(name):
     if name in BF16:
         return "*bf16"
+    if name in FP16:
+        return "*fp16"
     return {"mask_ptr": "*u8", "cu_ptr": "*i32"}.get(name, "*fp32")
 
 

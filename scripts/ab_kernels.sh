@@ -8,6 +8,8 @@
 # Prints the S / L table and the per-kernel lines of both; full logs in $OUT/ab-{new,old}.txt.
 # Both sides run with the working tree's launchers: when the change adds a kernel argument or a
 # configs.py function, add the same (unused) to the .ab-baseline copy after `prepare`.
+# When the change reaches the launchers too, `prepare-tree REV` copies REV's packages, kernels and
+# benchmarks into .ab-baseline/tree/ instead, and `run` times the old side from that tree.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
@@ -20,21 +22,33 @@ case "${1:-}" in
         git rev-parse "$rev" > .ab-baseline/REVISION
         echo "baseline kernels of $(cat .ab-baseline/REVISION) in .ab-baseline/"
         ;;
+    prepare-tree)
+        rev=${2:?usage: scripts/ab_kernels.sh prepare-tree REV}
+        rm -rf .ab-baseline && mkdir -p .ab-baseline/tree
+        git archive "$rev" packages shared-kernels benchmarks | tar -x -C .ab-baseline/tree
+        git rev-parse "$rev" > .ab-baseline/REVISION
+        echo "baseline tree of $(cat .ab-baseline/REVISION) in .ab-baseline/tree/"
+        ;;
     run)
         shift
         [ -d .ab-baseline ] || { echo "no .ab-baseline/: run 'scripts/ab_kernels.sh prepare REV' first and carry it"; exit 2; }
         OUT=${OUT:-.gpu-out}; mkdir -p "$OUT"
         args=("$@"); [ ${#args[@]} -eq 0 ] && args=(--quick --no-errors)
         python3 benchmarks/triton_dev.py "${args[@]}" > "$OUT/ab-new.txt" 2>&1
-        mv shared-kernels/triton shared-kernels/triton.ab-new
-        mkdir shared-kernels/triton && cp .ab-baseline/*.py shared-kernels/triton/
-        python3 benchmarks/triton_dev.py "${args[@]}" > "$OUT/ab-old.txt" 2>&1
-        rm -rf shared-kernels/triton && mv shared-kernels/triton.ab-new shared-kernels/triton
+        if [ -d .ab-baseline/tree ]; then
+            (cd .ab-baseline/tree && PYTHONPATH=$(ls -d "$PWD"/packages/*/src | paste -sd:):${PYTHONPATH:-} \
+                python3 benchmarks/triton_dev.py "${args[@]}") > "$OUT/ab-old.txt" 2>&1
+        else
+            mv shared-kernels/triton shared-kernels/triton.ab-new
+            mkdir shared-kernels/triton && cp .ab-baseline/*.py shared-kernels/triton/
+            python3 benchmarks/triton_dev.py "${args[@]}" > "$OUT/ab-old.txt" 2>&1
+            rm -rf shared-kernels/triton && mv shared-kernels/triton.ab-new shared-kernels/triton
+        fi
         for side in new old; do
             echo "== $side ($([ $side = old ] && cat .ab-baseline/REVISION || echo working tree))"
             grep -E "^\| [SL] |_kernel |per-kernel \(shape [SL], fwd under" "$OUT/ab-$side.txt" | cut -c1-160
         done
         ;;
     *)
-        echo "usage: scripts/ab_kernels.sh prepare REV | run [triton_dev.py args]"; exit 2 ;;
+        echo "usage: scripts/ab_kernels.sh prepare REV | prepare-tree REV | run [triton_dev.py args]"; exit 2 ;;
 esac

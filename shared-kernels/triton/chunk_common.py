@@ -113,6 +113,53 @@ def store_cast(ptr, x, mask, FULL: tl.constexpr):
         tl.store(ptr, x.to(ptr.dtype.element_ty), mask=mask)
 
 
+# inverse scales stored per chunk by the prep kernel (``store_scaled``), in this order
+SCALE_W_ = tl.constexpr(0)
+SCALE_B_ = tl.constexpr(1)
+SCALE_KC_ = tl.constexpr(2)
+SCALE_R2_ = tl.constexpr(3)
+SCALES_ = tl.constexpr(4)
+
+
+@triton.jit
+def store_scaled(ptr, x, scale_ptr, mask, chunk_ok, FULL: tl.constexpr):
+    """Store a prep tile x ([G, CHUNK, N] fp32, tf32-rounded in tf32 mode) of G chunks in ptr's
+    dtype, and each chunk's inverse scale at scale_ptr ([G] pointers; chunk_ok [G] masks them).
+
+    fp16 buffer (the tf32 mode's): every chunk's x is multiplied by the power of two that puts
+    its largest magnitude in [2^14, 2^15). A tf32-rounded value keeps 10 mantissa bits, as fp16
+    does, so it converts exactly: half the bytes of fp32, the same products. Only entries more
+    than 2^28 below the chunk's largest become fp16 subnormals and keep fewer bits (below 2^-38
+    of it, 0). The inverse scale restores x: the scans multiply a product by it (exact, a power
+    of two). fp32 buffer (true fp32 mode): x as is, inverse scale 1.
+    """
+    if ptr.dtype.element_ty == tl.float16:
+        biggest = tl.max(tl.max(tl.abs(x), axis=2), axis=1)
+        # biased exponent of the largest magnitude, at least 15 (so that both scales are normal
+        # numbers); an inf or NaN tile (exponent 255) stays inf or NaN
+        e = tl.maximum((biggest.to(tl.uint32, bitcast=True) >> 23) & 0xFF, 15)
+        up = ((268 - e) << 23).to(tl.float32, bitcast=True)     # 2^(141 - e)
+        inv = ((e - 14) << 23).to(tl.float32, bitcast=True)     # 2^(e - 141)
+        store_cast(ptr, x * up[:, None, None], mask, FULL)
+    else:
+        inv = tl.full(chunk_ok.shape, 1.0, tl.float32)
+        store_cast(ptr, x, mask, FULL)
+    store_cast(scale_ptr, inv, chunk_ok, FULL)
+
+
+@triton.jit
+def tile_scales(scale_ptr, live):
+    """The inverse scales a scan applies for one chunk, from the four at scale_ptr: (W's times
+    b_bar's, Kc's, R2's). All 1 where live is False (a [SCALES] bool, all entries equal)."""
+    j = tl.arange(0, SCALES_)
+    sc = tl.load(scale_ptr + j, mask=live, other=1.0)
+    s_w = tl.sum(tl.where(j == SCALE_W_, sc, 0.0), axis=0)
+    s_b = tl.sum(tl.where(j == SCALE_B_, sc, 0.0), axis=0)
+    s_kc = tl.sum(tl.where(j == SCALE_KC_, sc, 0.0), axis=0)
+    s_r2 = tl.sum(tl.where(j == SCALE_R2_, sc, 0.0), axis=0)
+    return s_w * s_b, s_kc, s_r2
+
+
 @triton.jit
 def load_tile(ptr, t, T, cols, stride_t, FULL: tl.constexpr):
     """[CHUNK, N] fp32 tile of rows t (rows at or past T read as 0; FULL: all rows exist)."""

@@ -30,22 +30,25 @@ length, so NC = ceil(max_len / 16) for every sequence (the tile and checkpoint b
 [N*H, NC, ...] indexing). Steps past a sequence's end are identity steps; chunks wholly past it are
 skipped (no prep tiles, no scan steps, no checkpoints), and segments of the split that lie past it
 are identity segments (local state 0, transition I).
-Buffers of the K-side tiles: [B*H, NC, 16, K] (W, b_bar, Kc, R2), [B*H, NC, 16, 16] (Qc) and
-[B*H, NC, K] (dec), fp32, contiguous.
+Buffers of the K-side tiles, contiguous: [B*H, NC, 16, K] (W, b_bar, Kc, R2; fp16 with tf32
+products, each chunk's tile scaled by a power of two, see ``chunk_common.store_scaled``; fp32 with
+true fp32 products), [B*H, NC, 16, 16] (Qc, fp32), [B*H, NC, K] (dec, fp32) and [B*H, NC, 4] (the
+inverse scales of W, b_bar, Kc and R2, fp32).
 """
 
 import triton
 import triton.language as tl
 
-from .chunk_common import (L_, chunk_log_decays3, exp_, load_f32, scan_program,
-                           segment_start_state, sequence_span, store_cast, tf32,
+from .chunk_common import (L_, SCALE_B_, SCALE_KC_, SCALE_R2_, SCALE_W_, SCALES_,
+                           chunk_log_decays3, exp_, load_f32, scan_program, segment_start_state,
+                           sequence_span, store_cast, store_scaled, tf32, tile_scales,
                            unit_lower_inverse, zero_invalid)
 
 
 @triton.jit(do_not_specialize=["T", "H", "BH", "NC"])
 def chunk_prep_kernel(
     r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, mask_ptr, cu_ptr,
-    wo_ptr, bo_ptr, kco_ptr, r2o_ptr, qco_ptr, deco_ptr,
+    wo_ptr, bo_ptr, kco_ptr, r2o_ptr, qco_ptr, deco_ptr, sco_ptr,
     T, H, BH, NC,
     stride_b, stride_t, stride_h,
     K: tl.constexpr, G: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr,
@@ -60,7 +63,9 @@ def chunk_prep_kernel(
     and leaves them unwritten, since the scans never read past the sequence's last chunk.
     Outputs as in the module docstring; rows of R2 and Qc at padded or masked steps are 0 (so are
     their outputs, and their dy never reaches the state).
-    In tf32 mode the tiles are stored rounded to tf32 (they are only ever product operands).
+    In tf32 mode the tiles are rounded to tf32 (they are only ever product operands) and W, b_bar,
+    Kc, R2 stored as scaled fp16, which holds them exactly (``store_scaled``; inverse scales in
+    sco).
     FULL (``configs.whole_chunks``): every chunk whole, no mask, no packed sequences; the kernel
     then has no masked loads, stores or selects.
     Whole [G, 16, K] tiles are held in registers (250 registers on one warp at K = 64). Working in
@@ -114,7 +119,8 @@ def chunk_prep_kernel(
     k_s = k_h * mid_to_end
     b_h = load_f32(b_ptr + base + offs, ld, FULL) * e_inv
     b_bar = tf32(b_h * mid_to_end, PREC)
-    store_cast(bo_ptr + out0 + tiles, b_bar, ok, FULL)
+    scales = sco_ptr + (bh.to(tl.int64) * NC + c) * SCALES_          # [G]
+    store_scaled(bo_ptr + out0 + tiles, b_bar, scales + SCALE_B_, ok, c < NC, FULL)
     q_t = load_f32(r_ptr + base + offs, ld, FULL) * exp_(lam_in - mid)
     q_s = q_t * to_mid
     a_t = zero_invalid(load_f32(a_ptr + base + offs, ld, FULL), keep, FULL) * exp_(lam_ex - mid)
@@ -137,11 +143,11 @@ def chunk_prep_kernel(
     # W = N a_s, Kc = Ak^T b_bar + k_s, R2 = A_qb W + q_s, Qc = A_qk + A_qb Ak, stored
     # tf32-rounded (R2 and Qc zero at invalid steps)
     W_r = tf32(tl.dot(N, a_s, input_precision=PREC), PREC)
-    store_cast(wo_ptr + out0 + tiles, W_r, ok, FULL)
+    store_scaled(wo_ptr + out0 + tiles, W_r, scales + SCALE_W_, ok, c < NC, FULL)
     Kc = tl.dot(tl.trans(Ak, 0, 2, 1), b_bar, k_s, input_precision=PREC)
-    store_cast(kco_ptr + out0 + tiles, tf32(Kc, PREC), ok, FULL)
+    store_scaled(kco_ptr + out0 + tiles, tf32(Kc, PREC), scales + SCALE_KC_, ok, c < NC, FULL)
     R2 = zero_invalid(tl.dot(A_qb_r, W_r, q_s, input_precision=PREC), keep, FULL)
-    store_cast(r2o_ptr + out0 + tiles, tf32(R2, PREC), ok, FULL)
+    store_scaled(r2o_ptr + out0 + tiles, tf32(R2, PREC), scales + SCALE_R2_, ok, c < NC, FULL)
     Qc = zero_invalid(tl.dot(A_qb_r, Ak, tl.where(incl, A_qk, 0.0), input_precision=PREC), keep,
                       FULL)
     sq = (gi[:, None, None] * L_ + rows[None, :, None]) * L_ + rows[None, None, :]
@@ -149,25 +155,28 @@ def chunk_prep_kernel(
 
 
 @triton.jit
-def _scan_step_loads(dec_ptr, v_ptr, bh, NC, c, c_end, T_n, stride_t, rows, cols, K: tl.constexpr):
+def _scan_step_loads(dec_ptr, sc_ptr, v_ptr, bh, NC, c, c_end, T_n, stride_t, rows, cols,
+                     K: tl.constexpr):
     """The forward scan's per-step operands that are not products' shared-memory tiles: chunk c's
-    decay dec ([K], from the prep tiles) and its transposed [BV, 16] tile of v (v_ptr points at
-    the tile of step 0; returned in v's dtype). Nothing is read for c >= c_end (the scan loads
-    one chunk ahead). The state-gradient scan keeps plain loads: the same prefetch there raised
+    decay dec ([K], from the prep tiles), its inverse tile scales (``tile_scales``) and its
+    transposed [BV, 16] tile of v (v_ptr points at the tile of step 0; returned in v's dtype).
+    Nothing is read for c >= c_end (the scan loads one chunk ahead). The state-gradient scan keeps plain loads: the same prefetch there raised
     its registers from 128 to 168, and 512 programs (shape S) no longer fit in one wave (H200:
     1.68 vs 1.13 ms)."""
     c_k = c + cols * 0                    # c as tensors: the masks stay tensors in the interpreter
     c_l = c + rows * 0
+    c_s = c + tl.arange(0, SCALES_) * 0
     dec = tl.load(dec_ptr + (bh.to(tl.int64) * NC + c) * K + cols, mask=c_k < c_end, other=1.0)
+    s_wb, s_kc, s_r2 = tile_scales(sc_ptr + (bh.to(tl.int64) * NC + c) * SCALES_, c_s < c_end)
     t0 = c * L_
     live = (c_l < c_end) & (c_l * L_ + rows < T_n)
     v = tl.load(v_ptr + t0.to(tl.int64) * stride_t, mask=live[None, :], other=0.0)
-    return dec, v
+    return dec, s_wb, s_kc, s_r2, v
 
 
 @triton.jit(do_not_specialize=["T", "H", "BH", "NC", "CPS"])
 def chunk_scan_fwd_kernel(
-    v_ptr, wt_ptr, bt_ptr, kct_ptr, r2t_ptr, qct_ptr, dect_ptr, init_ptr, cu_ptr,
+    v_ptr, wt_ptr, bt_ptr, kct_ptr, r2t_ptr, qct_ptr, dect_ptr, sct_ptr, init_ptr, cu_ptr,
     y_ptr, ckpt_ptr, send_ptr, mend_ptr,
     T, H, BH, NC, CPS,
     stride_b, stride_t, stride_h,
@@ -181,7 +190,8 @@ def chunk_scan_fwd_kernel(
     """Serial scan of the state over one segment of chunks. Grid: (n_blocks * BH * n_segments,),
     n_blocks = K // BV (2 K // BV when LOCAL: the second half computes M's rows).
 
-    v: [B, T, H, K] by the strides. wt, bt, kct, r2t, qct, dect: the prep kernel's tiles.
+    v: [B, T, H, K] by the strides. wt, bt, kct, r2t, qct, dect, sct: the prep kernel's tiles
+    and the inverse scales of the first four (each product with one is multiplied by them).
     init: the state entering each segment at init + b * init_sb + h * init_sh + segment * init_ss
     ([K, K] row-major, any float dtype; zero without HAS_INIT). y: like v. ckpt: [B*H, NC, K, K]
     fp32, the state entering every chunk (SAVE_CKPT). send / mend: end state (LOCAL: and M) at
@@ -218,20 +228,24 @@ def chunk_scan_fwd_kernel(
     # dec and v are loaded one chunk ahead, by hand: the software pipeliner prefetches only the
     # tiles that feed products from shared memory, and the scan would otherwise wait on these two
     # loads at every step
-    dec_next, Vt_next = _scan_step_loads(dect_ptr, v_ptr + vt_off, bh, NC, c_lo, c_end, T_n,
-                                         stride_t, rows, cols, K)
+    dec_next, s_wb_next, s_kc_next, s_r2_next, Vt_next = _scan_step_loads(
+        dect_ptr, sct_ptr, v_ptr + vt_off, bh, NC, c_lo, c_end, T_n, stride_t, rows, cols, K)
     for c in range(c_lo, c_end):
         t0 = c * L_
         t_off = t0.to(tl.int64) * stride_t  # 64-bit: T * H * K may pass 2^31
         inb = (t0 + rows) < T_n
         cbase = (bh.to(tl.int64) * NC + c) * L_ * K
-        Wc = tl.load(wt_ptr + cbase + ktile)
-        Bc = tl.load(bt_ptr + cbase + ktile)
-        Kc = tl.load(kct_ptr + cbase + ktile)
+        Wc = tl.load(wt_ptr + cbase + ktile).to(tl.float32)
+        Bc = tl.load(bt_ptr + cbase + ktile).to(tl.float32)
+        Kc = tl.load(kct_ptr + cbase + ktile).to(tl.float32)
         dec = dec_next
+        s_wb = s_wb_next
+        s_kc = s_kc_next
+        s_r2 = s_r2_next
         Vt = Vt_next.to(tl.float32)
-        dec_next, Vt_next = _scan_step_loads(dect_ptr, v_ptr + vt_off, bh, NC, c + 1, c_end, T_n,
-                                             stride_t, rows, cols, K)
+        dec_next, s_wb_next, s_kc_next, s_r2_next, Vt_next = _scan_step_loads(
+            dect_ptr, sct_ptr, v_ptr + vt_off, bh, NC, c + 1, c_end, T_n, stride_t, rows, cols,
+            K)
         if LOCAL:
             Vt = Vt * v_scale
 
@@ -239,14 +253,15 @@ def chunk_scan_fwd_kernel(
             tl.store(ckpt_ptr + (bh.to(tl.int64) * NC + c) * K * K + state_tile, S)
         S_r = tf32(S, PREC)
         if WRITE_Y:
-            R2 = tl.load(r2t_ptr + cbase + ktile)
+            R2 = tl.load(r2t_ptr + cbase + ktile).to(tl.float32)
             Qc = tl.load(qct_ptr + (bh.to(tl.int64) * NC + c) * L_ * L_ + qtile)
-            Yt = tl.dot(S_r, tl.trans(R2), input_precision=PREC)
+            Yt = tl.dot(S_r, tl.trans(R2), input_precision=PREC) * s_r2
             Yt = tl.dot(Vt, tl.trans(Qc), Yt, input_precision=PREC)
             tl.store(y_ptr + vt_off + t_off, Yt.to(y_ptr.dtype.element_ty), mask=inb[None, :])
-        X1 = tl.dot(S_r, tl.trans(Wc), input_precision=PREC)
+        # the scales are powers of two: every product below equals the unscaled tiles' exactly
+        X1 = tl.dot(S_r, tl.trans(Wc), input_precision=PREC) * s_wb
         S = S * dec[None, :]
-        S = tl.dot(Vt, Kc, S, input_precision=PREC)
+        S = tl.dot(Vt * s_kc, Kc, S, input_precision=PREC)
         S = tl.dot(tf32(X1, PREC), Bc, S, input_precision=PREC)
 
     if WRITE_END:

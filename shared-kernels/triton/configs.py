@@ -62,22 +62,27 @@ def chunk_config(K: int, dtype: str, T: int, BH: int) -> ChunkConfig:
     if programs < SERIAL_PROGRAMS and n_chunks >= 2 * MIN_CHUNKS_PER_SEGMENT:
         n_seg = min(cdiv(SERIAL_PROGRAMS, programs), n_chunks // MIN_CHUNKS_PER_SEGMENT)
     # register budgets (no spills on sm_90): one warp holds a whole [16, K] chunk tile in the prep
-    # kernel up to K = 64; the gradient kernel needs 8 warps at K = 128
-    # forward scan: 32 value rows on 2 warps per program up to K = 64 (twice the programs of 64 rows
-    # on 4 warps; H200, shape S: 1.77 vs 1.86 ms with checkpoints, L: 3.55 vs 3.71 ms)
+    # kernel up to K = 64. The gradient kernel at K = 128 loops over 32 value rows at a time on 4
+    # warps (H200, B=8 T=4096 H=32 K=128: 16.7 ms, against 35.0 for 64 rows on 8 warps and 23.6
+    # for 32 rows on 8 warps).
+    # forward scan: 32 value rows on 2 warps per program (twice the programs of 64 rows on 4
+    # warps; H200, shape S: 1.77 vs 1.86 ms with checkpoints, L: 3.55 vs 3.71 ms; H100, B=8 T=4096
+    # H=32 K=128: 2.57 vs 3.40 ms). State-gradient scan: 64 rows on 4 warps up to K = 64, 32 rows
+    # on 2 warps at K = 128 (227 registers on 4 warps there; H100, same shape: 2.82 vs 3.10 ms).
     small = K <= 64
     return ChunkConfig(
         precision=precision,
-        bv_fwd=min(K, 32) if small else bv,
-        warps_fwd=2 if small else 4,
+        bv_fwd=min(K, 32),
+        warps_fwd=2,
         # three stages of the forward scan's tile prefetch up to K = 64 (H100, shape S: scan 1.83
         # vs 2.00 ms, L fwd 4.28 vs 4.62 ms; the state-gradient scan was slower with 2 or 3)
         stages_fwd=3 if small else 2,
-        bv_state=bv,
-        bv_bwd=min(K, 64),
+        bv_state=bv if small else 32,
+        warps_state=4 if small else 2,
+        bv_bwd=K if small else 32,
         chunks_per_segment=cdiv(n_chunks, n_seg),
         warps_prep=1 if K <= 64 else 4,
-        warps_bwd=4 if K <= 64 else 8,
+        warps_bwd=4,
     )
 
 
@@ -87,3 +92,15 @@ def whole_chunks(T: int, G: int, has_mask: bool, varlen: bool) -> bool:
     mask, no packed sequences). Their loads, stores and step selects then go unmasked (sm_90 SASS
     at K = 64: prep 3912 against 4184 instructions, gradient kernel 4920 against 5088)."""
     return not has_mask and not varlen and T % (CHUNK * G) == 0
+
+
+# inverse tile scales per chunk in the prep kernel's scale buffer [B*H, NC, TILE_SCALES]
+TILE_SCALES = 4
+
+
+def tile_dtype(precision: str) -> str:
+    """dtype name of the prep kernel's W, b_bar, Kc and R2 buffers for a product precision:
+    float16 with tf32 products (a tf32-rounded tile scaled by a power of two per chunk converts to
+    it exactly, see ``chunk_common.store_scaled``: half the bytes of float32), float32 with true
+    fp32 products ("ieee")."""
+    return "float16" if precision == "tf32" else "float32"

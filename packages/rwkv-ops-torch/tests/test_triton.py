@@ -54,10 +54,14 @@ def _seed(request) -> int:
 
 
 def run_case(seed, B, T, H, K, dtype=torch.float32, decays="model", mask=None, head_first=False,
-             initial_state=True, state_batch=None, output_final_state=True, dfinal=True):
-    """Kernel forward + backward vs the float64 reference; returns {name: relative error}."""
+             initial_state=True, state_batch=None, output_final_state=True, dfinal=True,
+             scales=None):
+    """Kernel forward + backward vs the float64 reference; returns {name: relative error}.
+    scales: {input name: factor} applied to the drawn inputs."""
     x = make_inputs(B, T, H, K, seed=seed, decays=decays, initial_state=initial_state,
                     state_batch=state_batch, head_first=head_first, mask=mask)
+    for name, factor in (scales or {}).items():
+        x[name] = x[name] * factor
     ts = [torch.tensor(x[n], dtype=dtype, device=DEVICE, requires_grad=True) for n in NAMES]
     s0 = None
     if x["initial_state"] is not None:
@@ -110,6 +114,18 @@ def test_dtypes_and_decays(dtype, decays, poison_empty, request):
     seed = _seed(request)
     T = 300 if HAS_CUDA else 33
     check(run_case(seed, 2, T, 2, 64 if HAS_CUDA else 32, dtype, decays), TOL[dtype, decays], seed)
+
+
+@pytest.mark.parametrize("factor", [2.0 ** 16, 2.0 ** -20])
+def test_input_magnitudes(factor, poison_empty, request):
+    """r, k, a scaled by the factor and b by its inverse: the prep tiles (fp16 with tf32 products,
+    scaled by a power of two per chunk) then lie far outside fp16's range without their scales
+    (above 65504, or in its subnormals)."""
+    seed = _seed(request)
+    T = 300 if HAS_CUDA else 33
+    scales = dict(r=factor, k=factor, a=factor, b=1.0 / factor)
+    check(run_case(seed, 2, T, 2, 32, torch.bfloat16, scales=scales),
+          TOL[torch.bfloat16, "model"], seed)
 
 
 @pytest.mark.parametrize("mask", ["left", "right", "random"])

@@ -179,19 +179,19 @@ def _entries() -> dict:
     @triton.jit
     def rwkv_gdr_prep(r, w, k, a, b, mask, cu,
                       T_p1, BH_p1, NC_p1,
-                      wo, bo, kco, r2o, qco, deco,
+                      wo, bo, kco, r2o, qco, deco, sco,
                       H: tl.constexpr, K: tl.constexpr, G: tl.constexpr,
                       HEAD_FIRST: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr,
                       PREC_INV: tl.constexpr, VARLEN: tl.constexpr, FULL: tl.constexpr):
         T, BH, NC = T_p1 - 1, BH_p1 - 1, NC_p1 - 1
         stride_b, stride_t, stride_h = layout_strides(T, H, K, HEAD_FIRST)
-        _chunk_prep_kernel(r, w, k, a, b, mask, cu, wo, bo, kco, r2o, qco, deco,
+        _chunk_prep_kernel(r, w, k, a, b, mask, cu, wo, bo, kco, r2o, qco, deco, sco,
                            T, H, BH, NC, stride_b, stride_t, stride_h,
                            K=K, G=G, HAS_MASK=HAS_MASK, PREC=PREC, PREC_INV=PREC_INV,
                            VARLEN=VARLEN, FULL=FULL)
 
     @triton.jit
-    def rwkv_gdr_scan_fwd(v, wt, bt, kct, r2t, qct, dect, init, cu,
+    def rwkv_gdr_scan_fwd(v, wt, bt, kct, r2t, qct, dect, sct, init, cu,
                           T_p1, BH_p1, NC_p1, CPS_p1, NSEG_p1,
                           y, ckpt, send, mend,
                           H: tl.constexpr, K: tl.constexpr, BV: tl.constexpr,
@@ -202,7 +202,7 @@ def _entries() -> dict:
         stride_b, stride_t, stride_h = layout_strides(T, H, K, HEAD_FIRST)
         init_sb, init_sh, init_ss = state_strides(NSEG, H, K, INIT_MODE)
         send_sbh, send_ss = end_strides(NSEG, K, LOCAL)
-        _chunk_scan_fwd_kernel(v, wt, bt, kct, r2t, qct, dect, init, cu, y, ckpt, send, mend,
+        _chunk_scan_fwd_kernel(v, wt, bt, kct, r2t, qct, dect, sct, init, cu, y, ckpt, send, mend,
                                T, H, BH, NC, CPS, stride_b, stride_t, stride_h,
                                init_sb, init_sh, init_ss, send_sbh, send_ss,
                                K=K, BV=BV, HAS_INIT=INIT_MODE != 0, LOCAL=LOCAL, WRITE_Y=WRITE_Y,
@@ -220,7 +220,7 @@ def _entries() -> dict:
                               K=K, BV=BV, HAS_INIT=INIT_MODE != 0, REVERSE=REVERSE)
 
     @triton.jit
-    def rwkv_gdr_scan_bwd(dy, wt, bt, r2t, dect, init, cu,
+    def rwkv_gdr_scan_bwd(dy, wt, bt, r2t, dect, sct, init, cu,
                           T_p1, BH_p1, NC_p1, CPS_p1, NSEG_p1,
                           gck, gend,
                           H: tl.constexpr, K: tl.constexpr, BV: tl.constexpr,
@@ -231,7 +231,7 @@ def _entries() -> dict:
         stride_b, stride_t, stride_h = layout_strides(T, H, K, HEAD_FIRST)
         init_sb, init_sh, init_ss = state_strides(NSEG, H, K, INIT_MODE)
         gend_sbh, gend_ss = end_strides(NSEG, K, LOCAL)
-        _chunk_scan_bwd_kernel(dy, wt, bt, r2t, dect, init, cu, gck, gend,
+        _chunk_scan_bwd_kernel(dy, wt, bt, r2t, dect, sct, init, cu, gck, gend,
                                T, H, BH, NC, CPS, stride_b, stride_t, stride_h,
                                init_sb, init_sh, init_ss, gend_sbh, gend_ss,
                                K=K, BV=BV, HAS_INIT=INIT_MODE != 0, LOCAL=LOCAL,
@@ -369,9 +369,11 @@ def _forward_local(static, *arrays):
 
     arrays: r, w, k, v, a, b, then the initial state when ``init_mode``, then the uint8 mask when
     ``has_mask``, then cu_seqlens (int32 [N + 1]) when ``max_len`` (packed sequences: B reads N).
-    With ``save`` the residuals of the backward follow, all fp32: the state entering every chunk
-    [B, H, NC, K, K], the segment transitions [B, H, n_seg, K, K] (only when ``n_seg > 1``), and
-    the prep kernel's tiles W, b_bar, R2 [B, H, NC, 16, K] and dec [B, H, NC, K].
+    With ``save`` the residuals of the backward follow: the state entering every chunk
+    [B, H, NC, K, K], the segment transitions [B, H, n_seg, K, K] (only when ``n_seg > 1``), the
+    prep kernel's tiles W, b_bar, R2 [B, H, NC, 16, K] (fp16 with tf32 products, else fp32:
+    ``configs.tile_dtype``), dec [B, H, NC, K] and the tiles' inverse scales [B, H, NC, 4], all
+    fp32 but the tiles.
     """
     r, w, k, v, a, b = arrays[:6]
     rest = list(arrays[6:])
@@ -387,20 +389,23 @@ def _forward_local(static, *arrays):
     c = r if cu is None else cu  # stand-ins for absent pointers
     varlen = cu is not None
 
-    tile, G = _sds((B, H, NC, CHUNK, K)), cfg.prep_chunks
-    wt, bt, kct, r2t, qct, dect = _launch(
+    configs = _configs()
+    tile = _sds((B, H, NC, CHUNK, K), jnp.dtype(configs.tile_dtype(prec)))
+    G = cfg.prep_chunks
+    wt, bt, kct, r2t, qct, dect, sct = _launch(
         "prep", (r, w, k, a, b, m, c), (T, BH, NC),
-        (tile, tile, tile, tile, _sds((B, H, NC, CHUNK, CHUNK)), _sds((B, H, NC, K))),
+        (tile, tile, tile, tile, _sds((B, H, NC, CHUNK, CHUNK)), _sds((B, H, NC, K)),
+         _sds((B, H, NC, configs.TILE_SCALES))),
         (-(-NC // G) * BH,), cfg.warps_prep, 3,
         H=H, K=K, G=G, HEAD_FIRST=static.head_first, HAS_MASK=mask is not None, PREC=prec,
         PREC_INV=_inverse_precision(prec, cfg), VARLEN=varlen,
-        FULL=_configs().whole_chunks(T, G, mask is not None, varlen))
+        FULL=configs.whole_chunks(T, G, mask is not None, varlen))
 
     bv = cfg.bv_fwd
     nv = K // bv
     common = dict(H=H, K=K, BV=bv, HEAD_FIRST=static.head_first, PREC=prec, VARLEN=varlen)
     init, init_mode = (r, 0) if s0 is None else (s0, static.init_mode)
-    tiles = (v, wt, bt, kct, r2t, qct, dect)
+    tiles = (v, wt, bt, kct, r2t, qct, dect, sct)
     scalars = (T, BH, NC, cps, n_seg)
     seg_m = None
     if n_seg > 1:
@@ -422,14 +427,15 @@ def _forward_local(static, *arrays):
         INIT_MODE=init_mode, LOCAL=False, WRITE_Y=True, SAVE_CKPT=save, WRITE_END=True, **common)
     if not save:
         return y, final
-    return (y, final, ckpt) + ((seg_m,) if n_seg > 1 else ()) + (wt, bt, r2t, dect)
+    return (y, final, ckpt) + ((seg_m,) if n_seg > 1 else ()) + (wt, bt, r2t, dect, sct)
 
 
 def _backward_local(static, *arrays):
     """(dr, dw, dk, dv, da, db[, d_initial_state [B, H, K, K] fp32]) of local arrays.
 
     arrays: r, w, k, v, a, b, [uint8 mask], [int32 cu_seqlens], then the forward's residuals
-    (checkpoints, [segment transitions], W, b_bar, R2, dec), then do and d_final_state.
+    (checkpoints, [segment transitions], W, b_bar, R2, dec, tile scales), then do and
+    d_final_state.
     """
     r, w, k, v, a, b = arrays[:6]
     rest = list(arrays[6:])
@@ -437,7 +443,7 @@ def _backward_local(static, *arrays):
     cu = rest.pop(0) if static.max_len else None
     ckpt = rest.pop(0)
     seg_m = rest.pop(0) if static.n_seg > 1 else None
-    wt, bt, r2t, dect, dy, dfinal = rest
+    wt, bt, r2t, dect, sct, dy, dfinal = rest
     B, T, H, K = _dims(r, static.head_first, cu, static.max_len)
     BH, NC = B * H, -(-T // CHUNK)
     cfg = select_config(K, r.dtype, T, BH)
@@ -449,7 +455,7 @@ def _backward_local(static, *arrays):
     common = dict(H=H, K=K, BV=bv, HEAD_FIRST=static.head_first, PREC=prec, VARLEN=varlen)
     m = r if mask is None else mask
     c = r if cu is None else cu  # stand-ins for absent pointers
-    tiles = (dy, wt, bt, r2t, dect)
+    tiles = (dy, wt, bt, r2t, dect, sct)
     scalars = (T, BH, NC, cps, n_seg)
     init, init_mode = dfinal, 1
     if n_seg > 1:
@@ -484,12 +490,13 @@ def _backward_local(static, *arrays):
 # Dimensions of each kind of array: "x" an input / o / gradient (layout dependent), "m" the mask,
 # "s" a [B, H, K, K] state, "s1" a [1, H, K, K] state, "c" checkpoints [B, H, NC, K, K],
 # "g" per-segment states [B, H, NSEG, K, K], "p" prep tiles [B, H, NC, 16, K], "d" chunk decays
-# [B, H, NC, K]. Factor names of the Shardy rule; only b and h may shard.
+# [B, H, NC, K], "e" the tiles' inverse scales [B, H, NC, 4]. Factor names of the Shardy rule;
+# only b and h may shard.
 # Tests set this to compile (never run) sharded programs under the interpreter.
 _COMPILE_ONLY_UNDER_INTERPRETER = False
 _FACTORS = {"x": "b t h k", "x_hf": "b h t k", "m": "b t", "s": "b h i k", "s1": "u h i k",
-            "c": "b h c i k", "g": "b h g i k", "p": "b h c l k", "d": "b h c k"}
-_REPLICATED_FACTORS = ("t", "k", "i", "c", "g", "l")
+            "c": "b h c i k", "g": "b h g i k", "p": "b h c l k", "d": "b h c k", "e": "b h c j"}
+_REPLICATED_FACTORS = ("t", "k", "i", "c", "g", "l", "j")
 
 
 def _fwd_roles(static):
@@ -497,13 +504,13 @@ def _fwd_roles(static):
     args += ["m"] if static.has_mask else []
     results = ["x", "s"]
     if static.save:
-        results += ["c"] + (["g"] if static.n_seg > 1 else []) + ["p", "p", "p", "d"]
+        results += ["c"] + (["g"] if static.n_seg > 1 else []) + ["p", "p", "p", "d", "e"]
     return args, results
 
 
 def _bwd_roles(static):
     args = ["x"] * 6 + (["m"] if static.has_mask else []) + ["c"]
-    args += (["g"] if static.n_seg > 1 else []) + ["p", "p", "p", "d", "x", "s"]
+    args += (["g"] if static.n_seg > 1 else []) + ["p", "p", "p", "d", "e", "x", "s"]
     results = ["x"] * 6 + (["s"] if static.init_mode else [])
     return args, results
 
@@ -517,7 +524,7 @@ def _spec(role, b_ax, h_ax, head_first):
         return P(b_ax, h_ax, None, None)
     if role == "s1":
         return P(None, h_ax, None, None)
-    if role == "d":
+    if role in ("d", "e"):
         return P(b_ax, h_ax, None, None)
     return P(b_ax, h_ax, None, None, None)
 

@@ -49,6 +49,7 @@ COMBINE_ROWS = 16
 
 _FLOAT_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
                 torch.float64: "float64"}
+_TORCH_DTYPES = {name: dtype for dtype, name in _FLOAT_NAMES.items()}
 
 
 def interpret_mode() -> bool:
@@ -127,14 +128,15 @@ def _forward_impl(r, w, k, v, a, b, initial_state, mask, head_first, chunks_per_
     dev = r.device
     f32 = torch.float32
 
-    tiles = [torch.empty((BH, NC, CHUNK, K), dtype=f32, device=dev) for _ in range(4)]
-    wt, bt, kct, r2t = tiles
+    tile = _TORCH_DTYPES[configs.tile_dtype(prec)]
+    wt, bt, kct, r2t = (torch.empty((BH, NC, CHUNK, K), dtype=tile, device=dev) for _ in range(4))
     qct = torch.empty((BH, NC, CHUNK, CHUNK), dtype=f32, device=dev)
     dect = torch.empty((BH, NC, K), dtype=f32, device=dev)
+    sct = torch.empty((BH, NC, configs.TILE_SCALES), dtype=f32, device=dev)
     G = cfg.prep_chunks
     chunk_fwd.chunk_prep_kernel[(-(-NC // G) * BH,)](
         r, w, k, a, b, m, cu,
-        wt, bt, kct, r2t, qct, dect,
+        wt, bt, kct, r2t, qct, dect, sct,
         T, H, BH, NC, sb, st, sh,
         K=K, G=G, HAS_MASK=has_mask, PREC=prec,
         PREC_INV=prec_inv, VARLEN=varlen, FULL=configs.whole_chunks(T, G, has_mask, varlen),
@@ -157,7 +159,7 @@ def _forward_impl(r, w, k, v, a, b, initial_state, mask, head_first, chunks_per_
         loc = torch.empty((BH, n_seg, K, K), dtype=f32, device=dev)
         trans = seg_m if seg_m.numel() else torch.empty((BH, n_seg, K, K), dtype=f32, device=dev)
         scan[(2 * nv * BH * n_seg,)](
-            v, wt, bt, kct, r2t, qct, dect, r, cu,
+            v, wt, bt, kct, r2t, qct, dect, sct, r, cu,
             y, y, loc, trans,
             T, H, BH, NC, cps, sb, st, sh, 0, 0, 0, n_seg * K * K, K * K,
             K=K, BV=bv, HAS_INIT=False, LOCAL=True, WRITE_Y=False, SAVE_CKPT=False,
@@ -170,15 +172,16 @@ def _forward_impl(r, w, k, v, a, b, initial_state, mask, head_first, chunks_per_
         init, init_sb, init_sh, init_ss = starts, H * n_seg * K * K, n_seg * K * K, K * K
         has_init = True
     scan[(nv * BH * n_seg,)](
-        v, wt, bt, kct, r2t, qct, dect, init, cu,
+        v, wt, bt, kct, r2t, qct, dect, sct, init, cu,
         y, ckpt if save else y, final, final,
         T, H, BH, NC, cps, sb, st, sh, init_sb, init_sh, init_ss, K * K, 0,
         K=K, BV=bv, HAS_INIT=has_init, LOCAL=False, WRITE_Y=True, SAVE_CKPT=save,
         WRITE_END=True, PREC=prec, VARLEN=varlen, num_warps=cfg.warps_fwd,
         num_stages=cfg.stages_fwd)
     if not save:
-        wt, bt, r2t, dect = (torch.empty((0,), dtype=f32, device=dev) for _ in range(4))
-    return y, final, ckpt, seg_m, wt, bt, r2t, dect
+        wt, bt, r2t = (torch.empty((0,), dtype=tile, device=dev) for _ in range(3))
+        dect, sct = (torch.empty((0,), dtype=f32, device=dev) for _ in range(2))
+    return y, final, ckpt, seg_m, wt, bt, r2t, dect, sct
 
 
 def _forward_fake(r, w, k, v, a, b, initial_state, mask, head_first, chunks_per_segment, save,
@@ -187,15 +190,18 @@ def _forward_fake(r, w, k, v, a, b, initial_state, mask, head_first, chunks_per_
     NC = max(1, -(-T // CHUNK))
     n_seg = -(-NC // chunks_per_segment)
     f32 = torch.float32
+    configs = _kernels()[2]
+    tile = _TORCH_DTYPES[configs.tile_dtype(_compute_precision(r, w, k, v, a, b))]
 
-    def kept(*shape):
-        return r.new_empty(shape if save else (0,), dtype=f32)
+    def kept(*shape, dtype=f32):
+        return r.new_empty(shape if save else (0,), dtype=dtype)
 
     return (r.new_empty(r.shape), r.new_empty((B, H, K, K), dtype=f32),
             kept(B * H, NC, K, K),
             r.new_empty((B * H, n_seg, K, K) if (save and n_seg > 1) else (0,), dtype=f32),
-            kept(B * H, NC, CHUNK, K), kept(B * H, NC, CHUNK, K), kept(B * H, NC, CHUNK, K),
-            kept(B * H, NC, K))
+            kept(B * H, NC, CHUNK, K, dtype=tile), kept(B * H, NC, CHUNK, K, dtype=tile),
+            kept(B * H, NC, CHUNK, K, dtype=tile), kept(B * H, NC, K),
+            kept(B * H, NC, configs.TILE_SCALES))
 
 
 @torch.library.custom_op("rwkv_ops::triton_gdr_fwd", mutates_args=())
@@ -204,7 +210,8 @@ def triton_gdr_fwd(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.T
                    mask: Optional[torch.Tensor], head_first: bool, chunks_per_segment: int,
                    save: bool, cu_seqlens: Optional[torch.Tensor],
                    max_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                          torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                                          torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                          torch.Tensor]:
     """Forward custom op on contiguous inputs (T >= 1); mask as uint8 [B, T] or None.
 
     With ``cu_seqlens`` (int32 [N + 1], never with a mask or head_first) the inputs are N
@@ -214,8 +221,9 @@ def triton_gdr_fwd(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.T
 
     Returns (o, final_state fp32 [B, H, K, K], then what the backward needs, each empty unless
     ``save``: checkpoints fp32 [B*H, NC, K, K] (state entering every chunk), segment transitions
-    fp32 [B*H, n_segments, K, K] (empty without segments), and the prep tiles W, b_bar, R2
-    [B*H, NC, 16, K] and dec [B*H, NC, K], fp32).
+    fp32 [B*H, n_segments, K, K] (empty without segments), the prep tiles W, b_bar, R2
+    [B*H, NC, 16, K] (fp16 with tf32 products, else fp32: ``configs.tile_dtype``), dec
+    [B*H, NC, K] fp32, and the tiles' inverse scales fp32 [B*H, NC, 4]).
     """
     return _forward_impl(r, w, k, v, a, b, initial_state, mask, head_first, chunks_per_segment,
                          save, cu_seqlens, max_len)
@@ -228,8 +236,8 @@ triton_gdr_fwd.register_fake(_forward_fake)
 # backward
 
 
-def _backward_impl(r, w, k, v, a, b, initial_state, mask, ckpt, seg_m, wt, bt, r2t, dect, do,
-                   dfinal, head_first, chunks_per_segment, cu_seqlens=None, max_len=0):
+def _backward_impl(r, w, k, v, a, b, initial_state, mask, ckpt, seg_m, wt, bt, r2t, dect, sct,
+                   do, dfinal, head_first, chunks_per_segment, cu_seqlens=None, max_len=0):
     chunk_fwd, chunk_bwd, configs = _kernels()
     (B, T, H, K), (sb, st, sh), BH, NC, n_seg, cfg, prec, prec_inv, m, cu = _launch_plan(
         r, w, k, v, a, b, mask, head_first, chunks_per_segment, cu_seqlens, max_len)
@@ -248,7 +256,7 @@ def _backward_impl(r, w, k, v, a, b, initial_state, mask, ckpt, seg_m, wt, bt, r
     if n_seg > 1:
         gloc = torch.empty((BH, n_seg, K, K), dtype=f32, device=dev)
         scan[(nv * BH * n_seg,)](
-            do, wt, bt, r2t, dect, r, cu,
+            do, wt, bt, r2t, dect, sct, r, cu,
             gloc, gloc,
             T, H, BH, NC, cps, sb, st, sh, 0, 0, 0, n_seg * K * K, K * K,
             K=K, BV=bv, HAS_INIT=False, LOCAL=True, SAVE_CKPT=False, WRITE_END=True,
@@ -263,7 +271,7 @@ def _backward_impl(r, w, k, v, a, b, initial_state, mask, ckpt, seg_m, wt, bt, r
     gck = torch.empty((BH, NC, K, K), dtype=f32, device=dev)
     ds0 = torch.empty((B, H, K, K) if need_ds0 else (0,), dtype=f32, device=dev)
     scan[(nv * BH * n_seg,)](
-        do, wt, bt, r2t, dect, init, cu,
+        do, wt, bt, r2t, dect, sct, init, cu,
         gck, ds0 if need_ds0 else gck,
         T, H, BH, NC, cps, sb, st, sh, init_sb, init_sh, init_ss, K * K, 0,
         K=K, BV=bv, HAS_INIT=has_init, LOCAL=False, SAVE_CKPT=True, WRITE_END=need_ds0,
@@ -284,18 +292,18 @@ def triton_gdr_bwd(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.T
                    a: torch.Tensor, b: torch.Tensor, initial_state: Optional[torch.Tensor],
                    mask: Optional[torch.Tensor], ckpt: torch.Tensor, seg_m: torch.Tensor,
                    wt: torch.Tensor, bt: torch.Tensor, r2t: torch.Tensor, dect: torch.Tensor,
-                   do: torch.Tensor, dfinal: Optional[torch.Tensor], head_first: bool,
+                   sct: torch.Tensor, do: torch.Tensor, dfinal: Optional[torch.Tensor], head_first: bool,
                    chunks_per_segment: int, cu_seqlens: Optional[torch.Tensor],
                    max_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                           torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward custom op: (dr, dw, dk, dv, da, db, d_initial_state fp32 [B, H, K, K] or empty);
     cu_seqlens / max_len as in the forward (B = N sequences)."""
     return _backward_impl(r, w, k, v, a, b, initial_state, mask, ckpt, seg_m, wt, bt, r2t, dect,
-                          do, dfinal, head_first, chunks_per_segment, cu_seqlens, max_len)
+                          sct, do, dfinal, head_first, chunks_per_segment, cu_seqlens, max_len)
 
 
 @triton_gdr_bwd.register_fake
-def _(r, w, k, v, a, b, initial_state, mask, ckpt, seg_m, wt, bt, r2t, dect, do, dfinal,
+def _(r, w, k, v, a, b, initial_state, mask, ckpt, seg_m, wt, bt, r2t, dect, sct, do, dfinal,
       head_first, chunks_per_segment, cu_seqlens, max_len):
     (B, T, H, K), _ = _layout(r, head_first, cu_seqlens, max_len)
     ds0 = r.new_empty((B, H, K, K) if initial_state is not None else (0,), dtype=torch.float32)
@@ -315,15 +323,15 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, do, dfinal, *_unused):
-    (r, w, k, v, a, b, initial_state, mask, cu_seqlens, ckpt, seg_m, wt, bt, r2t,
-     dect) = ctx.saved_tensors
+    (r, w, k, v, a, b, initial_state, mask, cu_seqlens, ckpt, seg_m, wt, bt, r2t, dect,
+     sct) = ctx.saved_tensors
     if do is None:
         do = torch.zeros_like(r)
     do = do.contiguous()
     if dfinal is not None:
         dfinal = dfinal.contiguous()
     dr, dw, dk, dv, da, db, ds0 = triton_gdr_bwd(
-        r, w, k, v, a, b, initial_state, mask, ckpt, seg_m, wt, bt, r2t, dect, do, dfinal,
+        r, w, k, v, a, b, initial_state, mask, ckpt, seg_m, wt, bt, r2t, dect, sct, do, dfinal,
         ctx.head_first, ctx.chunks_per_segment, cu_seqlens, ctx.max_len)
     d_init = None
     if initial_state is not None:
