@@ -52,8 +52,9 @@ KERNELS = {
 }
 
 
-# the prep tiles W, b_bar, Kc, R2: fp16 with tf32 products (configs.tile_dtype)
-FP16 = {"wo_ptr", "bo_ptr", "kco_ptr", "r2o_ptr", "wt_ptr", "bt_ptr", "kct_ptr", "r2t_ptr"}
+# the prep tiles W, b_bar, Kc, R2 and the checkpoints: fp16 with tf32 products (configs.tile_dtype)
+FP16 = {"wo_ptr", "bo_ptr", "kco_ptr", "r2o_ptr", "wt_ptr", "bt_ptr", "kct_ptr", "r2t_ptr",
+        "ckpt_ptr", "gck_ptr"}
 
 
 def pointer_type(name):

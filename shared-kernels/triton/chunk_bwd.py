@@ -24,14 +24,14 @@ import triton.language as tl
 
 from .chunk_common import (FLOOR_, L_, SCALE_B_, SCALE_R2_, SCALE_W_, SCALES_, chunk_log_decays,
                            exp_, load_f32, load_tile, scan_program, segment_start_state,
-                           sequence_span, step_validity, store_cast, tf32, unit_lower_inverse,
-                           zero_invalid)
+                           sequence_span, step_validity, store_cast, store_state, tf32,
+                           unit_lower_inverse, zero_invalid)
 
 
 @triton.jit(do_not_specialize=["T", "H", "BH", "NC", "CPS"])
 def chunk_scan_bwd_kernel(
     dy_ptr, wt_ptr, bt_ptr, r2t_ptr, dect_ptr, sct_ptr, init_ptr, cu_ptr,
-    gck_ptr, gend_ptr,
+    gck_ptr, gks_ptr, gend_ptr,
     T, H, BH, NC, CPS,
     stride_b, stride_t, stride_h,
     init_sb, init_sh, init_ss,
@@ -46,8 +46,9 @@ def chunk_scan_bwd_kernel(
     R2 and dec tiles and the inverse tile scales (R2 is 0 at padded / masked steps, so their dy
     is ignored). init: the gradient at
     the end of each segment, rows at init + b * init_sb + h * init_sh + segment * init_ss (zero
-    without HAS_INIT). gck: [B*H, NC, K, K] fp32, the gradient at the end of every chunk
-    (SAVE_CKPT). gend: the gradient at the segment's start, at gend + bh * gend_sbh +
+    without HAS_INIT). gck: [B*H, NC, K, K], the gradient at the end of every chunk as the
+    gradient kernel's products use it (SAVE_CKPT), fp16 scaled per row in tf32 mode (inverse
+    scales in gks, fp32 [B*H, NC, K]) or fp32, as the forward's checkpoints. gend: the gradient at the segment's start, at gend + bh * gend_sbh +
     segment * gend_ss; LOCAL writes it for every segment, otherwise only segment 0 (the
     initial-state gradient). VARLEN: packed sequences (cu, as in the forward kernels).
     """
@@ -65,18 +66,23 @@ def chunk_scan_bwd_kernel(
     if VARLEN:
         # chunks wholly past the sequence's end are identity chunks: skipped, as in the forward
         c_hi = tl.minimum(c_hi, tl.cdiv(T_n, L_))
+    # G is stored as the gradient at the end of chunk c once the step of chunk c + 1 has made it
+    # (or, for the segment's last chunk, before the loop): stored at the top of the step, as it
+    # is taken, the loop needs 130 registers on sm_90 instead of 127, and 3 programs per SM fit
+    # instead of 4
+    if SAVE_CKPT:
+        if c_hi > c_lo:
+            store_state(gck_ptr, gks_ptr, bh, NC, c_hi - 1, G, state_tile, vrow, K, PREC)
     for i in range(0, c_hi - c_lo):
         c = c_hi - 1 - i
         t0 = c * L_
         t_off = t0.to(tl.int64) * stride_t  # 64-bit: T * H * K may pass 2^31
         inb = (t0 + rows) < T_n
         cbase = (bh.to(tl.int64) * NC + c) * L_ * K
-        if SAVE_CKPT:
-            tl.store(gck_ptr + (bh.to(tl.int64) * NC + c) * K * K + state_tile, G)
         # G_prev = G M_c^T + dY^T R2, with M_c^T = diag(dec) + b_bar^T W. The tile scales (powers
         # of two) multiply b_bar (by W's and its own) and R2, so the products equal the unscaled
         # tiles' exactly. Each operand is loaded next to its product: in this order the loop
-        # takes 128 registers on sm_90, 4 programs per SM (loads first: 161, 3 programs).
+        # takes 127 registers on sm_90, 4 programs per SM (loads first: 161, 3 programs).
         scale = sct_ptr + (bh.to(tl.int64) * NC + c) * SCALES_
         Bc = (tl.load(bt_ptr + cbase + ktile).to(tl.float32)
               * (tl.load(scale + SCALE_W_) * tl.load(scale + SCALE_B_)))
@@ -88,6 +94,9 @@ def chunk_scan_bwd_kernel(
         G = tl.dot(tf32(dYt, PREC), R2, G, input_precision=PREC)
         Wc = tl.load(wt_ptr + cbase + ktile).to(tl.float32)
         G = tl.dot(tf32(X2, PREC), Wc, G, input_precision=PREC)
+        if SAVE_CKPT:
+            if c > c_lo:
+                store_state(gck_ptr, gks_ptr, bh, NC, c - 1, G, state_tile, vrow, K, PREC)
 
     if WRITE_END:
         ep = gend_ptr + bh.to(tl.int64) * gend_sbh + seg.to(tl.int64) * gend_ss + state_tile
@@ -121,7 +130,8 @@ def _chunk_factors(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, t, T, cols, stride_t, vali
 
 @triton.jit(do_not_specialize=["T", "H", "BH", "NC"])
 def chunk_bwd_kernel(
-    r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, mask_ptr, ckpt_ptr, gck_ptr, cu_ptr,
+    r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, mask_ptr, ckpt_ptr, cks_ptr, gck_ptr, gks_ptr,
+    cu_ptr,
     dr_ptr, dw_ptr, dk_ptr, dv_ptr, da_ptr, db_ptr,
     T, H, BH, NC,
     stride_b, stride_t, stride_h,
@@ -131,8 +141,10 @@ def chunk_bwd_kernel(
 ):
     """Gradients of r, w, k, v, a, b for one (batch, head, chunk). Grid: (NC * BH,).
 
-    Inputs as in the forward; dy like r; ckpt: [B*H, NC, K, K] fp32 state entering each chunk;
-    gck: [B*H, NC, K, K] fp32 state gradient at each chunk's end. Outputs: like their inputs.
+    Inputs as in the forward; dy like r; ckpt: [B*H, NC, K, K] state entering each chunk and gck
+    the state gradient at each chunk's end, as the scans stored them (fp16 scaled per row, inverse
+    scales in cks and gks [B*H, NC, K], or fp32): tf32-exact in tf32 mode, so this kernel's
+    products read them as they are. Outputs: like their inputs.
     PREC_INV: precision of the (I - A_ab)^-1 series (PREC, or "ieee"). VARLEN: packed sequences
     (cu, as in the forward); a chunk wholly past its sequence's end stores nothing. FULL: every
     chunk is whole and every step valid (``configs.whole_chunks``): no masks, loads or stores.
@@ -185,6 +197,7 @@ def chunk_bwd_kernel(
     dA_ab = tl.zeros([L_, L_], dtype=tl.float32)
     d_end = tl.zeros([K], dtype=tl.float32)
     st_base = (bh.to(tl.int64) * NC + c) * K * K
+    sc_base = (bh.to(tl.int64) * NC + c) * K
     # the V-side tiles as [BV, CHUNK] and the K-side sums as [K, CHUNK]: every product with a
     # state operand has BV or K (not the 16 steps) as its M dimension
     dr_s = tl.zeros([K, L_], dtype=tl.float32)
@@ -198,8 +211,10 @@ def chunk_bwd_kernel(
         inb = (t < T_n)[None, :]
         vvT = tf32(load_f32(v_ptr + vt, inb, FULL), PREC)
         dyT = tf32(load_f32(dy_ptr + vt, valid[None, :], FULL), PREC)
-        S0 = tf32(tl.load(ckpt_ptr + st_base + tile), PREC)
-        G = tf32(tl.load(gck_ptr + st_base + tile), PREC)
+        s_ck = tl.load(cks_ptr + sc_base + vcol)
+        s_gk = tl.load(gks_ptr + sc_base + vcol)
+        S0 = tl.load(ckpt_ptr + st_base + tile).to(tl.float32) * s_ck[:, None]
+        G = tl.load(gck_ptr + st_base + tile).to(tl.float32) * s_gk[:, None]
 
         XT = tl.dot(vvT, tl.trans(A_ak), input_precision=PREC)
         XT = tl.dot(S0, tl.trans(a_s), XT, input_precision=PREC)
@@ -221,8 +236,8 @@ def chunk_bwd_kernel(
         # the transposed states are read from memory (cached) rather than transposed in registers
         # (H200, shape S: 10.0 vs 10.1 ms)
         tile_t = cols[:, None] + vcol[None, :] * K
-        S0t = tf32(tl.load(ckpt_ptr + st_base + tile_t), PREC)
-        Gt = tf32(tl.load(gck_ptr + st_base + tile_t), PREC)
+        S0t = tl.load(ckpt_ptr + st_base + tile_t).to(tl.float32) * s_ck[None, :]
+        Gt = tl.load(gck_ptr + st_base + tile_t).to(tl.float32) * s_gk[None, :]
         dr_s = tl.dot(S0t, dyT, dr_s, input_precision=PREC)
         da_s = tl.dot(S0t, dXT, da_s, input_precision=PREC)
         dk_bar = tl.dot(Gt, vvT, dk_bar, input_precision=PREC)

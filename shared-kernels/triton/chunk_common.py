@@ -122,6 +122,17 @@ SCALES_ = tl.constexpr(4)
 
 
 @triton.jit
+def _pow2_scales(biggest):
+    """(up, inv) for the magnitudes ``biggest``: the powers of two that put biggest * up in
+    [2^14, 2^15), and inv = 1 / up. The exponent is taken at least 15 (so that both are normal
+    numbers); an inf or NaN magnitude (exponent 255) keeps its values inf or NaN."""
+    e = tl.maximum((biggest.to(tl.uint32, bitcast=True) >> 23) & 0xFF, 15)
+    up = ((268 - e) << 23).to(tl.float32, bitcast=True)     # 2^(141 - e)
+    inv = ((e - 14) << 23).to(tl.float32, bitcast=True)     # 2^(e - 141)
+    return up, inv
+
+
+@triton.jit
 def store_scaled(ptr, x, scale_ptr, mask, chunk_ok, FULL: tl.constexpr):
     """Store a prep tile x ([G, CHUNK, N] fp32, tf32-rounded in tf32 mode) of G chunks in ptr's
     dtype, and each chunk's inverse scale at scale_ptr ([G] pointers; chunk_ok [G] masks them).
@@ -134,17 +145,31 @@ def store_scaled(ptr, x, scale_ptr, mask, chunk_ok, FULL: tl.constexpr):
     of two). fp32 buffer (true fp32 mode): x as is, inverse scale 1.
     """
     if ptr.dtype.element_ty == tl.float16:
-        biggest = tl.max(tl.max(tl.abs(x), axis=2), axis=1)
-        # biased exponent of the largest magnitude, at least 15 (so that both scales are normal
-        # numbers); an inf or NaN tile (exponent 255) stays inf or NaN
-        e = tl.maximum((biggest.to(tl.uint32, bitcast=True) >> 23) & 0xFF, 15)
-        up = ((268 - e) << 23).to(tl.float32, bitcast=True)     # 2^(141 - e)
-        inv = ((e - 14) << 23).to(tl.float32, bitcast=True)     # 2^(e - 141)
+        up, inv = _pow2_scales(tl.max(tl.max(tl.abs(x), axis=2), axis=1))
         store_cast(ptr, x * up[:, None, None], mask, FULL)
     else:
         inv = tl.full(chunk_ok.shape, 1.0, tl.float32)
         store_cast(ptr, x, mask, FULL)
     store_cast(scale_ptr, inv, chunk_ok, FULL)
+
+
+@triton.jit
+def store_state(ptr, scale_ptr, bh, NC, c, X, state_tile, vrow, K: tl.constexpr,
+                PREC: tl.constexpr):
+    """Store rows vrow of a chunk's state (or state gradient) X ([BV, K] fp32) as the gradient
+    kernel's products use it (tf32-rounded in tf32 mode) at ptr ([B*H, NC, K, K], chunk c of
+    sequence bh; state_tile: the rows' offsets in a [K, K] matrix), with one inverse scale per row
+    at scale_ptr ([B*H, NC, K] fp32). fp16 buffer: as ``store_scaled``, a power of two per row;
+    fp32 buffer: as is, scale 1."""
+    chunk = bh.to(tl.int64) * NC + c
+    X = tf32(X, PREC)
+    if ptr.dtype.element_ty == tl.float16:
+        up, inv = _pow2_scales(tl.max(tl.abs(X), axis=1))
+        tl.store(ptr + chunk * K * K + state_tile, (X * up[:, None]).to(tl.float16))
+    else:
+        inv = tl.full(vrow.shape, 1.0, tl.float32)
+        tl.store(ptr + chunk * K * K + state_tile, X)
+    tl.store(scale_ptr + chunk * K + vrow, inv)
 
 
 @triton.jit

@@ -41,8 +41,8 @@ import triton.language as tl
 
 from .chunk_common import (L_, SCALE_B_, SCALE_KC_, SCALE_R2_, SCALE_W_, SCALES_,
                            chunk_log_decays3, exp_, load_f32, scan_program, segment_start_state,
-                           sequence_span, store_cast, store_scaled, tf32, tile_scales,
-                           unit_lower_inverse, zero_invalid)
+                           sequence_span, store_cast, store_scaled, store_state, tf32,
+                           tile_scales, unit_lower_inverse, zero_invalid)
 
 
 @triton.jit(do_not_specialize=["T", "H", "BH", "NC"])
@@ -177,7 +177,7 @@ def _scan_step_loads(dec_ptr, sc_ptr, v_ptr, bh, NC, c, c_end, T_n, stride_t, ro
 @triton.jit(do_not_specialize=["T", "H", "BH", "NC", "CPS"])
 def chunk_scan_fwd_kernel(
     v_ptr, wt_ptr, bt_ptr, kct_ptr, r2t_ptr, qct_ptr, dect_ptr, sct_ptr, init_ptr, cu_ptr,
-    y_ptr, ckpt_ptr, send_ptr, mend_ptr,
+    y_ptr, ckpt_ptr, cks_ptr, send_ptr, mend_ptr,
     T, H, BH, NC, CPS,
     stride_b, stride_t, stride_h,
     init_sb, init_sh, init_ss,
@@ -193,8 +193,10 @@ def chunk_scan_fwd_kernel(
     v: [B, T, H, K] by the strides. wt, bt, kct, r2t, qct, dect, sct: the prep kernel's tiles
     and the inverse scales of the first four (each product with one is multiplied by them).
     init: the state entering each segment at init + b * init_sb + h * init_sh + segment * init_ss
-    ([K, K] row-major, any float dtype; zero without HAS_INIT). y: like v. ckpt: [B*H, NC, K, K]
-    fp32, the state entering every chunk (SAVE_CKPT). send / mend: end state (LOCAL: and M) at
+    ([K, K] row-major, any float dtype; zero without HAS_INIT). y: like v. ckpt: [B*H, NC, K, K],
+    the state entering every chunk as the products use it (SAVE_CKPT), fp16 scaled per row in
+    tf32 mode (``store_state``; the rows' inverse scales in cks, fp32 [B*H, NC, K]) or
+    fp32. send / mend: end state (LOCAL: and M) at
     ptr + bh * send_sbh + segment * send_ss; without LOCAL only the last segment writes.
     VARLEN: packed sequences (cu, as in the prep kernel); y is written at the sequence's own steps
     only, and its chunks past the end (identity tiles) carry the state unchanged to the end.
@@ -230,6 +232,12 @@ def chunk_scan_fwd_kernel(
     # loads at every step
     dec_next, s_wb_next, s_kc_next, s_r2_next, Vt_next = _scan_step_loads(
         dect_ptr, sct_ptr, v_ptr + vt_off, bh, NC, c_lo, c_end, T_n, stride_t, rows, cols, K)
+    # the state entering chunk c is stored once the step of chunk c - 1 has made it (the first
+    # before the loop): stored at the top of the step, where the products take it, the loop
+    # needs 244 registers on sm_90 instead of 168
+    if SAVE_CKPT:
+        if c_lo < c_end:
+            store_state(ckpt_ptr, cks_ptr, bh, NC, c_lo, S, state_tile, vrow, K, PREC)
     for c in range(c_lo, c_end):
         t0 = c * L_
         t_off = t0.to(tl.int64) * stride_t  # 64-bit: T * H * K may pass 2^31
@@ -249,8 +257,6 @@ def chunk_scan_fwd_kernel(
         if LOCAL:
             Vt = Vt * v_scale
 
-        if SAVE_CKPT:
-            tl.store(ckpt_ptr + (bh.to(tl.int64) * NC + c) * K * K + state_tile, S)
         S_r = tf32(S, PREC)
         if WRITE_Y:
             R2 = tl.load(r2t_ptr + cbase + ktile).to(tl.float32)
@@ -263,6 +269,9 @@ def chunk_scan_fwd_kernel(
         S = S * dec[None, :]
         S = tl.dot(Vt * s_kc, Kc, S, input_precision=PREC)
         S = tl.dot(tf32(X1, PREC), Bc, S, input_precision=PREC)
+        if SAVE_CKPT:
+            if c + 1 < c_end:
+                store_state(ckpt_ptr, cks_ptr, bh, NC, c + 1, S, state_tile, vrow, K, PREC)
 
     if WRITE_END:
         ep = bh.to(tl.int64) * send_sbh + seg.to(tl.int64) * send_ss + state_tile

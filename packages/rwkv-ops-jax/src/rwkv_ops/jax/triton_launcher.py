@@ -193,7 +193,7 @@ def _entries() -> dict:
     @triton.jit
     def rwkv_gdr_scan_fwd(v, wt, bt, kct, r2t, qct, dect, sct, init, cu,
                           T_p1, BH_p1, NC_p1, CPS_p1, NSEG_p1,
-                          y, ckpt, send, mend,
+                          y, ckpt, cks, send, mend,
                           H: tl.constexpr, K: tl.constexpr, BV: tl.constexpr,
                           HEAD_FIRST: tl.constexpr, INIT_MODE: tl.constexpr, LOCAL: tl.constexpr,
                           WRITE_Y: tl.constexpr, SAVE_CKPT: tl.constexpr, WRITE_END: tl.constexpr,
@@ -202,7 +202,8 @@ def _entries() -> dict:
         stride_b, stride_t, stride_h = layout_strides(T, H, K, HEAD_FIRST)
         init_sb, init_sh, init_ss = state_strides(NSEG, H, K, INIT_MODE)
         send_sbh, send_ss = end_strides(NSEG, K, LOCAL)
-        _chunk_scan_fwd_kernel(v, wt, bt, kct, r2t, qct, dect, sct, init, cu, y, ckpt, send, mend,
+        _chunk_scan_fwd_kernel(v, wt, bt, kct, r2t, qct, dect, sct, init, cu, y, ckpt, cks, send,
+                               mend,
                                T, H, BH, NC, CPS, stride_b, stride_t, stride_h,
                                init_sb, init_sh, init_ss, send_sbh, send_ss,
                                K=K, BV=BV, HAS_INIT=INIT_MODE != 0, LOCAL=LOCAL, WRITE_Y=WRITE_Y,
@@ -222,7 +223,7 @@ def _entries() -> dict:
     @triton.jit
     def rwkv_gdr_scan_bwd(dy, wt, bt, r2t, dect, sct, init, cu,
                           T_p1, BH_p1, NC_p1, CPS_p1, NSEG_p1,
-                          gck, gend,
+                          gck, gks, gend,
                           H: tl.constexpr, K: tl.constexpr, BV: tl.constexpr,
                           HEAD_FIRST: tl.constexpr, INIT_MODE: tl.constexpr, LOCAL: tl.constexpr,
                           SAVE_CKPT: tl.constexpr, WRITE_END: tl.constexpr, PREC: tl.constexpr,
@@ -231,14 +232,14 @@ def _entries() -> dict:
         stride_b, stride_t, stride_h = layout_strides(T, H, K, HEAD_FIRST)
         init_sb, init_sh, init_ss = state_strides(NSEG, H, K, INIT_MODE)
         gend_sbh, gend_ss = end_strides(NSEG, K, LOCAL)
-        _chunk_scan_bwd_kernel(dy, wt, bt, r2t, dect, sct, init, cu, gck, gend,
+        _chunk_scan_bwd_kernel(dy, wt, bt, r2t, dect, sct, init, cu, gck, gks, gend,
                                T, H, BH, NC, CPS, stride_b, stride_t, stride_h,
                                init_sb, init_sh, init_ss, gend_sbh, gend_ss,
                                K=K, BV=BV, HAS_INIT=INIT_MODE != 0, LOCAL=LOCAL,
                                SAVE_CKPT=SAVE_CKPT, WRITE_END=WRITE_END, PREC=PREC, VARLEN=VARLEN)
 
     @triton.jit
-    def rwkv_gdr_bwd(r, w, k, v, a, b, dy, mask, ckpt, gck, cu,
+    def rwkv_gdr_bwd(r, w, k, v, a, b, dy, mask, ckpt, cks, gck, gks, cu,
                      T_p1, BH_p1, NC_p1,
                      dr, dw, dk, dv, da, db,
                      H: tl.constexpr, K: tl.constexpr, BV: tl.constexpr,
@@ -246,7 +247,8 @@ def _entries() -> dict:
                      PREC_INV: tl.constexpr, VARLEN: tl.constexpr, FULL: tl.constexpr):
         T, BH, NC = T_p1 - 1, BH_p1 - 1, NC_p1 - 1
         stride_b, stride_t, stride_h = layout_strides(T, H, K, HEAD_FIRST)
-        _chunk_bwd_kernel(r, w, k, v, a, b, dy, mask, ckpt, gck, cu, dr, dw, dk, dv, da, db,
+        _chunk_bwd_kernel(r, w, k, v, a, b, dy, mask, ckpt, cks, gck, gks, cu,
+                          dr, dw, dk, dv, da, db,
                           T, H, BH, NC, stride_b, stride_t, stride_h,
                           K=K, BV=BV, HAS_MASK=HAS_MASK, PREC=PREC, PREC_INV=PREC_INV,
                           VARLEN=VARLEN, FULL=FULL)
@@ -370,10 +372,11 @@ def _forward_local(static, *arrays):
     arrays: r, w, k, v, a, b, then the initial state when ``init_mode``, then the uint8 mask when
     ``has_mask``, then cu_seqlens (int32 [N + 1]) when ``max_len`` (packed sequences: B reads N).
     With ``save`` the residuals of the backward follow: the state entering every chunk
-    [B, H, NC, K, K], the segment transitions [B, H, n_seg, K, K] (only when ``n_seg > 1``), the
-    prep kernel's tiles W, b_bar, R2 [B, H, NC, 16, K] (fp16 with tf32 products, else fp32:
-    ``configs.tile_dtype``), dec [B, H, NC, K] and the tiles' inverse scales [B, H, NC, 4], all
-    fp32 but the tiles.
+    [B, H, NC, K, K] and its rows' inverse scales [B, H, NC, K], the segment transitions
+    [B, H, n_seg, K, K] (only when ``n_seg > 1``), the prep kernel's tiles W, b_bar, R2
+    [B, H, NC, 16, K], dec [B, H, NC, K] and the tiles' inverse scales [B, H, NC, 4]. The
+    checkpoints and the tiles are fp16 with tf32 products (scaled, exact: ``configs.tile_dtype``)
+    and fp32 otherwise; the rest is fp32.
     """
     r, w, k, v, a, b = arrays[:6]
     rest = list(arrays[6:])
@@ -410,8 +413,8 @@ def _forward_local(static, *arrays):
     seg_m = None
     if n_seg > 1:
         seg = _sds((B, H, n_seg, K, K))
-        _, _, loc, seg_m = _launch(
-            "scan_fwd", tiles + (r, c), scalars, (_UNUSED, _UNUSED, seg, seg),
+        _, _, _, loc, seg_m = _launch(
+            "scan_fwd", tiles + (r, c), scalars, (_UNUSED, _UNUSED, _UNUSED, seg, seg),
             (2 * nv * BH * n_seg,), cfg.warps_fwd, cfg.stages_fwd,
             INIT_MODE=0, LOCAL=True, WRITE_Y=False, SAVE_CKPT=False, WRITE_END=True, **common)
         (starts,) = _launch(
@@ -419,29 +422,30 @@ def _forward_local(static, *arrays):
             H=H, K=K, BV=COMBINE_ROWS, INIT_MODE=init_mode, REVERSE=False)
         init, init_mode = starts, 3
     save = static.save
-    outs = (_sds(r.shape, r.dtype), _sds((B, H, NC, K, K)) if save else _UNUSED,
-            _sds((B, H, K, K)), _UNUSED)
-    y, ckpt, final, _ = _launch(
+    outs = (_sds(r.shape, r.dtype), _sds((B, H, NC, K, K), tile.dtype) if save else _UNUSED,
+            _sds((B, H, NC, K)) if save else _UNUSED, _sds((B, H, K, K)), _UNUSED)
+    y, ckpt, cks, final, _ = _launch(
         "scan_fwd", tiles + (init, c), scalars, outs, (nv * BH * n_seg,),
         cfg.warps_fwd, cfg.stages_fwd,
         INIT_MODE=init_mode, LOCAL=False, WRITE_Y=True, SAVE_CKPT=save, WRITE_END=True, **common)
     if not save:
         return y, final
-    return (y, final, ckpt) + ((seg_m,) if n_seg > 1 else ()) + (wt, bt, r2t, dect, sct)
+    return (y, final, ckpt, cks) + ((seg_m,) if n_seg > 1 else ()) + (wt, bt, r2t, dect, sct)
 
 
 def _backward_local(static, *arrays):
     """(dr, dw, dk, dv, da, db[, d_initial_state [B, H, K, K] fp32]) of local arrays.
 
     arrays: r, w, k, v, a, b, [uint8 mask], [int32 cu_seqlens], then the forward's residuals
-    (checkpoints, [segment transitions], W, b_bar, R2, dec, tile scales), then do and
-    d_final_state.
+    (checkpoints, their scales, [segment transitions], W, b_bar, R2, dec, tile scales), then do
+    and d_final_state.
     """
     r, w, k, v, a, b = arrays[:6]
     rest = list(arrays[6:])
     mask = rest.pop(0) if static.has_mask else None
     cu = rest.pop(0) if static.max_len else None
     ckpt = rest.pop(0)
+    cks = rest.pop(0)
     seg_m = rest.pop(0) if static.n_seg > 1 else None
     wt, bt, r2t, dect, sct, dy, dfinal = rest
     B, T, H, K = _dims(r, static.head_first, cu, static.max_len)
@@ -460,8 +464,8 @@ def _backward_local(static, *arrays):
     init, init_mode = dfinal, 1
     if n_seg > 1:
         seg = _sds((B, H, n_seg, K, K))
-        _, gloc = _launch(
-            "scan_bwd", tiles + (r, c), scalars, (_UNUSED, seg), (nv * BH * n_seg,),
+        _, _, gloc = _launch(
+            "scan_bwd", tiles + (r, c), scalars, (_UNUSED, _UNUSED, seg), (nv * BH * n_seg,),
             cfg.warps_state, cfg.stages_state,
             INIT_MODE=0, LOCAL=True, SAVE_CKPT=False, WRITE_END=True, **common)
         (gend,) = _launch(
@@ -469,12 +473,13 @@ def _backward_local(static, *arrays):
             H=H, K=K, BV=COMBINE_ROWS, INIT_MODE=1, REVERSE=True)
         init, init_mode = gend, 3
     need_ds0 = static.init_mode != 0
-    gck, ds0 = _launch(
+    gck, gks, ds0 = _launch(
         "scan_bwd", tiles + (init, c), scalars,
-        (_sds((B, H, NC, K, K)), _sds((B, H, K, K)) if need_ds0 else _UNUSED),
+        (_sds((B, H, NC, K, K), ckpt.dtype), _sds((B, H, NC, K)),
+         _sds((B, H, K, K)) if need_ds0 else _UNUSED),
         (nv * BH * n_seg,), cfg.warps_state, cfg.stages_state,
         INIT_MODE=init_mode, LOCAL=False, SAVE_CKPT=True, WRITE_END=need_ds0, **common)
-    grad_args = ((r, w, k, v, a, b, dy, m, ckpt, gck, c), (T, BH, NC),
+    grad_args = ((r, w, k, v, a, b, dy, m, ckpt, cks, gck, gks, c), (T, BH, NC),
                  tuple(_sds(x.shape, x.dtype) for x in (r, w, k, v, a, b)), (NC * BH,),
                  cfg.warps_bwd, cfg.stages_bwd)
     flags = dict(H=H, K=K, HEAD_FIRST=static.head_first, HAS_MASK=mask is not None, PREC=prec,
@@ -504,12 +509,12 @@ def _fwd_roles(static):
     args += ["m"] if static.has_mask else []
     results = ["x", "s"]
     if static.save:
-        results += ["c"] + (["g"] if static.n_seg > 1 else []) + ["p", "p", "p", "d", "e"]
+        results += ["c", "d"] + (["g"] if static.n_seg > 1 else []) + ["p", "p", "p", "d", "e"]
     return args, results
 
 
 def _bwd_roles(static):
-    args = ["x"] * 6 + (["m"] if static.has_mask else []) + ["c"]
+    args = ["x"] * 6 + (["m"] if static.has_mask else []) + ["c", "d"]
     args += (["g"] if static.n_seg > 1 else []) + ["p", "p", "p", "d", "e", "x", "s"]
     results = ["x"] * 6 + (["s"] if static.init_mode else [])
     return args, results

@@ -144,7 +144,8 @@ def _forward_impl(r, w, k, v, a, b, initial_state, mask, head_first, chunks_per_
 
     y = torch.empty(r.shape, dtype=r.dtype, device=dev)
     final = torch.empty((B, H, K, K), dtype=f32, device=dev)
-    ckpt = torch.empty((BH, NC, K, K) if save else (0,), dtype=f32, device=dev)
+    ckpt = torch.empty((BH, NC, K, K) if save else (0,), dtype=tile, device=dev)
+    cks = torch.empty((BH, NC, K) if save else (0,), dtype=f32, device=dev)
     has_init = initial_state is not None
     if has_init:
         init_sb = 0 if initial_state.shape[0] == 1 else H * K * K
@@ -160,7 +161,7 @@ def _forward_impl(r, w, k, v, a, b, initial_state, mask, head_first, chunks_per_
         trans = seg_m if seg_m.numel() else torch.empty((BH, n_seg, K, K), dtype=f32, device=dev)
         scan[(2 * nv * BH * n_seg,)](
             v, wt, bt, kct, r2t, qct, dect, sct, r, cu,
-            y, y, loc, trans,
+            y, y, y, loc, trans,
             T, H, BH, NC, cps, sb, st, sh, 0, 0, 0, n_seg * K * K, K * K,
             K=K, BV=bv, HAS_INIT=False, LOCAL=True, WRITE_Y=False, SAVE_CKPT=False,
             WRITE_END=True, PREC=prec, VARLEN=varlen, num_warps=cfg.warps_fwd,
@@ -173,7 +174,7 @@ def _forward_impl(r, w, k, v, a, b, initial_state, mask, head_first, chunks_per_
         has_init = True
     scan[(nv * BH * n_seg,)](
         v, wt, bt, kct, r2t, qct, dect, sct, init, cu,
-        y, ckpt if save else y, final, final,
+        y, ckpt if save else y, cks if save else y, final, final,
         T, H, BH, NC, cps, sb, st, sh, init_sb, init_sh, init_ss, K * K, 0,
         K=K, BV=bv, HAS_INIT=has_init, LOCAL=False, WRITE_Y=True, SAVE_CKPT=save,
         WRITE_END=True, PREC=prec, VARLEN=varlen, num_warps=cfg.warps_fwd,
@@ -181,7 +182,7 @@ def _forward_impl(r, w, k, v, a, b, initial_state, mask, head_first, chunks_per_
     if not save:
         wt, bt, r2t = (torch.empty((0,), dtype=tile, device=dev) for _ in range(3))
         dect, sct = (torch.empty((0,), dtype=f32, device=dev) for _ in range(2))
-    return y, final, ckpt, seg_m, wt, bt, r2t, dect, sct
+    return y, final, ckpt, cks, seg_m, wt, bt, r2t, dect, sct
 
 
 def _forward_fake(r, w, k, v, a, b, initial_state, mask, head_first, chunks_per_segment, save,
@@ -197,7 +198,7 @@ def _forward_fake(r, w, k, v, a, b, initial_state, mask, head_first, chunks_per_
         return r.new_empty(shape if save else (0,), dtype=dtype)
 
     return (r.new_empty(r.shape), r.new_empty((B, H, K, K), dtype=f32),
-            kept(B * H, NC, K, K),
+            kept(B * H, NC, K, K, dtype=tile), kept(B * H, NC, K),
             r.new_empty((B * H, n_seg, K, K) if (save and n_seg > 1) else (0,), dtype=f32),
             kept(B * H, NC, CHUNK, K, dtype=tile), kept(B * H, NC, CHUNK, K, dtype=tile),
             kept(B * H, NC, CHUNK, K, dtype=tile), kept(B * H, NC, K),
@@ -211,7 +212,7 @@ def triton_gdr_fwd(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.T
                    save: bool, cu_seqlens: Optional[torch.Tensor],
                    max_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                           torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                          torch.Tensor]:
+                                          torch.Tensor, torch.Tensor]:
     """Forward custom op on contiguous inputs (T >= 1); mask as uint8 [B, T] or None.
 
     With ``cu_seqlens`` (int32 [N + 1], never with a mask or head_first) the inputs are N
@@ -220,7 +221,8 @@ def triton_gdr_fwd(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.T
     left unwritten (the backward never reads them).
 
     Returns (o, final_state fp32 [B, H, K, K], then what the backward needs, each empty unless
-    ``save``: checkpoints fp32 [B*H, NC, K, K] (state entering every chunk), segment transitions
+    ``save``: checkpoints [B*H, NC, K, K] (state entering every chunk; fp16 with tf32 products,
+    scaled per row, else fp32) and their rows' inverse scales fp32 [B*H, NC, K], segment transitions
     fp32 [B*H, n_segments, K, K] (empty without segments), the prep tiles W, b_bar, R2
     [B*H, NC, 16, K] (fp16 with tf32 products, else fp32: ``configs.tile_dtype``), dec
     [B*H, NC, K] fp32, and the tiles' inverse scales fp32 [B*H, NC, 4]).
@@ -236,8 +238,8 @@ triton_gdr_fwd.register_fake(_forward_fake)
 # backward
 
 
-def _backward_impl(r, w, k, v, a, b, initial_state, mask, ckpt, seg_m, wt, bt, r2t, dect, sct,
-                   do, dfinal, head_first, chunks_per_segment, cu_seqlens=None, max_len=0):
+def _backward_impl(r, w, k, v, a, b, initial_state, mask, ckpt, cks, seg_m, wt, bt, r2t, dect,
+                   sct, do, dfinal, head_first, chunks_per_segment, cu_seqlens=None, max_len=0):
     chunk_fwd, chunk_bwd, configs = _kernels()
     (B, T, H, K), (sb, st, sh), BH, NC, n_seg, cfg, prec, prec_inv, m, cu = _launch_plan(
         r, w, k, v, a, b, mask, head_first, chunks_per_segment, cu_seqlens, max_len)
@@ -257,7 +259,7 @@ def _backward_impl(r, w, k, v, a, b, initial_state, mask, ckpt, seg_m, wt, bt, r
         gloc = torch.empty((BH, n_seg, K, K), dtype=f32, device=dev)
         scan[(nv * BH * n_seg,)](
             do, wt, bt, r2t, dect, sct, r, cu,
-            gloc, gloc,
+            gloc, gloc, gloc,
             T, H, BH, NC, cps, sb, st, sh, 0, 0, 0, n_seg * K * K, K * K,
             K=K, BV=bv, HAS_INIT=False, LOCAL=True, SAVE_CKPT=False, WRITE_END=True,
             PREC=prec, VARLEN=varlen, num_warps=cfg.warps_state, num_stages=cfg.stages_state)
@@ -268,17 +270,18 @@ def _backward_impl(r, w, k, v, a, b, initial_state, mask, ckpt, seg_m, wt, bt, r
         init, init_sb, init_sh, init_ss = gend, H * n_seg * K * K, n_seg * K * K, K * K
         has_init = True
     need_ds0 = initial_state is not None
-    gck = torch.empty((BH, NC, K, K), dtype=f32, device=dev)
+    gck = torch.empty((BH, NC, K, K), dtype=ckpt.dtype, device=dev)
+    gks = torch.empty((BH, NC, K), dtype=f32, device=dev)
     ds0 = torch.empty((B, H, K, K) if need_ds0 else (0,), dtype=f32, device=dev)
     scan[(nv * BH * n_seg,)](
         do, wt, bt, r2t, dect, sct, init, cu,
-        gck, ds0 if need_ds0 else gck,
+        gck, gks, ds0 if need_ds0 else gck,
         T, H, BH, NC, cps, sb, st, sh, init_sb, init_sh, init_ss, K * K, 0,
         K=K, BV=bv, HAS_INIT=has_init, LOCAL=False, SAVE_CKPT=True, WRITE_END=need_ds0,
         PREC=prec, VARLEN=varlen, num_warps=cfg.warps_state, num_stages=cfg.stages_state)
     grads = [torch.empty(x.shape, dtype=x.dtype, device=dev) for x in (r, w, k, v, a, b)]
     chunk_bwd.chunk_bwd_kernel[(NC * BH,)](
-        r, w, k, v, a, b, do, m, ckpt, gck, cu,
+        r, w, k, v, a, b, do, m, ckpt, cks, gck, gks, cu,
         *grads,
         T, H, BH, NC, sb, st, sh,
         K=K, BV=cfg.bv_bwd, HAS_MASK=has_mask, PREC=prec,
@@ -290,7 +293,8 @@ def _backward_impl(r, w, k, v, a, b, initial_state, mask, ckpt, seg_m, wt, bt, r
 @torch.library.custom_op("rwkv_ops::triton_gdr_bwd", mutates_args=())
 def triton_gdr_bwd(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    a: torch.Tensor, b: torch.Tensor, initial_state: Optional[torch.Tensor],
-                   mask: Optional[torch.Tensor], ckpt: torch.Tensor, seg_m: torch.Tensor,
+                   mask: Optional[torch.Tensor], ckpt: torch.Tensor, cks: torch.Tensor,
+                   seg_m: torch.Tensor,
                    wt: torch.Tensor, bt: torch.Tensor, r2t: torch.Tensor, dect: torch.Tensor,
                    sct: torch.Tensor, do: torch.Tensor, dfinal: Optional[torch.Tensor], head_first: bool,
                    chunks_per_segment: int, cu_seqlens: Optional[torch.Tensor],
@@ -298,12 +302,12 @@ def triton_gdr_bwd(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.T
                                           torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward custom op: (dr, dw, dk, dv, da, db, d_initial_state fp32 [B, H, K, K] or empty);
     cu_seqlens / max_len as in the forward (B = N sequences)."""
-    return _backward_impl(r, w, k, v, a, b, initial_state, mask, ckpt, seg_m, wt, bt, r2t, dect,
-                          sct, do, dfinal, head_first, chunks_per_segment, cu_seqlens, max_len)
+    return _backward_impl(r, w, k, v, a, b, initial_state, mask, ckpt, cks, seg_m, wt, bt, r2t,
+                          dect, sct, do, dfinal, head_first, chunks_per_segment, cu_seqlens, max_len)
 
 
 @triton_gdr_bwd.register_fake
-def _(r, w, k, v, a, b, initial_state, mask, ckpt, seg_m, wt, bt, r2t, dect, sct, do, dfinal,
+def _(r, w, k, v, a, b, initial_state, mask, ckpt, cks, seg_m, wt, bt, r2t, dect, sct, do, dfinal,
       head_first, chunks_per_segment, cu_seqlens, max_len):
     (B, T, H, K), _ = _layout(r, head_first, cu_seqlens, max_len)
     ds0 = r.new_empty((B, H, K, K) if initial_state is not None else (0,), dtype=torch.float32)
@@ -323,7 +327,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, do, dfinal, *_unused):
-    (r, w, k, v, a, b, initial_state, mask, cu_seqlens, ckpt, seg_m, wt, bt, r2t, dect,
+    (r, w, k, v, a, b, initial_state, mask, cu_seqlens, ckpt, cks, seg_m, wt, bt, r2t, dect,
      sct) = ctx.saved_tensors
     if do is None:
         do = torch.zeros_like(r)
@@ -331,7 +335,7 @@ def _backward(ctx, do, dfinal, *_unused):
     if dfinal is not None:
         dfinal = dfinal.contiguous()
     dr, dw, dk, dv, da, db, ds0 = triton_gdr_bwd(
-        r, w, k, v, a, b, initial_state, mask, ckpt, seg_m, wt, bt, r2t, dect, sct, do, dfinal,
+        r, w, k, v, a, b, initial_state, mask, ckpt, cks, seg_m, wt, bt, r2t, dect, sct, do, dfinal,
         ctx.head_first, ctx.chunks_per_segment, cu_seqlens, ctx.max_len)
     d_init = None
     if initial_state is not None:
