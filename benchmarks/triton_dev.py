@@ -115,16 +115,19 @@ def no_grad_errors(dtype=torch.bfloat16, seed=1234):
 
 
 def kernel_bytes(B, T, H, K, n_seg):
-    """Bytes each kernel must move at least (bf16 I/O, fp32 tiles and checkpoints), by name."""
+    """Bytes each kernel must move at least, by name: bf16 I/O, so the prep tiles W, b_bar, Kc,
+    R2 and the checkpoints are fp16 (configs.tile_dtype) with fp32 scales; Qc and dec fp32."""
     tok = B * T * H * K * 2          # one bf16 [B, T, H, K] tensor
     nc = math.ceil(T / 16)
-    ck = B * H * nc * K * K * 4      # one fp32 state per chunk
-    tile = B * H * nc * 16 * K * 4   # one fp32 [16, K] tile per chunk
-    qc = B * H * nc * 16 * 16 * 4
+    per_chunk = B * H * nc
+    ck = per_chunk * (K * K * 2 + K * 4)        # one fp16 state per chunk and its row scales
+    tile = per_chunk * 16 * K * 2               # one fp16 [16, K] tile per chunk
+    small = per_chunk * (16 * 16 * 4 + K * 4)   # Qc and dec
+    scales = per_chunk * 4 * 4                  # the four tiles' scales
     return {
-        "chunk_prep_kernel": 5 * tok + 4 * tile + qc,
-        "chunk_scan_fwd_kernel": tok + 4 * tile + qc + tok + ck,
-        "chunk_scan_bwd_kernel": tok + 3 * tile + ck,
+        "chunk_prep_kernel": 5 * tok + 4 * tile + small + scales,
+        "chunk_scan_fwd_kernel": tok + 4 * tile + small + scales + tok + ck,
+        "chunk_scan_bwd_kernel": tok + 3 * tile + per_chunk * K * 4 + scales + ck,
         "chunk_bwd_kernel": 7 * tok + 2 * ck + 6 * tok,
     }
 
