@@ -44,12 +44,12 @@ def chunk_scan_bwd_kernel(
 
     dy: [B, T, H, K] by the strides. wt, bt, r2t, dect, sct: the forward prep kernel's W, b_bar,
     R2 and dec tiles and the inverse tile scales (R2 is 0 at padded / masked steps, so their dy
-    is ignored). init: the gradient at
-    the end of each segment, rows at init + b * init_sb + h * init_sh + segment * init_ss (zero
-    without HAS_INIT). gck: [B*H, NC, K, K], the gradient at the end of every chunk as the
-    gradient kernel's products use it (SAVE_CKPT), fp16 scaled per row in tf32 mode (inverse
-    scales in gks, fp32 [B*H, NC, K]) or fp32, as the forward's checkpoints. gend: the gradient at the segment's start, at gend + bh * gend_sbh +
-    segment * gend_ss; LOCAL writes it for every segment, otherwise only segment 0 (the
+    is ignored). init: the gradient at the end of each segment, rows at init + b * init_sb
+    + h * init_sh + segment * init_ss (zero without HAS_INIT). gck: [B*H, NC, K, K], the gradient
+    at the end of every chunk as the gradient kernel's products use it (SAVE_CKPT), fp16 scaled
+    per row in tf32 mode (inverse scales in gks, fp32 [B*H, NC, K]) or fp32, as the forward's
+    checkpoints. gend: the gradient at the segment's start, at gend + bh * gend_sbh
+    + segment * gend_ss; LOCAL writes it for every segment, otherwise only segment 0 (the
     initial-state gradient). VARLEN: packed sequences (cu, as in the forward kernels).
     """
     NV: tl.constexpr = K // BV

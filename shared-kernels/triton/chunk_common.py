@@ -9,6 +9,8 @@ one (batch, head, chunk) tile. Framework-free: only ``triton`` and ``triton.lang
 import triton
 import triton.language as tl
 
+from .configs import TILE_SCALES
+
 CHUNK = 16
 # |lambda| bound (float32): CHUNK / 2 * LAMBDA_FLOOR = 80 < log(FLT_MAX) = 88.7, so every
 # mid-anchored factor exp(+-(Lam_i - Lam_mid)) is finite. Same constant as the native paths.
@@ -118,7 +120,7 @@ SCALE_W_ = tl.constexpr(0)
 SCALE_B_ = tl.constexpr(1)
 SCALE_KC_ = tl.constexpr(2)
 SCALE_R2_ = tl.constexpr(3)
-SCALES_ = tl.constexpr(4)
+SCALES_ = tl.constexpr(TILE_SCALES)
 
 
 @triton.jit

@@ -160,9 +160,9 @@ def _scan_step_loads(dec_ptr, sc_ptr, v_ptr, bh, NC, c, c_end, T_n, stride_t, ro
     """The forward scan's per-step operands that are not products' shared-memory tiles: chunk c's
     decay dec ([K], from the prep tiles), its inverse tile scales (``tile_scales``) and its
     transposed [BV, 16] tile of v (v_ptr points at the tile of step 0; returned in v's dtype).
-    Nothing is read for c >= c_end (the scan loads one chunk ahead). The state-gradient scan keeps plain loads: the same prefetch there raised
-    its registers from 128 to 168, and 512 programs (shape S) no longer fit in one wave (H200:
-    1.68 vs 1.13 ms)."""
+    Nothing is read for c >= c_end (the scan loads one chunk ahead). The state-gradient scan
+    keeps plain loads: the same prefetch there raised its registers from 128 to 168, and 512
+    programs (shape S) no longer fit in one wave (H200: 1.68 vs 1.13 ms)."""
     c_k = c + cols * 0                    # c as tensors: the masks stay tensors in the interpreter
     c_l = c + rows * 0
     c_s = c + tl.arange(0, SCALES_) * 0
@@ -195,9 +195,9 @@ def chunk_scan_fwd_kernel(
     init: the state entering each segment at init + b * init_sb + h * init_sh + segment * init_ss
     ([K, K] row-major, any float dtype; zero without HAS_INIT). y: like v. ckpt: [B*H, NC, K, K],
     the state entering every chunk as the products use it (SAVE_CKPT), fp16 scaled per row in
-    tf32 mode (``store_state``; the rows' inverse scales in cks, fp32 [B*H, NC, K]) or
-    fp32. send / mend: end state (LOCAL: and M) at
-    ptr + bh * send_sbh + segment * send_ss; without LOCAL only the last segment writes.
+    tf32 mode (``store_state``; the rows' inverse scales in cks, fp32 [B*H, NC, K]) or fp32.
+    send / mend: end state (LOCAL: and M) at ptr + bh * send_sbh + segment * send_ss; without
+    LOCAL only the last segment writes.
     VARLEN: packed sequences (cu, as in the prep kernel); y is written at the sequence's own steps
     only, and its chunks past the end (identity tiles) carry the state unchanged to the end.
     The V-side tiles are handled transposed ([BV, 16]), so every product has the BV rows as M.

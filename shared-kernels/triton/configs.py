@@ -99,8 +99,9 @@ TILE_SCALES = 4
 
 
 def tile_dtype(precision: str) -> str:
-    """dtype name of the prep kernel's W, b_bar, Kc and R2 buffers for a product precision:
-    float16 with tf32 products (a tf32-rounded tile scaled by a power of two per chunk converts to
-    it exactly, see ``chunk_common.store_scaled``: half the bytes of float32), float32 with true
-    fp32 products ("ieee")."""
+    """dtype name of the prep kernel's W, b_bar, Kc and R2 buffers and of the state checkpoints
+    (forward and gradient) for a product precision: float16 with tf32 products (a tf32-rounded
+    value scaled by a power of two per chunk or row converts to it exactly, see
+    ``chunk_common.store_scaled``: half the bytes of float32), float32 with true fp32 products
+    ("ieee")."""
     return "float16" if precision == "tf32" else "float32"

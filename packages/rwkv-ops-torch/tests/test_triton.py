@@ -118,12 +118,13 @@ def test_dtypes_and_decays(dtype, decays, poison_empty, request):
 
 @pytest.mark.parametrize("factor", [2.0 ** 16, 2.0 ** -20])
 def test_input_magnitudes(factor, poison_empty, request):
-    """r, k, a scaled by the factor and b by its inverse: the prep tiles (fp16 with tf32 products,
-    scaled by a power of two per chunk) then lie far outside fp16's range without their scales
-    (above 65504, or in its subnormals)."""
+    """r, k, a and the initial state scaled by the factor and b by its inverse: the prep tiles and
+    the state checkpoints (fp16 with tf32 products, scaled by a power of two per chunk or row)
+    then lie far outside fp16's range without their scales (above 65504, or in its
+    subnormals)."""
     seed = _seed(request)
     T = 300 if HAS_CUDA else 33
-    scales = dict(r=factor, k=factor, a=factor, b=1.0 / factor)
+    scales = dict(r=factor, k=factor, a=factor, b=1.0 / factor, initial_state=factor)
     check(run_case(seed, 2, T, 2, 32, torch.bfloat16, scales=scales),
           TOL[torch.bfloat16, "model"], seed)
 
