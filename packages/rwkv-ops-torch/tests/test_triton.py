@@ -197,6 +197,30 @@ def test_deterministic(request):
         assert torch.equal(first, second), f"seed={seed}: two runs differ"
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fp16_buffers_are_exact(dtype, monkeypatch, request):
+    """With tf32 products the prep tiles and the state checkpoints are stored as fp16 scaled by
+    powers of two (configs.tile_dtype); stored as fp32 instead, every output and gradient comes
+    out bit for bit the same."""
+    seed = _seed(request)
+    x = make_inputs(2, 300 if HAS_CUDA else 40, 2, 32, seed=seed)
+    do, dsT = make_cotangents((2, x["r"].shape[1], 2, 32), (2, 2, 32, 32), seed=seed)
+    configs = launcher._kernels()[2]
+    results = []
+    for storage in ("float16", "float32"):
+        monkeypatch.setattr(configs, "tile_dtype", lambda precision, _s=storage: _s)
+        ts = [torch.tensor(x[n], dtype=dtype, device=DEVICE, requires_grad=True) for n in NAMES]
+        s0 = torch.tensor(x["initial_state"], dtype=torch.float32, device=DEVICE,
+                          requires_grad=True)
+        o, final = launcher.generalized_delta_rule(*ts, s0)
+        grads = torch.autograd.grad((o, final), ts + [s0],
+                                    (torch.tensor(do, dtype=dtype, device=DEVICE),
+                                     torch.tensor(dsT, dtype=torch.float32, device=DEVICE)))
+        results.append([o, final, *grads])
+    for name, first, second in zip(("y", "state") + GRAD_NAMES, *results):
+        assert torch.equal(first, second), f"seed={seed}: {name} differs with fp32 buffers"
+
+
 def test_empty_sequence():
     s0 = torch.randn(1, 2, 32, 32, device=DEVICE)
     xs = [torch.randn(2, 0, 2, 32, device=DEVICE) for _ in NAMES]
