@@ -5,8 +5,10 @@ The same kernels, grids and launch configuration (``configs.chunk_config``) as t
 
 * forward: ``chunk_prep_kernel`` (chunk-parallel K-side tiles), [segments only]
   ``chunk_scan_fwd_kernel`` (LOCAL) + ``state_combine_kernel``, then ``chunk_scan_fwd_kernel``,
-  which writes o, the final state and, when a gradient will be needed, the fp32 state entering
-  every chunk (those checkpoints and the prep tiles W, b_bar, R2, dec are the backward's residuals).
+  which writes o, the final state and, when a gradient will be needed, the state entering every
+  chunk (those checkpoints and the prep tiles W, b_bar, R2, dec are the backward's residuals; the
+  checkpoints and the tiles are fp16 scaled by powers of two with tf32 products, exactly, and
+  fp32 otherwise: ``configs.tile_dtype``).
 * backward: [segments only] ``chunk_scan_bwd_kernel`` (LOCAL) + ``state_combine_kernel``
   (reverse), then ``chunk_scan_bwd_kernel`` (state gradient at every chunk end, and the initial
   state's), then ``chunk_bwd_kernel`` (the six input gradients, chunk-parallel).

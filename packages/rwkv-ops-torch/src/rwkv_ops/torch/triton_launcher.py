@@ -9,8 +9,10 @@ Passes of one call (B*H sequences of T steps, NC = ceil(T / 16) chunks):
 
 * forward: ``chunk_prep_kernel`` (chunk-parallel K-side tiles), [segments only]
   ``chunk_scan_fwd_kernel`` (LOCAL) + ``state_combine_kernel``, then ``chunk_scan_fwd_kernel``,
-  which writes o, the final state and, when a gradient will be needed, the fp32 state entering
-  every chunk (the prep tiles W, b_bar, R2, dec are kept for the backward too).
+  which writes o, the final state and, when a gradient will be needed, the state entering every
+  chunk (the prep tiles W, b_bar, R2, dec are kept for the backward too; the checkpoints and the
+  tiles are fp16 scaled by powers of two with tf32 products, exactly, and fp32 otherwise:
+  ``configs.tile_dtype``).
 * backward: [segments only] ``chunk_scan_bwd_kernel`` (LOCAL) + ``state_combine_kernel``
   (reverse), then ``chunk_scan_bwd_kernel`` (state gradient at every chunk end, and the initial
   state's gradient), then ``chunk_bwd_kernel`` (all six input gradients, chunk-parallel).
