@@ -191,6 +191,24 @@ def test_whole_and_tail_chunks(T, mask):
     check(x, "float32", label=f"whole/tail chunks T={T} mask={mask}")
 
 
+def test_fp16_buffers_are_exact(monkeypatch):
+    """bf16 inputs (tf32 products): the prep tiles and the checkpoints stored as fp16 scaled by
+    powers of two (configs.tile_dtype) give bit for bit the outputs and gradients of fp32
+    storage."""
+    x = make_inputs(2, 300 if GPU else 40, 2, 32, seed=SEED)
+    do, ds = make_cotangents((2, x["r"].shape[1], 2, 32), (2, 2, 32, 32), seed=SEED)
+    configs = triton_launcher._configs()
+    results = []
+    for storage in ("float16", "float32"):
+        monkeypatch.setattr(configs, "tile_dtype", lambda precision, _s=storage: _s)
+        o, s, g = run(x, "bfloat16", do=do, ds=ds)
+        results.append([o, s, *g])
+    names = ["o", "final_state"] + ["d" + n for n in NAMES] + ["dinitial_state"]
+    for name, first, second in zip(names, *results):
+        assert np.array_equal(np.asarray(first), np.asarray(second)), (
+            f"seed={SEED}: {name} differs with fp32 buffers")
+
+
 def test_transformations():
     """jit, grad, value_and_grad and checkpoint agree with each other and with the reference;
     output_final_state=False returns None; T = 0 returns the initial state."""
