@@ -10,6 +10,11 @@
 # configs.py function, add the same (unused) to the .ab-baseline copy after `prepare`.
 # When the change reaches the launchers too, `prepare-tree REV` copies REV's packages, kernels and
 # benchmarks into .ab-baseline/tree/ instead, and `run` times the old side from that tree.
+# Several kernel patches against the working tree in one run (the baseline timed once):
+#   here:        scripts/ab_kernels.sh prepare-variants docs/experiments/A.patch ...
+#                (writes .ab-variants/<patch name>/: the kernel folder with that patch applied)
+#   GPU machine: scripts/gpu_check.sh run scripts/ab_kernels.sh run-variants [triton_dev.py args]
+#                (carry [".whl", ".ab-variants"]); logs in $OUT/ab-base.txt, $OUT/ab-<name>.txt
 set -uo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
@@ -28,6 +33,44 @@ case "${1:-}" in
         git archive "$rev" packages shared-kernels benchmarks | tar -x -C .ab-baseline/tree
         git rev-parse "$rev" > .ab-baseline/REVISION
         echo "baseline tree of $(cat .ab-baseline/REVISION) in .ab-baseline/tree/"
+        ;;
+    prepare-variants)
+        shift
+        [ $# -gt 0 ] || { echo "usage: scripts/ab_kernels.sh prepare-variants PATCH..."; exit 2; }
+        rm -rf .ab-variants && mkdir -p .ab-variants
+        for patch in "$@"; do
+            name=$(basename "$patch" .patch)
+            tmp=$(mktemp -d)
+            mkdir -p "$tmp/shared-kernels" && cp -r shared-kernels/triton "$tmp/shared-kernels/"
+            # the patches may touch the kernel folder only: git apply refuses any other path here
+            (cd "$tmp" && git apply --include='shared-kernels/triton/*' "$OLDPWD/$patch") \
+                || { echo "$patch does not apply to the working tree's kernels"; exit 1; }
+            if git apply --numstat "$patch" | awk '{print $3}' | grep -qv '^shared-kernels/triton/'; then
+                echo "$patch changes files outside shared-kernels/triton"; exit 1
+            fi
+            mv "$tmp/shared-kernels/triton" ".ab-variants/$name" && rm -rf "$tmp"
+            echo "variant $name in .ab-variants/$name/"
+        done
+        ;;
+    run-variants)
+        shift
+        [ -d .ab-variants ] || { echo "no .ab-variants/: run 'scripts/ab_kernels.sh prepare-variants PATCH...' first and carry it"; exit 2; }
+        OUT=${OUT:-.gpu-out}; mkdir -p "$OUT"
+        args=("$@"); [ ${#args[@]} -eq 0 ] && args=(--quick --no-errors)
+        python3 benchmarks/triton_dev.py "${args[@]}" > "$OUT/ab-base.txt" 2>&1
+        mv shared-kernels/triton shared-kernels/triton.ab-base
+        for dir in .ab-variants/*/; do
+            name=$(basename "$dir")
+            rm -rf shared-kernels/triton && cp -r "$dir" shared-kernels/triton
+            python3 benchmarks/triton_dev.py "${args[@]}" > "$OUT/ab-$name.txt" 2>&1
+        done
+        rm -rf shared-kernels/triton && mv shared-kernels/triton.ab-base shared-kernels/triton
+        for log in "$OUT"/ab-base.txt "$OUT"/ab-*.txt; do
+            [ "$log" = "$OUT/ab-base.txt" ] && [ "${shown:-}" ] && continue
+            shown=1
+            echo "== $(basename "$log" .txt)"
+            grep -E "^error|^\| [A-Za-z0-9]+ \||_kernel |per-kernel \(shape" "$log" | cut -c1-160
+        done
         ;;
     run)
         shift
@@ -50,5 +93,7 @@ case "${1:-}" in
         done
         ;;
     *)
-        echo "usage: scripts/ab_kernels.sh prepare REV | prepare-tree REV | run [triton_dev.py args]"; exit 2 ;;
+        echo "usage: scripts/ab_kernels.sh prepare REV | prepare-tree REV | run [triton_dev.py args]"
+        echo "       scripts/ab_kernels.sh prepare-variants PATCH... | run-variants [triton_dev.py args]"
+        exit 2 ;;
 esac
