@@ -22,10 +22,10 @@ unchanged), and a gradient program of a chunk wholly past the end returns at onc
 import triton
 import triton.language as tl
 
-from .chunk_common import (FLOOR_, L_, SCALE_B_, SCALE_R2_, SCALE_W_, SCALES_, chunk_log_decays,
-                           exp_, load_f32, load_tile, scan_program, segment_start_state,
-                           sequence_span, step_validity, store_cast, store_state, tf32,
-                           unit_lower_inverse, zero_invalid)
+from .chunk_common import (FLOOR_, L_, SCALES_, chunk_log_decays, exp_, load_f32, load_tile,
+                           scan_program, segment_start_state, sequence_span, step_validity,
+                           store_cast, store_state, tf32, tile_scales, unit_lower_inverse,
+                           zero_invalid)
 
 
 @triton.jit(do_not_specialize=["T", "H", "BH", "NC", "CPS"])
@@ -67,9 +67,10 @@ def chunk_scan_bwd_kernel(
         # chunks wholly past the sequence's end are identity chunks: skipped, as in the forward
         c_hi = tl.minimum(c_hi, tl.cdiv(T_n, L_))
     # G is stored as the gradient at the end of chunk c once the step of chunk c + 1 has made it
-    # (or, for the segment's last chunk, before the loop): stored at the top of the step, as it
-    # is taken, the loop needs 130 registers on sm_90 instead of 127, and 3 programs per SM fit
-    # instead of 4
+    # (or, for the segment's last chunk, before the loop). Stored at the top of the step, as it
+    # is taken, the loop needs 128 registers on sm_90 instead of 126: 4 programs per SM still
+    # fit, but at the limit (with the scales read as scalars it took 130, and 3 fitted; the
+    # version measured on the GPU is this one)
     if SAVE_CKPT:
         if c_hi > c_lo:
             store_state(gck_ptr, gks_ptr, bh, NC, c_hi - 1, G, state_tile, vrow, K, PREC)
@@ -82,15 +83,15 @@ def chunk_scan_bwd_kernel(
         # G_prev = G M_c^T + dY^T R2, with M_c^T = diag(dec) + b_bar^T W. The tile scales (powers
         # of two) multiply b_bar (by W's and its own) and R2, so the products equal the unscaled
         # tiles' exactly. Each operand is loaded next to its product: in this order the loop
-        # takes 127 registers on sm_90, 4 programs per SM (loads first: 161, 3 programs).
-        scale = sct_ptr + (bh.to(tl.int64) * NC + c) * SCALES_
-        Bc = (tl.load(bt_ptr + cbase + ktile).to(tl.float32)
-              * (tl.load(scale + SCALE_W_) * tl.load(scale + SCALE_B_)))
+        # takes 126 registers on sm_90, 4 programs per SM (loads first: 161, 3 programs).
+        s_wb, _s_kc, s_r2 = tile_scales(sct_ptr + (bh.to(tl.int64) * NC + c) * SCALES_,
+                                        tl.full([SCALES_], 1, tl.int1))
+        Bc = tl.load(bt_ptr + cbase + ktile).to(tl.float32) * s_wb
         X2 = tl.dot(tf32(G, PREC), tl.trans(Bc), input_precision=PREC)
         dec = tl.load(dect_ptr + (bh.to(tl.int64) * NC + c) * K + cols)
         G = G * dec[None, :]
         dYt = tl.load(dy_ptr + vt_off + t_off, mask=inb[None, :], other=0.0).to(tl.float32)
-        R2 = tl.load(r2t_ptr + cbase + ktile).to(tl.float32) * tl.load(scale + SCALE_R2_)
+        R2 = tl.load(r2t_ptr + cbase + ktile).to(tl.float32) * s_r2
         G = tl.dot(tf32(dYt, PREC), R2, G, input_precision=PREC)
         Wc = tl.load(wt_ptr + cbase + ktile).to(tl.float32)
         G = tl.dot(tf32(X2, PREC), Wc, G, input_precision=PREC)

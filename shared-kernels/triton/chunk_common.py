@@ -177,7 +177,8 @@ def store_state(ptr, scale_ptr, bh, NC, c, X, state_tile, vrow, K: tl.constexpr,
 @triton.jit
 def tile_scales(scale_ptr, live):
     """The inverse scales a scan applies for one chunk, from the four at scale_ptr: (W's times
-    b_bar's, Kc's, R2's). All 1 where live is False (a [SCALES] bool, all entries equal)."""
+    b_bar's, Kc's, R2's). All 1 where live is False (a [SCALES] bool, all entries equal: a tensor,
+    so that the forward scan's masked look-ahead load runs in the interpreter too)."""
     j = tl.arange(0, SCALES_)
     sc = tl.load(scale_ptr + j, mask=live, other=1.0)
     s_w = tl.sum(tl.where(j == SCALE_W_, sc, 0.0), axis=0)

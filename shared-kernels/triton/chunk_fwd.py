@@ -234,7 +234,8 @@ def chunk_scan_fwd_kernel(
         dect_ptr, sct_ptr, v_ptr + vt_off, bh, NC, c_lo, c_end, T_n, stride_t, rows, cols, K)
     # the state entering chunk c is stored once the step of chunk c - 1 has made it (the first
     # before the loop): stored at the top of the step, where the products take it, the loop
-    # needs 244 registers on sm_90 instead of 168
+    # needs 244 registers on sm_90 instead of 168. The price is one more tf32 rounding of the
+    # state per step (store_state rounds it, and the next step rounds it again for its products)
     if SAVE_CKPT:
         if c_lo < c_end:
             store_state(ckpt_ptr, cks_ptr, bh, NC, c_lo, S, state_tile, vrow, K, PREC)
