@@ -65,11 +65,10 @@ case "${1:-}" in
             python3 benchmarks/triton_dev.py "${args[@]}" > "$OUT/ab-$name.txt" 2>&1
         done
         rm -rf shared-kernels/triton && mv shared-kernels/triton.ab-base shared-kernels/triton
-        for log in "$OUT"/ab-base.txt "$OUT"/ab-*.txt; do
-            [ "$log" = "$OUT/ab-base.txt" ] && [ "${shown:-}" ] && continue
-            shown=1
-            echo "== $(basename "$log" .txt)"
-            grep -E "^error|^\| [A-Za-z0-9]+ \||_kernel |per-kernel \(shape" "$log" | cut -c1-160
+        for name in base $(ls .ab-variants); do
+            echo "== $name"
+            grep -E "^error|^\| [A-Za-z0-9]+ \||_kernel |per-kernel \(shape" "$OUT/ab-$name.txt" \
+                | cut -c1-160
         done
         ;;
     run)
