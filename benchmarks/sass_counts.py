@@ -18,8 +18,8 @@ workspace locks a newer one, which allocates registers differently), overlay it:
 
     uv run --with triton==3.6.0 python benchmarks/sass_counts.py
 
-With 3.6 the state-gradient scan takes 127 registers here, where Nsight Compute read 128 on the
-H200 (benchmarks/profile_kernels.py prints the GPU build's registers).
+With 3.6 the state-gradient scan took 127 registers here (one pipeline stage), where Nsight
+Compute read 128 on the H200 (benchmarks/profile_kernels.py prints the GPU build's registers).
 """
 
 import collections
@@ -45,7 +45,7 @@ KERNELS = {
     "scan_fwd": (chunk_fwd.chunk_scan_fwd_kernel, 2, 3,
                  dict(BV=32, HAS_INIT=True, LOCAL=False, WRITE_Y=True, SAVE_CKPT=True,
                       WRITE_END=True)),
-    "scan_bwd": (chunk_bwd.chunk_scan_bwd_kernel, 4, 1,
+    "scan_bwd": (chunk_bwd.chunk_scan_bwd_kernel, 4, 3,
                  dict(BV=64, HAS_INIT=True, LOCAL=False, SAVE_CKPT=True, WRITE_END=True)),
     "bwd": (chunk_bwd.chunk_bwd_kernel, 4, 1,
             dict(BV=64, HAS_MASK=False, PREC_INV="tf32", FULL=True)),

@@ -230,6 +230,7 @@ def main():
             "fwd-stages3": dict(stages_fwd=3),
             "state-stages2": dict(stages_state=2),
             "state-stages3": dict(stages_state=3),
+            "state-stages1": dict(stages_state=1),
         }
         if args.only:
             variants = {k: v for k, v in variants.items() if k in args.only.split(",")}

@@ -68,9 +68,8 @@ def chunk_scan_bwd_kernel(
         c_hi = tl.minimum(c_hi, tl.cdiv(T_n, L_))
     # G is stored as the gradient at the end of chunk c once the step of chunk c + 1 has made it
     # (or, for the segment's last chunk, before the loop). Stored at the top of the step, as it
-    # is taken, the loop needs 128 registers on sm_90 instead of 126: 4 programs per SM still
-    # fit, but at the limit (with the scales read as scalars it took 130, and 3 fitted; the
-    # version measured on the GPU is this one)
+    # is taken, the loop needed 128 registers on sm_90 instead of 126 (one pipeline stage; with
+    # the scales read as scalars it took 130, and 3 programs fitted instead of 4)
     if SAVE_CKPT:
         if c_hi > c_lo:
             store_state(gck_ptr, gks_ptr, bh, NC, c_hi - 1, G, state_tile, vrow, K, PREC)
@@ -83,7 +82,9 @@ def chunk_scan_bwd_kernel(
         # G_prev = G M_c^T + dY^T R2, with M_c^T = diag(dec) + b_bar^T W. The tile scales (powers
         # of two) multiply b_bar (by W's and its own) and R2, so the products equal the unscaled
         # tiles' exactly. Each operand is loaded next to its product: in this order the loop
-        # takes 126 registers on sm_90, 4 programs per SM (loads first: 161, 3 programs).
+        # takes 126 registers on sm_90 with one pipeline stage and 128 with the three of K <= 64
+        # (the pipeliner then loads the tiles two chunks ahead into shared memory), 4 programs
+        # per SM (loads first: 161, 3 programs).
         s_wb, _s_kc, s_r2 = tile_scales(sct_ptr + (bh.to(tl.int64) * NC + c) * SCALES_,
                                         tl.full([SCALES_], 1, tl.int1))
         Bc = tl.load(bt_ptr + cbase + ktile).to(tl.float32) * s_wb
