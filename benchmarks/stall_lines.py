@@ -1,49 +1,116 @@
-"""Summarise Nsight Compute source-page CSVs (scripts/ncu_source.sh): the source lines, or SASS
-instructions, with the most warp-stall samples, and the stall reasons of each.
+"""Where a chunk kernel waits, by source line: Nsight Compute's per-instruction warp-stall samples
+(a CSV of scripts/ncu_source.sh) joined with the line info of the same kernel compiled here.
 
-    python3 benchmarks/stall_lines.py ncu-chunk_bwd_kernel-cuda.csv [ncu-chunk_bwd_kernel-sass.csv]
+    uv run --with triton==3.6.0 python benchmarks/stall_lines.py ncu-chunk_bwd_kernel.csv bwd
+    uv run --with triton==3.6.0 python benchmarks/stall_lines.py ncu-chunk_scan_fwd_kernel.csv \
+        scan_fwd SAVE_CKPT=False --top 30
+
+The kernel name and constexpr changes are those of benchmarks/sass_counts.py; they must give the
+cubin the GPU ran (same Triton, 3.6 on the device, and the same specialisation), which is checked:
+the two instruction lists must agree opcode by opcode. Instructions of helper functions
+(chunk_common.py, triton.language) count for the last line of the kernel's own file before them,
+so a line's share includes the helpers it calls (approximately: the compiler interleaves).
+Prints, per line: its share of all samples, the three largest stall reasons, and its instruction
+count.
 """
 
+import argparse
+import collections
 import csv
+import os
+import re
+import subprocess
 import sys
+import tempfile
+
+import triton
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import sass_counts  # noqa: E402
+
+SASS_LINE = re.compile(r"\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)")
+FILE_LINE = re.compile(r'//## File "([^"]+)", line (\d+)')
 
 
-def rows_of(path):
+def local_instructions(kernel, changes):
+    """[(opcode, (file name, line) or None)] of the kernel compiled here for sm_90."""
+    fn, warps, stages, own = sass_counts.KERNELS[kernel]
+    constexprs = {**sass_counts.COMMON, **own}
+    constexprs.update({k: v for k, v in changes.items() if k in fn.arg_names})
+    compiled = sass_counts.compile_sm90(fn, constexprs, changes.get("warps", warps),
+                                        changes.get("stages", stages), changes.get("maxnreg"))
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        text = subprocess.run([os.path.join(tools, "nvdisasm"), "-g", "-c", f.name],
+                              capture_output=True, text=True, check=True).stdout
+    out, where = [], None
+    for line in text.splitlines():
+        m = FILE_LINE.search(line)
+        if m:
+            where = (os.path.basename(m.group(1)), int(m.group(2)))
+            continue
+        m = SASS_LINE.match(line)
+        if m:
+            out.append((m.group(1), where))
+    return out, os.path.basename(fn.fn.__code__.co_filename), fn.fn.__code__.co_filename
+
+
+def gpu_samples(path):
+    """(header, rows) of an Nsight Compute source-page CSV (--print-source sass)."""
     with open(path, newline="") as f:
-        lines = [line for line in f if line.strip() and not line.startswith("==")]
-    return list(csv.DictReader(lines))
+        lines = [line for line in f if line.strip()]
+    rows = list(csv.reader(lines[1:]))     # the first line names the kernel
+    return rows[0], rows[1:]
 
 
-def number(text):
-    try:
-        return float(str(text).replace(",", ""))
-    except ValueError:
-        return 0.0
-
-
-def summary(path, top=30):
-    rows = rows_of(path)
-    if not rows:
-        print(f"{path}: no rows")
-        return
-    cols = list(rows[0])
-    total_col = next((c for c in cols if c.startswith("Warp Stall Sampling (All")), None)
-    if total_col is None:
-        print(f"{path}: columns {cols}")
-        return
-    reasons = [c for c in cols if "stall" in c.lower() and not c.startswith("Warp Stall Sampling")]
-    label = next((c for c in ("Source", "Address") if c in cols), cols[0])
-    line_col = next((c for c in cols if c.strip("# ").lower() in ("line", "#")), None)
-    total = sum(number(r[total_col]) for r in rows) or 1.0
-    print(f"== {path}: {len(rows)} rows, {total:.0f} samples")
-    for r in sorted(rows, key=lambda r: -number(r[total_col]))[:top]:
-        share = number(r[total_col]) / total
-        where = f"{r[line_col]:>5} " if line_col else ""
-        why = sorted(((number(r[c]), c) for c in reasons), reverse=True)[:3]
-        why = " ".join(f"{c}={v:.0f}" for v, c in why if v)
-        print(f"{share:6.1%} {where}{r[label].strip()[:90]}  {why}")
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("csv")
+    parser.add_argument("kernel", choices=sorted(sass_counts.KERNELS))
+    parser.add_argument("changes", nargs="*", help="constexpr=value, as for sass_counts.py")
+    parser.add_argument("--top", type=int, default=25)
+    args = parser.parse_args()
+    changes = {}
+    for arg in args.changes:
+        key, value = arg.split("=", 1)
+        changes[key] = {"True": True, "False": False}.get(value, int(value) if value.isdigit()
+                                                          else value)
+    local, own_file, own_path = local_instructions(args.kernel, changes)
+    header, rows = gpu_samples(args.csv)
+    col = {name: i for i, name in enumerate(header)}
+    mismatched = sum(1 for (op, _), row in zip(local, rows)
+                     if op.split(".")[0] not in row[col["Source"]])
+    if len(local) != len(rows) or mismatched:
+        sys.exit(f"the local build ({len(local)} instructions) is not the one profiled "
+                 f"({len(rows)}; {mismatched} opcodes differ): check the Triton version and the "
+                 "constexprs")
+    reasons = [h for h in header if h.startswith("stall_") and "Not Issued" not in h]
+    total_col = col["Warp Stall Sampling (All Samples)"]
+    samples = collections.Counter()
+    why = collections.defaultdict(collections.Counter)
+    count = collections.Counter()
+    line = 0
+    for (op, where), row in zip(local, rows):
+        if where and where[0] == own_file:
+            line = where[1]
+        samples[line] += float(row[total_col] or 0)
+        count[line] += 1
+        for r in reasons:
+            why[line][r[len("stall_"):]] += float(row[col[r]] or 0)
+    total = sum(samples.values()) or 1.0
+    source = open(own_path).read().splitlines()
+    everything = collections.Counter()
+    for c in why.values():
+        everything.update(c)
+    print(f"{args.kernel}: {len(rows)} instructions, {total:.0f} samples; stall reasons: "
+          + "  ".join(f"{k}={v / total:.1%}" for k, v in everything.most_common(8)))
+    for line, n in samples.most_common(args.top):
+        text = source[line - 1].strip()[:72] if line else "(before the first line)"
+        top3 = "  ".join(f"{k}={v / total:.1%}" for k, v in why[line].most_common(3))
+        print(f"{n / total:6.1%}  L{line:<4d} {text:72s} | {top3} | {count[line]} instr")
 
 
 if __name__ == "__main__":
-    for p in sys.argv[1:]:
-        summary(p)
+    main()
