@@ -20,8 +20,8 @@ import torch
 from rwkv_ops.common import KernelUnavailableError
 from rwkv_ops.numpy.reference import (generalized_delta_rule_backward,
                                       generalized_delta_rule_reference)
-from rwkv_ops.numpy.testing import (make_cotangents, make_inputs, override_config, rel_error,
-                                    seed_from_env)
+from rwkv_ops.numpy.testing import (assert_same_storage_results, make_cotangents, make_inputs,
+                                    override_config, rel_error, seed_from_env)
 from rwkv_ops.torch import triton_launcher as launcher
 
 HAS_CUDA = torch.cuda.is_available()
@@ -201,7 +201,8 @@ def test_deterministic(request):
 def test_fp16_buffers_are_exact(dtype, monkeypatch, request):
     """With tf32 products the prep tiles and the state checkpoints are stored as fp16 scaled by
     powers of two (configs.tile_dtype); stored as fp32 instead, every output and gradient comes
-    out bit for bit the same."""
+    out bit for bit the same under the interpreter, and the same up to the accumulation order of
+    the GPU's tensor cores when compiled (``assert_same_storage_results`` says how close)."""
     seed = _seed(request)
     x = make_inputs(2, 300 if HAS_CUDA else 40, 2, 32, seed=seed)
     do, dsT = make_cotangents((2, x["r"].shape[1], 2, 32), (2, 2, 32, 32), seed=seed)
@@ -218,7 +219,9 @@ def test_fp16_buffers_are_exact(dtype, monkeypatch, request):
                                      torch.tensor(dsT, dtype=torch.float32, device=DEVICE)))
         results.append([o, final, *grads])
     for name, first, second in zip(("y", "state") + GRAD_NAMES, *results):
-        assert torch.equal(first, second), f"seed={seed}: {name} differs with fp32 buffers"
+        assert_same_storage_results(name, first.detach().double().cpu().numpy(),
+                                    second.detach().double().cpu().numpy(), exact=not HAS_CUDA,
+                                    fp32=name in ("state", "ds0"), seed=seed)
 
 
 def test_empty_sequence():
