@@ -152,7 +152,10 @@ def chunk_bwd_kernel(
     Inputs as in the forward; dy like r; ckpt: [B*H, NC, K, K] state entering each chunk and gck
     the state gradient at each chunk's end, as the scans stored them (fp16 scaled per row, inverse
     scales in cks and gks [B*H, NC, K], or fp32): tf32-exact in tf32 mode, so this kernel's
-    products read them as they are. Outputs: like their inputs.
+    products read them as they are. The row scales (powers of two) are applied to the smaller
+    operand or result of each product: the rows of a [BV, 16] result, or the contraction rows of
+    its [BV, 16] partner (H200, shape S: 9.14 against 9.41 ms scaling the [BV, K] tiles). Outputs:
+    like their inputs.
     PREC_INV: precision of the (I - A_ab)^-1 series (PREC, or "ieee"). VARLEN: packed sequences
     (cu, as in the forward); a chunk wholly past its sequence's end stores nothing. FULL: every
     chunk is whole and every step valid (``configs.whole_chunks``): no masks, loads or stores.
