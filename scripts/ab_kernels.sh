@@ -10,9 +10,11 @@
 # configs.py function, add the same (unused) to the .ab-baseline copy after `prepare`.
 # When the change reaches the launchers too, `prepare-tree REV` copies REV's packages, kernels and
 # benchmarks into .ab-baseline/tree/ instead, and `run` times the old side from that tree.
-# Several kernel patches against the working tree in one run (the baseline timed once):
+# Several patches against the working tree in one run (the baseline timed once):
 #   here:        scripts/ab_kernels.sh prepare-variants docs/experiments/A.patch ...
-#                (writes .ab-variants/<patch name>/: the kernel folder with that patch applied)
+#                (writes .ab-variants/<patch name>/: a copy of the working tree's packages,
+#                shared-kernels and benchmarks with that patch applied; a patch may change any of
+#                them, launchers included)
 #   GPU machine: scripts/gpu_check.sh run scripts/ab_kernels.sh run-variants [triton_dev.py args]
 #                (carry [".whl", ".ab-variants"]); logs in $OUT/ab-base.txt, $OUT/ab-<name>.txt
 set -uo pipefail
@@ -40,15 +42,16 @@ case "${1:-}" in
         rm -rf .ab-variants && mkdir -p .ab-variants
         for patch in "$@"; do
             name=$(basename "$patch" .patch)
-            tmp=$(mktemp -d)
-            mkdir -p "$tmp/shared-kernels" && cp -r shared-kernels/triton "$tmp/shared-kernels/"
-            # the patches may touch the kernel folder only: git apply refuses any other path here
-            (cd "$tmp" && git apply --include='shared-kernels/triton/*' "$OLDPWD/$patch") \
-                || { echo "$patch does not apply to the working tree's kernels"; exit 1; }
-            if git apply --numstat "$patch" | awk '{print $3}' | grep -qv '^shared-kernels/triton/'; then
-                echo "$patch changes files outside shared-kernels/triton"; exit 1
+            if git apply --numstat "$patch" | awk '{print $3}' \
+                    | grep -qvE '^(packages|shared-kernels|benchmarks)/'; then
+                echo "$patch changes files outside packages/, shared-kernels/ and benchmarks/"; exit 1
             fi
-            mv "$tmp/shared-kernels/triton" ".ab-variants/$name" && rm -rf "$tmp"
+            abs=$(realpath "$patch")
+            # built outside the repository: git apply inside it would skip paths above the folder
+            tmp=$(mktemp -d)
+            tar -c --exclude=__pycache__ packages shared-kernels benchmarks | tar -x -C "$tmp"
+            (cd "$tmp" && git apply "$abs") || { echo "$patch does not apply to the working tree"; exit 1; }
+            mv "$tmp" ".ab-variants/$name"
             echo "variant $name in .ab-variants/$name/"
         done
         ;;
@@ -58,13 +61,12 @@ case "${1:-}" in
         OUT=${OUT:-.gpu-out}; mkdir -p "$OUT"
         args=("$@"); [ ${#args[@]} -eq 0 ] && args=(--quick --no-errors)
         python3 benchmarks/triton_dev.py "${args[@]}" > "$OUT/ab-base.txt" 2>&1
-        mv shared-kernels/triton shared-kernels/triton.ab-base
         for dir in .ab-variants/*/; do
             name=$(basename "$dir")
-            rm -rf shared-kernels/triton && cp -r "$dir" shared-kernels/triton
-            python3 benchmarks/triton_dev.py "${args[@]}" > "$OUT/ab-$name.txt" 2>&1
+            # each variant runs from its own tree: its packages find its kernels (rwkv_ops.*._triton)
+            (cd "$dir" && PYTHONPATH=$(ls -d "$PWD"/packages/*/src | paste -sd:):${PYTHONPATH:-} \
+                python3 benchmarks/triton_dev.py "${args[@]}") > "$OUT/ab-$name.txt" 2>&1
         done
-        rm -rf shared-kernels/triton && mv shared-kernels/triton.ab-base shared-kernels/triton
         for name in base $(ls .ab-variants); do
             echo "== $name"
             grep -E "^error|^\| [A-Za-z0-9]+ \||_kernel |per-kernel \(shape" "$OUT/ab-$name.txt" \
