@@ -161,8 +161,9 @@ def _scan_step_loads(dec_ptr, sc_ptr, v_ptr, bh, NC, c, c_end, T_n, stride_t, ro
     decay dec ([K], from the prep tiles), its inverse tile scales (``tile_scales``) and its
     transposed [BV, 16] tile of v (v_ptr points at the tile of step 0; returned in v's dtype).
     Nothing is read for c >= c_end (the scan loads one chunk ahead). The state-gradient scan
-    keeps plain loads: the same prefetch there raised its registers from 128 to 168, and 512
-    programs (shape S) no longer fit in one wave (H200: 1.68 vs 1.13 ms)."""
+    leaves its loads to the software pipeliner instead: the same prefetch by hand there raised
+    its registers from 128 to 168, and 512 programs (shape S) no longer fit in one wave (H200:
+    1.68 vs 1.13 ms)."""
     c_k = c + cols * 0                    # c as tensors: the masks stay tensors in the interpreter
     c_l = c + rows * 0
     c_s = c + tl.arange(0, SCALES_) * 0
@@ -227,9 +228,9 @@ def chunk_scan_fwd_kernel(
         # chunks wholly past the sequence's end are identity chunks: skipped (their checkpoints
         # are left unwritten; only gradient programs that store nothing read them)
         c_end = tl.minimum(c_hi, tl.cdiv(T_n, L_))
-    # dec and v are loaded one chunk ahead, by hand: the software pipeliner prefetches only the
-    # tiles that feed products from shared memory, and the scan would otherwise wait on these two
-    # loads at every step
+    # dec, the tile scales and v are loaded one chunk ahead, by hand: the software pipeliner
+    # prefetches only the tiles that feed products from shared memory, and the scan would
+    # otherwise wait on these loads at every step
     dec_next, s_wb_next, s_kc_next, s_r2_next, Vt_next = _scan_step_loads(
         dect_ptr, sct_ptr, v_ptr + vt_off, bh, NC, c_lo, c_end, T_n, stride_t, rows, cols, K)
     # the state entering chunk c is stored once the step of chunk c - 1 has made it (the first

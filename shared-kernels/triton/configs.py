@@ -75,7 +75,7 @@ def chunk_config(K: int, dtype: str, T: int, BH: int) -> ChunkConfig:
         bv_fwd=min(K, 32),
         warps_fwd=2,
         # three stages of the forward scan's tile prefetch up to K = 64 (H100, shape S: scan 1.83
-        # vs 2.00 ms, L fwd 4.28 vs 4.62 ms; the state-gradient scan was slower with 2 or 3)
+        # vs 2.00 ms, L fwd 4.28 vs 4.62 ms)
         stages_fwd=3 if small else 2,
         bv_state=bv if small else 32,
         warps_state=4 if small else 2,

@@ -191,7 +191,7 @@ def test_whole_and_tail_chunks(T, mask):
     check(x, "float32", label=f"whole/tail chunks T={T} mask={mask}")
 
 
-def test_fp16_buffers_are_exact(monkeypatch):
+def test_fp16_storage_matches_fp32(monkeypatch):
     """bf16 inputs (tf32 products): the prep tiles and the checkpoints stored as fp16 scaled by
     powers of two (configs.tile_dtype) give the outputs and gradients of fp32 storage, bit for
     bit under the interpreter and up to the tensor cores' accumulation order when compiled

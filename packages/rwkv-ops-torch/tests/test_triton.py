@@ -198,7 +198,7 @@ def test_deterministic(request):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_fp16_buffers_are_exact(dtype, monkeypatch, request):
+def test_fp16_storage_matches_fp32(dtype, monkeypatch, request):
     """With tf32 products the prep tiles and the state checkpoints are stored as fp16 scaled by
     powers of two (configs.tile_dtype); stored as fp32 instead, every output and gradient comes
     out bit for bit the same under the interpreter, and the same up to the accumulation order of
