@@ -497,8 +497,8 @@ def _backward_local(static, *arrays):
 # Dimensions of each kind of array: "x" an input / o / gradient (layout dependent), "m" the mask,
 # "s" a [B, H, K, K] state, "s1" a [1, H, K, K] state, "c" checkpoints [B, H, NC, K, K],
 # "g" per-segment states [B, H, NSEG, K, K], "p" prep tiles [B, H, NC, 16, K], "d" a [B, H, NC, K]
-# array (chunk decays, the checkpoints' row scales), "e" the tiles' inverse scales [B, H, NC, 4]. Factor names of the Shardy rule;
-# only b and h may shard.
+# array (chunk decays, the checkpoints' row scales), "e" the tiles' inverse scales [B, H, NC, 4].
+# Factor names of the Shardy rule; only b and h may shard.
 # Tests set this to compile (never run) sharded programs under the interpreter.
 _COMPILE_ONLY_UNDER_INTERPRETER = False
 _FACTORS = {"x": "b t h k", "x_hf": "b h t k", "m": "b t", "s": "b h i k", "s1": "u h i k",
