@@ -41,14 +41,14 @@ BF16 = {"r_ptr", "w_ptr", "k_ptr", "v_ptr", "a_ptr", "b_ptr", "dy_ptr", "y_ptr",
 COMMON = dict(K=64, PREC="tf32", VARLEN=False)
 KERNELS = {
     "prep": (chunk_fwd.chunk_prep_kernel, 1, 3,
-             dict(G=1, HAS_MASK=False, PREC_INV="tf32", FULL=True)),
+             dict(G=1, HAS_MASK=False, PREC_INV="tf32", FULL=True, SAVE_PAIRS=True)),
     "scan_fwd": (chunk_fwd.chunk_scan_fwd_kernel, 2, 3,
                  dict(BV=32, HAS_INIT=True, LOCAL=False, WRITE_Y=True, SAVE_CKPT=True,
                       WRITE_END=True)),
     "scan_bwd": (chunk_bwd.chunk_scan_bwd_kernel, 4, 3,
                  dict(BV=64, HAS_INIT=True, LOCAL=False, SAVE_CKPT=True, WRITE_END=True)),
     "bwd": (chunk_bwd.chunk_bwd_kernel, 4, 1,
-            dict(BV=64, HAS_MASK=False, PREC_INV="tf32", FULL=True)),
+            dict(BV=64, HAS_MASK=False, FULL=True)),
 }
 
 

@@ -115,8 +115,9 @@ def no_grad_errors(dtype=torch.bfloat16, seed=1234):
 
 
 def kernel_bytes(B, T, H, K, n_seg):
-    """Bytes each kernel must move at least, by name: bf16 I/O, so the prep tiles W, b_bar, Kc,
-    R2 and the checkpoints are fp16 (configs.tile_dtype) with fp32 scales; Qc and dec fp32."""
+    """Bytes each kernel must move at least in a forward + backward, by name: bf16 I/O, so the
+    prep tiles W, b_bar, Kc, R2 and the checkpoints are fp16 (configs.tile_dtype) with fp32
+    scales; Qc, dec and the pair matrices fp32."""
     tok = B * T * H * K * 2          # one bf16 [B, T, H, K] tensor
     nc = math.ceil(T / 16)
     per_chunk = B * H * nc
@@ -124,11 +125,12 @@ def kernel_bytes(B, T, H, K, n_seg):
     tile = per_chunk * 16 * K * 2               # one fp16 [16, K] tile per chunk
     small = per_chunk * (16 * 16 * 4 + K * 4)   # Qc and dec
     scales = per_chunk * 4 * 4                  # the four tiles' scales
+    pairs = per_chunk * 4 * 16 * 16 * 4         # the pair matrices kept for the gradient kernel
     return {
-        "chunk_prep_kernel": 5 * tok + 4 * tile + small + scales,
+        "chunk_prep_kernel": 5 * tok + 4 * tile + small + scales + pairs,
         "chunk_scan_fwd_kernel": tok + 4 * tile + small + scales + tok + ck,
         "chunk_scan_bwd_kernel": tok + 3 * tile + per_chunk * K * 4 + scales + ck,
-        "chunk_bwd_kernel": 7 * tok + 2 * ck + 6 * tok,
+        "chunk_bwd_kernel": 7 * tok + 2 * ck + 6 * tok + pairs,
     }
 
 

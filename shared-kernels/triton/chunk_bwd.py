@@ -22,10 +22,10 @@ unchanged), and a gradient program of a chunk wholly past the end returns at onc
 import triton
 import triton.language as tl
 
-from .chunk_common import (FLOOR_, L_, SCALES_, chunk_log_decays, exp_, load_f32, load_tile,
-                           scan_program, segment_start_state, sequence_span, step_validity,
-                           store_cast, store_state, tf32, tile_scales, unit_lower_inverse,
-                           zero_invalid)
+from .chunk_common import (FLOOR_, L_, PAIRS_, SCALES_, chunk_log_decays, exp_, load_f32,
+                           load_pair_matrices, load_tile, scan_program, segment_start_state,
+                           sequence_span, step_validity, store_cast, store_state, tf32,
+                           tile_scales, zero_invalid)
 
 
 @triton.jit(do_not_specialize=["T", "H", "BH", "NC", "CPS"])
@@ -139,24 +139,25 @@ def _chunk_factors(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, t, T, cols, stride_t, vali
 @triton.jit(do_not_specialize=["T", "H", "BH", "NC"])
 def chunk_bwd_kernel(
     r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, mask_ptr, ckpt_ptr, cks_ptr, gck_ptr, gks_ptr,
-    cu_ptr,
+    pm_ptr, cu_ptr,
     dr_ptr, dw_ptr, dk_ptr, dv_ptr, da_ptr, db_ptr,
     T, H, BH, NC,
     stride_b, stride_t, stride_h,
     K: tl.constexpr, BV: tl.constexpr,
-    HAS_MASK: tl.constexpr, PREC: tl.constexpr, PREC_INV: tl.constexpr, VARLEN: tl.constexpr,
-    FULL: tl.constexpr,
+    HAS_MASK: tl.constexpr, PREC: tl.constexpr, VARLEN: tl.constexpr, FULL: tl.constexpr,
 ):
     """Gradients of r, w, k, v, a, b for one (batch, head, chunk). Grid: (NC * BH,).
 
     Inputs as in the forward; dy like r; ckpt: [B*H, NC, K, K] state entering each chunk and gck
     the state gradient at each chunk's end, as the scans stored them (fp16 scaled per row, inverse
     scales in cks and gks [B*H, NC, K], or fp32): tf32-exact in tf32 mode, so this kernel's
-    products read them as they are. The row scales (powers of two) are applied to the smaller
+    products read them as they are. pm: the pair matrices A_qk, A_qb, A_ak and N of every chunk
+    as the prep kernel computed them for the forward ([B*H, NC, PAIR_MATRICES, 16, 16] fp32,
+    ``store_pair_matrices``). The row scales (powers of two) are applied to the smaller
     operand or result of each product: the rows of a [BV, 16] result, or the contraction rows of
     its [BV, 16] partner (H200, shape S: 9.14 against 9.41 ms scaling the [BV, K] tiles). Outputs:
     like their inputs.
-    PREC_INV: precision of the (I - A_ab)^-1 series (PREC, or "ieee"). VARLEN: packed sequences
+    VARLEN: packed sequences
     (cu, as in the forward); a chunk wholly past its sequence's end stores nothing. FULL: every
     chunk is whole and every step valid (``configs.whole_chunks``): no masks, loads or stores.
     Layout: the V loop works on [BV, 16] V-side tiles and [K, 16] K-side sums, so every product
@@ -186,6 +187,9 @@ def chunk_bwd_kernel(
     t = c * L_ + rows
     valid = step_validity(mask_ptr + b.to(tl.int64) * T, t, T_n, HAS_MASK)
 
+    # the pair matrices are read first: their loads wait while the factors are computed
+    pairs = load_pair_matrices(pm_ptr + (bh.to(tl.int64) * NC + c) * PAIRS_ * L_ * L_
+                               + rows[:, None] * L_ + rows[None, :])
     q_t, k_h, a_t, b_h, q_r, k_r, a_r, b_r, e_in, e_ex, e_inv, to_mid, mid_to_end, decay_end, \
         lam_raw = _chunk_factors(
         r_ptr + base, w_ptr + base, k_ptr + base, a_ptr + base, b_ptr + base, t, T_n, cols,
@@ -194,12 +198,7 @@ def chunk_bwd_kernel(
     a_s = tf32(a_t * to_mid[None, :], PREC)
     k_bar = tf32(k_h * mid_to_end[None, :], PREC)
     b_bar = tf32(b_h * mid_to_end[None, :], PREC)
-    A_qk = tf32(tl.where(incl, tl.dot(q_r, tl.trans(k_r), input_precision=PREC), 0.0), PREC)
-    A_qb = tf32(tl.where(incl, tl.dot(q_r, tl.trans(b_r), input_precision=PREC), 0.0), PREC)
-    A_ak = tl.where(strict, tl.dot(a_r, tl.trans(k_r), input_precision=PREC), 0.0)
-    A_ab = tl.where(strict, tl.dot(a_r, tl.trans(b_r), input_precision=PREC), 0.0)
-    N = tf32(unit_lower_inverse(A_ab, PREC_INV), PREC)
-    A_ak = tf32(A_ak, PREC)
+    A_qk, A_qb, A_ak, N = pairs
 
     # K-side partial sums over all V rows
     dA_qk = tl.zeros([L_, L_], dtype=tl.float32)

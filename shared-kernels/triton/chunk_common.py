@@ -9,7 +9,7 @@ one (batch, head, chunk) tile. Framework-free: only ``triton`` and ``triton.lang
 import triton
 import triton.language as tl
 
-from .configs import TILE_SCALES
+from .configs import PAIR_MATRICES, TILE_SCALES
 
 CHUNK = 16
 # |lambda| bound (float32): CHUNK / 2 * LAMBDA_FLOOR = 80 < log(FLT_MAX) = 88.7, so every
@@ -153,6 +153,29 @@ def store_scaled(ptr, x, scale_ptr, mask, chunk_ok, FULL: tl.constexpr):
         inv = tl.full(chunk_ok.shape, 1.0, tl.float32)
         store_cast(ptr, x, mask, FULL)
     store_cast(scale_ptr, inv, chunk_ok, FULL)
+
+
+# the pair matrices of a chunk kept for the gradient kernel (``store_pair_matrices``), in this
+# order: A_qk, A_qb (masked to i >= j), A_ak (i > j) and N = (I - A_ab)^-1, tf32-rounded
+PAIRS_ = tl.constexpr(PAIR_MATRICES)
+
+
+@triton.jit
+def store_pair_matrices(ptrs, A_qk, A_qb, A_ak, N, mask, FULL: tl.constexpr):
+    """Store a chunk's pair matrices (each [CHUNK, CHUNK] fp32, or [G, CHUNK, CHUNK]) at ptrs, the
+    first one's element pointers in a [.., PAIRS, CHUNK, CHUNK] buffer (mask as ptrs)."""
+    store_cast(ptrs, A_qk, mask, FULL)
+    store_cast(ptrs + L_ * L_, A_qb, mask, FULL)
+    store_cast(ptrs + 2 * L_ * L_, A_ak, mask, FULL)
+    store_cast(ptrs + 3 * L_ * L_, N, mask, FULL)
+
+
+@triton.jit
+def load_pair_matrices(ptrs):
+    """(A_qk, A_qb, A_ak, N) of one chunk, as ``store_pair_matrices`` stored them at ptrs
+    ([CHUNK, CHUNK] pointers to the first)."""
+    return (tl.load(ptrs), tl.load(ptrs + L_ * L_), tl.load(ptrs + 2 * L_ * L_),
+            tl.load(ptrs + 3 * L_ * L_))
 
 
 @triton.jit

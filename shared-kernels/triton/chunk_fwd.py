@@ -13,7 +13,9 @@ So the forward is two kernels:
 
 * ``chunk_prep_kernel``: every chunk in parallel (G chunks per program, one per warp, as batched
   [G, 16, .] products) computes W, b_bar, Kc, R2, Qc and dec into fp32 buffers. This is all the
-  exponential, triangular-solve and L x L work, done once per chunk.
+  exponential, triangular-solve and L x L work, done once per chunk; a forward for training also
+  keeps the chunk's pair matrices (A_qk, A_qb, A_ak, N), which the gradient kernel reads instead
+  of computing them again.
 * ``chunk_scan_fwd_kernel``: the serial part, reduced to five small products per chunk. A program
   owns BV value rows of S for one segment of chunks (rows of S are independent). It writes o, the
   final state and, for the backward, the fp32 state entering every chunk.
@@ -39,20 +41,20 @@ inverse scales of W, b_bar, Kc and R2, fp32).
 import triton
 import triton.language as tl
 
-from .chunk_common import (L_, SCALE_B_, SCALE_KC_, SCALE_R2_, SCALE_W_, SCALES_,
+from .chunk_common import (L_, PAIRS_, SCALE_B_, SCALE_KC_, SCALE_R2_, SCALE_W_, SCALES_,
                            chunk_log_decays3, exp_, load_f32, scan_program, segment_start_state,
-                           sequence_span, store_cast, store_scaled, store_state, tf32,
-                           tile_scales, unit_lower_inverse, zero_invalid)
+                           sequence_span, store_cast, store_pair_matrices, store_scaled,
+                           store_state, tf32, tile_scales, unit_lower_inverse, zero_invalid)
 
 
 @triton.jit(do_not_specialize=["T", "H", "BH", "NC"])
 def chunk_prep_kernel(
     r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, mask_ptr, cu_ptr,
-    wo_ptr, bo_ptr, kco_ptr, r2o_ptr, qco_ptr, deco_ptr, sco_ptr,
+    wo_ptr, bo_ptr, kco_ptr, r2o_ptr, qco_ptr, deco_ptr, sco_ptr, pm_ptr,
     T, H, BH, NC,
     stride_b, stride_t, stride_h,
     K: tl.constexpr, G: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr,
-    PREC_INV: tl.constexpr, VARLEN: tl.constexpr, FULL: tl.constexpr,
+    PREC_INV: tl.constexpr, VARLEN: tl.constexpr, FULL: tl.constexpr, SAVE_PAIRS: tl.constexpr,
 ):
     """K-side tiles of G consecutive chunks of one (batch, head). Grid: (ceil(NC / G) * BH,).
 
@@ -68,6 +70,9 @@ def chunk_prep_kernel(
     sco).
     FULL (``configs.whole_chunks``): every chunk whole, no mask, no packed sequences; the kernel
     then has no masked loads, stores or selects.
+    SAVE_PAIRS (a forward for training): also the chunk's pair matrices for the gradient kernel,
+    pm [B*H, NC, PAIR_MATRICES, 16, 16] fp32 (``store_pair_matrices``), so that it does not
+    compute them again.
     Whole [G, 16, K] tiles are held in registers (250 registers on one warp at K = 64). Working in
     blocks of columns, with the factors of W, Kc and R2 passed through their output buffers
     between two passes, takes fewer registers (168 at K = 64) but was slower on an H200 (shape S:
@@ -137,8 +142,13 @@ def chunk_prep_kernel(
     A_qb = tl.dot(q_r, bT, input_precision=PREC)
     A_qk = tl.dot(q_r, kT, input_precision=PREC)
     N = tf32(unit_lower_inverse(tl.where(strict, A_ab, 0.0), PREC_INV), PREC)
-    Ak = tf32(tl.dot(N, tf32(tl.where(strict, A_ak, 0.0), PREC), input_precision=PREC), PREC)
+    A_ak_r = tf32(tl.where(strict, A_ak, 0.0), PREC)
+    Ak = tf32(tl.dot(N, A_ak_r, input_precision=PREC), PREC)
     A_qb_r = tf32(tl.where(incl, A_qb, 0.0), PREC)
+    if SAVE_PAIRS:
+        pq = (gi[:, None, None] * PAIRS_ * L_ + rows[None, :, None]) * L_ + rows[None, None, :]
+        store_pair_matrices(pm_ptr + (bh.to(tl.int64) * NC + cb * G) * PAIRS_ * L_ * L_ + pq,
+                            tf32(tl.where(incl, A_qk, 0.0), PREC), A_qb_r, A_ak_r, N, ok, FULL)
 
     # W = N a_s, Kc = Ak^T b_bar + k_s, R2 = A_qb W + q_s, Qc = A_qk + A_qb Ak, stored
     # tf32-rounded (R2 and Qc zero at invalid steps)

@@ -100,6 +100,9 @@ def whole_chunks(T: int, G: int, has_mask: bool, varlen: bool) -> bool:
 
 # inverse tile scales per chunk in the prep kernel's scale buffer [B*H, NC, TILE_SCALES]
 TILE_SCALES = 4
+# pair matrices per chunk that a forward for training keeps for the gradient kernel
+# ([B*H, NC, PAIR_MATRICES, 16, 16] fp32; chunk_common.store_pair_matrices)
+PAIR_MATRICES = 4
 
 
 def tile_dtype(precision: str) -> str:

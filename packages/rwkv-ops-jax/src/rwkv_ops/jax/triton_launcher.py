@@ -6,9 +6,9 @@ The same kernels, grids and launch configuration (``configs.chunk_config``) as t
 * forward: ``chunk_prep_kernel`` (chunk-parallel K-side tiles), [segments only]
   ``chunk_scan_fwd_kernel`` (LOCAL) + ``state_combine_kernel``, then ``chunk_scan_fwd_kernel``,
   which writes o, the final state and, when a gradient will be needed, the state entering every
-  chunk (those checkpoints and the prep tiles W, b_bar, R2, dec are the backward's residuals; the
-  checkpoints and the tiles are fp16 scaled by powers of two with tf32 products, exactly, and
-  fp32 otherwise: ``configs.tile_dtype``).
+  chunk (those checkpoints, the prep tiles W, b_bar, R2, dec and the chunks' pair matrices are
+  the backward's residuals; the checkpoints and the tiles are fp16 scaled by powers of two with
+  tf32 products, exactly, and fp32 otherwise: ``configs.tile_dtype``).
 * backward: [segments only] ``chunk_scan_bwd_kernel`` (LOCAL) + ``state_combine_kernel``
   (reverse), then ``chunk_scan_bwd_kernel`` (state gradient at every chunk end, and the initial
   state's), then ``chunk_bwd_kernel`` (the six input gradients, chunk-parallel).
@@ -181,16 +181,17 @@ def _entries() -> dict:
     @triton.jit
     def rwkv_gdr_prep(r, w, k, a, b, mask, cu,
                       T_p1, BH_p1, NC_p1,
-                      wo, bo, kco, r2o, qco, deco, sco,
+                      wo, bo, kco, r2o, qco, deco, sco, pmo,
                       H: tl.constexpr, K: tl.constexpr, G: tl.constexpr,
                       HEAD_FIRST: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr,
-                      PREC_INV: tl.constexpr, VARLEN: tl.constexpr, FULL: tl.constexpr):
+                      PREC_INV: tl.constexpr, VARLEN: tl.constexpr, FULL: tl.constexpr,
+                      SAVE_PAIRS: tl.constexpr):
         T, BH, NC = T_p1 - 1, BH_p1 - 1, NC_p1 - 1
         stride_b, stride_t, stride_h = layout_strides(T, H, K, HEAD_FIRST)
-        _chunk_prep_kernel(r, w, k, a, b, mask, cu, wo, bo, kco, r2o, qco, deco, sco,
+        _chunk_prep_kernel(r, w, k, a, b, mask, cu, wo, bo, kco, r2o, qco, deco, sco, pmo,
                            T, H, BH, NC, stride_b, stride_t, stride_h,
                            K=K, G=G, HAS_MASK=HAS_MASK, PREC=PREC, PREC_INV=PREC_INV,
-                           VARLEN=VARLEN, FULL=FULL)
+                           VARLEN=VARLEN, FULL=FULL, SAVE_PAIRS=SAVE_PAIRS)
 
     @triton.jit
     def rwkv_gdr_scan_fwd(v, wt, bt, kct, r2t, qct, dect, sct, init, cu,
@@ -241,19 +242,18 @@ def _entries() -> dict:
                                SAVE_CKPT=SAVE_CKPT, WRITE_END=WRITE_END, PREC=PREC, VARLEN=VARLEN)
 
     @triton.jit
-    def rwkv_gdr_bwd(r, w, k, v, a, b, dy, mask, ckpt, cks, gck, gks, cu,
+    def rwkv_gdr_bwd(r, w, k, v, a, b, dy, mask, ckpt, cks, gck, gks, pm, cu,
                      T_p1, BH_p1, NC_p1,
                      dr, dw, dk, dv, da, db,
                      H: tl.constexpr, K: tl.constexpr, BV: tl.constexpr,
                      HEAD_FIRST: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr,
-                     PREC_INV: tl.constexpr, VARLEN: tl.constexpr, FULL: tl.constexpr):
+                     VARLEN: tl.constexpr, FULL: tl.constexpr):
         T, BH, NC = T_p1 - 1, BH_p1 - 1, NC_p1 - 1
         stride_b, stride_t, stride_h = layout_strides(T, H, K, HEAD_FIRST)
-        _chunk_bwd_kernel(r, w, k, v, a, b, dy, mask, ckpt, cks, gck, gks, cu,
+        _chunk_bwd_kernel(r, w, k, v, a, b, dy, mask, ckpt, cks, gck, gks, pm, cu,
                           dr, dw, dk, dv, da, db,
                           T, H, BH, NC, stride_b, stride_t, stride_h,
-                          K=K, BV=BV, HAS_MASK=HAS_MASK, PREC=PREC, PREC_INV=PREC_INV,
-                          VARLEN=VARLEN, FULL=FULL)
+                          K=K, BV=BV, HAS_MASK=HAS_MASK, PREC=PREC, VARLEN=VARLEN, FULL=FULL)
 
     _ENTRIES.update(prep=rwkv_gdr_prep, scan_fwd=rwkv_gdr_scan_fwd, combine=rwkv_gdr_combine,
                     scan_bwd=rwkv_gdr_scan_bwd, bwd=rwkv_gdr_bwd)
@@ -376,9 +376,9 @@ def _forward_local(static, *arrays):
     With ``save`` the residuals of the backward follow: the state entering every chunk
     [B, H, NC, K, K] and its rows' inverse scales [B, H, NC, K], the segment transitions
     [B, H, n_seg, K, K] (only when ``n_seg > 1``), the prep kernel's tiles W, b_bar, R2
-    [B, H, NC, 16, K], dec [B, H, NC, K] and the tiles' inverse scales [B, H, NC, 4]. The
-    checkpoints and the tiles are fp16 with tf32 products (scaled, exact: ``configs.tile_dtype``)
-    and fp32 otherwise; the rest is fp32.
+    [B, H, NC, 16, K], dec [B, H, NC, K], the tiles' inverse scales [B, H, NC, 4] and the chunks'
+    pair matrices [B, H, NC, 4, 16, 16]. The checkpoints and the tiles are fp16 with tf32 products
+    (scaled, exact: ``configs.tile_dtype``) and fp32 otherwise; the rest is fp32.
     """
     r, w, k, v, a, b = arrays[:6]
     rest = list(arrays[6:])
@@ -397,14 +397,16 @@ def _forward_local(static, *arrays):
     configs = _configs()
     tile = _sds((B, H, NC, CHUNK, K), jnp.dtype(configs.tile_dtype(prec)))
     G = cfg.prep_chunks
-    wt, bt, kct, r2t, qct, dect, sct = _launch(
+    save = static.save
+    pairs = _sds((B, H, NC, configs.PAIR_MATRICES, CHUNK, CHUNK)) if save else _UNUSED
+    wt, bt, kct, r2t, qct, dect, sct, pm = _launch(
         "prep", (r, w, k, a, b, m, c), (T, BH, NC),
         (tile, tile, tile, tile, _sds((B, H, NC, CHUNK, CHUNK)), _sds((B, H, NC, K)),
-         _sds((B, H, NC, configs.TILE_SCALES))),
+         _sds((B, H, NC, configs.TILE_SCALES)), pairs),
         (-(-NC // G) * BH,), cfg.warps_prep, 3,
         H=H, K=K, G=G, HEAD_FIRST=static.head_first, HAS_MASK=mask is not None, PREC=prec,
         PREC_INV=_inverse_precision(prec, cfg), VARLEN=varlen,
-        FULL=configs.whole_chunks(T, G, mask is not None, varlen))
+        FULL=configs.whole_chunks(T, G, mask is not None, varlen), SAVE_PAIRS=save)
 
     bv = cfg.bv_fwd
     nv = K // bv
@@ -423,7 +425,6 @@ def _forward_local(static, *arrays):
             "combine", (loc, seg_m, init), (BH, n_seg), (seg,), (K // COMBINE_ROWS * BH,), 4, 3,
             H=H, K=K, BV=COMBINE_ROWS, INIT_MODE=init_mode, REVERSE=False)
         init, init_mode = starts, 3
-    save = static.save
     outs = (_sds(r.shape, r.dtype), _sds((B, H, NC, K, K), tile.dtype) if save else _UNUSED,
             _sds((B, H, NC, K)) if save else _UNUSED, _sds((B, H, K, K)), _UNUSED)
     y, ckpt, cks, final, _ = _launch(
@@ -432,15 +433,15 @@ def _forward_local(static, *arrays):
         INIT_MODE=init_mode, LOCAL=False, WRITE_Y=True, SAVE_CKPT=save, WRITE_END=True, **common)
     if not save:
         return y, final
-    return (y, final, ckpt, cks) + ((seg_m,) if n_seg > 1 else ()) + (wt, bt, r2t, dect, sct)
+    return (y, final, ckpt, cks) + ((seg_m,) if n_seg > 1 else ()) + (wt, bt, r2t, dect, sct, pm)
 
 
 def _backward_local(static, *arrays):
     """(dr, dw, dk, dv, da, db[, d_initial_state [B, H, K, K] fp32]) of local arrays.
 
     arrays: r, w, k, v, a, b, [uint8 mask], [int32 cu_seqlens], then the forward's residuals
-    (checkpoints, their scales, [segment transitions], W, b_bar, R2, dec, tile scales), then do
-    and d_final_state.
+    (checkpoints, their scales, [segment transitions], W, b_bar, R2, dec, tile scales, pair
+    matrices), then do and d_final_state.
     """
     r, w, k, v, a, b = arrays[:6]
     rest = list(arrays[6:])
@@ -449,7 +450,7 @@ def _backward_local(static, *arrays):
     ckpt = rest.pop(0)
     cks = rest.pop(0)
     seg_m = rest.pop(0) if static.n_seg > 1 else None
-    wt, bt, r2t, dect, sct, dy, dfinal = rest
+    wt, bt, r2t, dect, sct, pm, dy, dfinal = rest
     B, T, H, K = _dims(r, static.head_first, cu, static.max_len)
     BH, NC = B * H, -(-T // CHUNK)
     cfg = select_config(K, r.dtype, T, BH)
@@ -481,12 +482,11 @@ def _backward_local(static, *arrays):
          _sds((B, H, K, K)) if need_ds0 else _UNUSED),
         (nv * BH * n_seg,), cfg.warps_state, cfg.stages_state,
         INIT_MODE=init_mode, LOCAL=False, SAVE_CKPT=True, WRITE_END=need_ds0, **common)
-    grad_args = ((r, w, k, v, a, b, dy, m, ckpt, cks, gck, gks, c), (T, BH, NC),
+    grad_args = ((r, w, k, v, a, b, dy, m, ckpt, cks, gck, gks, pm, c), (T, BH, NC),
                  tuple(_sds(x.shape, x.dtype) for x in (r, w, k, v, a, b)), (NC * BH,),
                  cfg.warps_bwd, cfg.stages_bwd)
     flags = dict(H=H, K=K, HEAD_FIRST=static.head_first, HAS_MASK=mask is not None, PREC=prec,
-                 PREC_INV=_inverse_precision(prec, cfg), VARLEN=varlen,
-                 FULL=_configs().whole_chunks(T, 1, mask is not None, varlen))
+                 VARLEN=varlen, FULL=_configs().whole_chunks(T, 1, mask is not None, varlen))
     grads = _launch("bwd", *grad_args, BV=cfg.bv_bwd, **flags)
     return tuple(grads) + ((ds0,) if need_ds0 else ())
 
@@ -497,13 +497,16 @@ def _backward_local(static, *arrays):
 # Dimensions of each kind of array: "x" an input / o / gradient (layout dependent), "m" the mask,
 # "s" a [B, H, K, K] state, "s1" a [1, H, K, K] state, "c" checkpoints [B, H, NC, K, K],
 # "g" per-segment states [B, H, NSEG, K, K], "p" prep tiles [B, H, NC, 16, K], "d" a [B, H, NC, K]
-# array (chunk decays, the checkpoints' row scales), "e" the tiles' inverse scales [B, H, NC, 4].
-# Factor names of the Shardy rule; only b and h may shard.
+# "g" per-segment states [B, H, NSEG, K, K], "p" prep tiles [B, H, NC, 16, K], "d" a [B, H, NC, K]
+# array (chunk decays, the checkpoints' row scales), "e" the tiles' inverse scales [B, H, NC, 4],
+# "q" the pair matrices [B, H, NC, 4, 16, 16]. Factor names of the Shardy rule; only b and h may
+# shard.
 # Tests set this to compile (never run) sharded programs under the interpreter.
 _COMPILE_ONLY_UNDER_INTERPRETER = False
 _FACTORS = {"x": "b t h k", "x_hf": "b h t k", "m": "b t", "s": "b h i k", "s1": "u h i k",
-            "c": "b h c i k", "g": "b h g i k", "p": "b h c l k", "d": "b h c k", "e": "b h c j"}
-_REPLICATED_FACTORS = ("t", "k", "i", "c", "g", "l", "j")
+            "c": "b h c i k", "g": "b h g i k", "p": "b h c l k", "d": "b h c k", "e": "b h c j",
+            "q": "b h c n l o"}
+_REPLICATED_FACTORS = ("t", "k", "i", "c", "g", "l", "j", "n", "o")
 
 
 def _fwd_roles(static):
@@ -511,13 +514,14 @@ def _fwd_roles(static):
     args += ["m"] if static.has_mask else []
     results = ["x", "s"]
     if static.save:
-        results += ["c", "d"] + (["g"] if static.n_seg > 1 else []) + ["p", "p", "p", "d", "e"]
+        results += ["c", "d"] + (["g"] if static.n_seg > 1 else []) + ["p", "p", "p", "d", "e",
+                                                                       "q"]
     return args, results
 
 
 def _bwd_roles(static):
     args = ["x"] * 6 + (["m"] if static.has_mask else []) + ["c", "d"]
-    args += (["g"] if static.n_seg > 1 else []) + ["p", "p", "p", "d", "e", "x", "s"]
+    args += (["g"] if static.n_seg > 1 else []) + ["p", "p", "p", "d", "e", "q", "x", "s"]
     results = ["x"] * 6 + (["s"] if static.init_mode else [])
     return args, results
 
@@ -533,6 +537,8 @@ def _spec(role, b_ax, h_ax, head_first):
         return P(None, h_ax, None, None)
     if role in ("d", "e"):
         return P(b_ax, h_ax, None, None)
+    if role == "q":
+        return P(b_ax, h_ax, None, None, None, None)
     return P(b_ax, h_ax, None, None, None)
 
 

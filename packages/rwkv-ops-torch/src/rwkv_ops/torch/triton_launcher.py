@@ -10,9 +10,9 @@ Passes of one call (B*H sequences of T steps, NC = ceil(T / 16) chunks):
 * forward: ``chunk_prep_kernel`` (chunk-parallel K-side tiles), [segments only]
   ``chunk_scan_fwd_kernel`` (LOCAL) + ``state_combine_kernel``, then ``chunk_scan_fwd_kernel``,
   which writes o, the final state and, when a gradient will be needed, the state entering every
-  chunk (the prep tiles W, b_bar, R2, dec are kept for the backward too; the checkpoints and the
-  tiles are fp16 scaled by powers of two with tf32 products, exactly, and fp32 otherwise:
-  ``configs.tile_dtype``).
+  chunk (the prep tiles W, b_bar, R2, dec and the chunks' pair matrices are kept for the
+  backward too; the checkpoints and the tiles are fp16 scaled by powers of two with tf32
+  products, exactly, and fp32 otherwise: ``configs.tile_dtype``).
 * backward: [segments only] ``chunk_scan_bwd_kernel`` (LOCAL) + ``state_combine_kernel``
   (reverse), then ``chunk_scan_bwd_kernel`` (state gradient at every chunk end, and the initial
   state's gradient), then ``chunk_bwd_kernel`` (all six input gradients, chunk-parallel).
@@ -135,14 +135,16 @@ def _forward_impl(r, w, k, v, a, b, initial_state, mask, head_first, chunks_per_
     qct = torch.empty((BH, NC, CHUNK, CHUNK), dtype=f32, device=dev)
     dect = torch.empty((BH, NC, K), dtype=f32, device=dev)
     sct = torch.empty((BH, NC, configs.TILE_SCALES), dtype=f32, device=dev)
+    pm = torch.empty((BH, NC, configs.PAIR_MATRICES, CHUNK, CHUNK) if save else (0,), dtype=f32,
+                     device=dev)
     G = cfg.prep_chunks
     chunk_fwd.chunk_prep_kernel[(-(-NC // G) * BH,)](
         r, w, k, a, b, m, cu,
-        wt, bt, kct, r2t, qct, dect, sct,
+        wt, bt, kct, r2t, qct, dect, sct, pm if save else sct,
         T, H, BH, NC, sb, st, sh,
         K=K, G=G, HAS_MASK=has_mask, PREC=prec,
         PREC_INV=prec_inv, VARLEN=varlen, FULL=configs.whole_chunks(T, G, has_mask, varlen),
-        num_warps=cfg.warps_prep)
+        SAVE_PAIRS=save, num_warps=cfg.warps_prep)
 
     y = torch.empty(r.shape, dtype=r.dtype, device=dev)
     final = torch.empty((B, H, K, K), dtype=f32, device=dev)
@@ -184,7 +186,7 @@ def _forward_impl(r, w, k, v, a, b, initial_state, mask, head_first, chunks_per_
     if not save:
         wt, bt, r2t = (torch.empty((0,), dtype=tile, device=dev) for _ in range(3))
         dect, sct = (torch.empty((0,), dtype=f32, device=dev) for _ in range(2))
-    return y, final, ckpt, cks, seg_m, wt, bt, r2t, dect, sct
+    return y, final, ckpt, cks, seg_m, wt, bt, r2t, dect, sct, pm
 
 
 def _forward_fake(r, w, k, v, a, b, initial_state, mask, head_first, chunks_per_segment, save,
@@ -204,7 +206,8 @@ def _forward_fake(r, w, k, v, a, b, initial_state, mask, head_first, chunks_per_
             r.new_empty((B * H, n_seg, K, K) if (save and n_seg > 1) else (0,), dtype=f32),
             kept(B * H, NC, CHUNK, K, dtype=tile), kept(B * H, NC, CHUNK, K, dtype=tile),
             kept(B * H, NC, CHUNK, K, dtype=tile), kept(B * H, NC, K),
-            kept(B * H, NC, configs.TILE_SCALES))
+            kept(B * H, NC, configs.TILE_SCALES),
+            kept(B * H, NC, configs.PAIR_MATRICES, CHUNK, CHUNK))
 
 
 @torch.library.custom_op("rwkv_ops::triton_gdr_fwd", mutates_args=())
@@ -214,7 +217,7 @@ def triton_gdr_fwd(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.T
                    save: bool, cu_seqlens: Optional[torch.Tensor],
                    max_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                           torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                          torch.Tensor, torch.Tensor]:
+                                          torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward custom op on contiguous inputs (T >= 1); mask as uint8 [B, T] or None.
 
     With ``cu_seqlens`` (int32 [N + 1], never with a mask or head_first) the inputs are N
@@ -227,7 +230,8 @@ def triton_gdr_fwd(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.T
     scaled per row, else fp32) and their rows' inverse scales fp32 [B*H, NC, K], segment transitions
     fp32 [B*H, n_segments, K, K] (empty without segments), the prep tiles W, b_bar, R2
     [B*H, NC, 16, K] (fp16 with tf32 products, else fp32: ``configs.tile_dtype``), dec
-    [B*H, NC, K] fp32, and the tiles' inverse scales fp32 [B*H, NC, 4]).
+    [B*H, NC, K] fp32, the tiles' inverse scales fp32 [B*H, NC, 4], and the chunks' pair
+    matrices fp32 [B*H, NC, 4, 16, 16]).
     """
     return _forward_impl(r, w, k, v, a, b, initial_state, mask, head_first, chunks_per_segment,
                          save, cu_seqlens, max_len)
@@ -241,9 +245,10 @@ triton_gdr_fwd.register_fake(_forward_fake)
 
 
 def _backward_impl(r, w, k, v, a, b, initial_state, mask, ckpt, cks, seg_m, wt, bt, r2t, dect,
-                   sct, do, dfinal, head_first, chunks_per_segment, cu_seqlens=None, max_len=0):
+                   sct, pm, do, dfinal, head_first, chunks_per_segment, cu_seqlens=None,
+                   max_len=0):
     chunk_fwd, chunk_bwd, configs = _kernels()
-    (B, T, H, K), (sb, st, sh), BH, NC, n_seg, cfg, prec, prec_inv, m, cu = _launch_plan(
+    (B, T, H, K), (sb, st, sh), BH, NC, n_seg, cfg, prec, _, m, cu = _launch_plan(
         r, w, k, v, a, b, mask, head_first, chunks_per_segment, cu_seqlens, max_len)
     has_mask, varlen = mask is not None, cu_seqlens is not None
     cps = chunks_per_segment
@@ -283,11 +288,11 @@ def _backward_impl(r, w, k, v, a, b, initial_state, mask, ckpt, cks, seg_m, wt, 
         PREC=prec, VARLEN=varlen, num_warps=cfg.warps_state, num_stages=cfg.stages_state)
     grads = [torch.empty(x.shape, dtype=x.dtype, device=dev) for x in (r, w, k, v, a, b)]
     chunk_bwd.chunk_bwd_kernel[(NC * BH,)](
-        r, w, k, v, a, b, do, m, ckpt, cks, gck, gks, cu,
+        r, w, k, v, a, b, do, m, ckpt, cks, gck, gks, pm, cu,
         *grads,
         T, H, BH, NC, sb, st, sh,
-        K=K, BV=cfg.bv_bwd, HAS_MASK=has_mask, PREC=prec,
-        PREC_INV=prec_inv, VARLEN=varlen, FULL=configs.whole_chunks(T, 1, has_mask, varlen),
+        K=K, BV=cfg.bv_bwd, HAS_MASK=has_mask, PREC=prec, VARLEN=varlen,
+        FULL=configs.whole_chunks(T, 1, has_mask, varlen),
         num_warps=cfg.warps_bwd, num_stages=cfg.stages_bwd)
     return (*grads, ds0)
 
@@ -297,7 +302,7 @@ def triton_gdr_bwd(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.T
                    a: torch.Tensor, b: torch.Tensor, initial_state: Optional[torch.Tensor],
                    mask: Optional[torch.Tensor], ckpt: torch.Tensor, cks: torch.Tensor,
                    seg_m: torch.Tensor, wt: torch.Tensor, bt: torch.Tensor, r2t: torch.Tensor,
-                   dect: torch.Tensor, sct: torch.Tensor, do: torch.Tensor,
+                   dect: torch.Tensor, sct: torch.Tensor, pm: torch.Tensor, do: torch.Tensor,
                    dfinal: Optional[torch.Tensor], head_first: bool,
                    chunks_per_segment: int, cu_seqlens: Optional[torch.Tensor],
                    max_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
@@ -305,12 +310,13 @@ def triton_gdr_bwd(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.T
     """Backward custom op: (dr, dw, dk, dv, da, db, d_initial_state fp32 [B, H, K, K] or empty);
     cu_seqlens / max_len as in the forward (B = N sequences)."""
     return _backward_impl(r, w, k, v, a, b, initial_state, mask, ckpt, cks, seg_m, wt, bt, r2t,
-                          dect, sct, do, dfinal, head_first, chunks_per_segment, cu_seqlens, max_len)
+                          dect, sct, pm, do, dfinal, head_first, chunks_per_segment, cu_seqlens,
+                          max_len)
 
 
 @triton_gdr_bwd.register_fake
-def _(r, w, k, v, a, b, initial_state, mask, ckpt, cks, seg_m, wt, bt, r2t, dect, sct, do, dfinal,
-      head_first, chunks_per_segment, cu_seqlens, max_len):
+def _(r, w, k, v, a, b, initial_state, mask, ckpt, cks, seg_m, wt, bt, r2t, dect, sct, pm, do,
+      dfinal, head_first, chunks_per_segment, cu_seqlens, max_len):
     (B, T, H, K), _ = _layout(r, head_first, cu_seqlens, max_len)
     ds0 = r.new_empty((B, H, K, K) if initial_state is not None else (0,), dtype=torch.float32)
     return (*(x.new_empty(x.shape) for x in (r, w, k, v, a, b)), ds0)
@@ -330,15 +336,15 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, do, dfinal, *_unused):
     (r, w, k, v, a, b, initial_state, mask, cu_seqlens, ckpt, cks, seg_m, wt, bt, r2t, dect,
-     sct) = ctx.saved_tensors
+     sct, pm) = ctx.saved_tensors
     if do is None:
         do = torch.zeros_like(r)
     do = do.contiguous()
     if dfinal is not None:
         dfinal = dfinal.contiguous()
     dr, dw, dk, dv, da, db, ds0 = triton_gdr_bwd(
-        r, w, k, v, a, b, initial_state, mask, ckpt, cks, seg_m, wt, bt, r2t, dect, sct, do, dfinal,
-        ctx.head_first, ctx.chunks_per_segment, cu_seqlens, ctx.max_len)
+        r, w, k, v, a, b, initial_state, mask, ckpt, cks, seg_m, wt, bt, r2t, dect, sct, pm, do,
+        dfinal, ctx.head_first, ctx.chunks_per_segment, cu_seqlens, ctx.max_len)
     d_init = None
     if initial_state is not None:
         if initial_state.shape[0] == 1 and ds0.shape[0] != 1:
