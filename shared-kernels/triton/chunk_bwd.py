@@ -23,9 +23,9 @@ import triton
 import triton.language as tl
 
 from .chunk_common import (FLOOR_, L_, PAIRS_, SCALES_, chunk_log_decays, exp_, load_f32,
-                           load_pair_matrices, load_tile, scan_program, segment_start_state,
-                           sequence_span, step_validity, store_cast, store_state, tf32,
-                           tile_scales, zero_invalid)
+                           load_pair_matrices, load_scales, load_tile, scan_program,
+                           segment_start_state, sequence_span, step_validity, store_cast,
+                           store_state, tf32, tile_scales, zero_invalid)
 
 
 @triton.jit(do_not_specialize=["T", "H", "BH", "NC", "CPS"])
@@ -85,8 +85,9 @@ def chunk_scan_bwd_kernel(
         # takes 126 registers on sm_90 with one pipeline stage and 128 with the three of K <= 64
         # (the pipeliner then loads the tiles two chunks ahead into shared memory), 4 programs
         # per SM (loads first: 161, 3 programs).
-        s_wb, _s_kc, s_r2 = tile_scales(sct_ptr + (bh.to(tl.int64) * NC + c) * SCALES_,
-                                        tl.full([SCALES_], 1, tl.int1))
+        sc = load_scales(sct_ptr + (bh.to(tl.int64) * NC + c) * SCALES_,
+                         tl.full([SCALES_], 1, tl.int1))
+        s_wb, _s_kc, s_r2 = tile_scales(sc)
         Bc = tl.load(bt_ptr + cbase + ktile).to(tl.float32) * s_wb
         X2 = tl.dot(tf32(G, PREC), tl.trans(Bc), input_precision=PREC)
         dec = tl.load(dect_ptr + (bh.to(tl.int64) * NC + c) * K + cols)

@@ -198,12 +198,19 @@ def store_state(ptr, scale_ptr, bh, NC, c, X, state_tile, vrow, K: tl.constexpr,
 
 
 @triton.jit
-def tile_scales(scale_ptr, live):
-    """The inverse scales a scan applies for one chunk, from the four at scale_ptr: (W's times
-    b_bar's, Kc's, R2's). All 1 where live is False (a [SCALES] bool, all entries equal: a tensor,
-    so that the forward scan's masked look-ahead load runs in the interpreter too)."""
+def load_scales(scale_ptr, live):
+    """A chunk's four inverse tile scales at scale_ptr ([SCALES] fp32), for ``tile_scales``. All 1
+    where live is False (a [SCALES] bool, all entries equal: a tensor, so that the forward scan's
+    masked look-ahead load runs in the interpreter too)."""
+    return tl.load(scale_ptr + tl.arange(0, SCALES_), mask=live, other=1.0)
+
+
+@triton.jit
+def tile_scales(sc):
+    """The inverse scales a scan applies for one chunk, from its four (``load_scales``): (W's
+    times b_bar's, Kc's, R2's). Reducing them waits for their load, so a scan that loads them
+    ahead reduces them where they are used."""
     j = tl.arange(0, SCALES_)
-    sc = tl.load(scale_ptr + j, mask=live, other=1.0)
     s_w = tl.sum(tl.where(j == SCALE_W_, sc, 0.0), axis=0)
     s_b = tl.sum(tl.where(j == SCALE_B_, sc, 0.0), axis=0)
     s_kc = tl.sum(tl.where(j == SCALE_KC_, sc, 0.0), axis=0)

@@ -42,9 +42,10 @@ import triton
 import triton.language as tl
 
 from .chunk_common import (L_, PAIRS_, SCALE_B_, SCALE_KC_, SCALE_R2_, SCALE_W_, SCALES_,
-                           chunk_log_decays3, exp_, load_f32, scan_program, segment_start_state,
-                           sequence_span, store_cast, store_pair_matrices, store_scaled,
-                           store_state, tf32, tile_scales, unit_lower_inverse, zero_invalid)
+                           chunk_log_decays3, exp_, load_f32, load_scales, scan_program,
+                           segment_start_state, sequence_span, store_cast, store_pair_matrices,
+                           store_scaled, store_state, tf32, tile_scales, unit_lower_inverse,
+                           zero_invalid)
 
 
 @triton.jit(do_not_specialize=["T", "H", "BH", "NC"])
@@ -168,8 +169,9 @@ def chunk_prep_kernel(
 def _scan_step_loads(dec_ptr, sc_ptr, v_ptr, bh, NC, c, c_end, T_n, stride_t, rows, cols,
                      K: tl.constexpr):
     """The forward scan's per-step operands that are not products' shared-memory tiles: chunk c's
-    decay dec ([K], from the prep tiles), its inverse tile scales (``tile_scales``) and its
-    transposed [BV, 16] tile of v (v_ptr points at the tile of step 0; returned in v's dtype).
+    decay dec ([K], from the prep tiles), its four inverse tile scales (``load_scales``; the
+    scan reduces them with ``tile_scales``) and its transposed [BV, 16] tile of v (v_ptr points
+    at the tile of step 0; returned in v's dtype).
     Nothing is read for c >= c_end (the scan loads one chunk ahead). The state-gradient scan
     leaves its loads to the software pipeliner instead: the same prefetch by hand there raised
     its registers from 128 to 168, and 512 programs (shape S) no longer fit in one wave (H200:
@@ -178,11 +180,11 @@ def _scan_step_loads(dec_ptr, sc_ptr, v_ptr, bh, NC, c, c_end, T_n, stride_t, ro
     c_l = c + rows * 0
     c_s = c + tl.arange(0, SCALES_) * 0
     dec = tl.load(dec_ptr + (bh.to(tl.int64) * NC + c) * K + cols, mask=c_k < c_end, other=1.0)
-    s_wb, s_kc, s_r2 = tile_scales(sc_ptr + (bh.to(tl.int64) * NC + c) * SCALES_, c_s < c_end)
+    sc = load_scales(sc_ptr + (bh.to(tl.int64) * NC + c) * SCALES_, c_s < c_end)
     t0 = c * L_
     live = (c_l < c_end) & (c_l * L_ + rows < T_n)
     v = tl.load(v_ptr + t0.to(tl.int64) * stride_t, mask=live[None, :], other=0.0)
-    return dec, s_wb, s_kc, s_r2, v
+    return dec, sc, v
 
 
 @triton.jit(do_not_specialize=["T", "H", "BH", "NC", "CPS"])
@@ -241,8 +243,14 @@ def chunk_scan_fwd_kernel(
     # dec, the tile scales and v are loaded one chunk ahead, by hand: the software pipeliner
     # prefetches only the tiles that feed products from shared memory, and the scan would
     # otherwise wait on these loads at every step
-    dec_next, s_wb_next, s_kc_next, s_r2_next, Vt_next = _scan_step_loads(
+    dec_next, sc_next, Vt_next = _scan_step_loads(
         dect_ptr, sct_ptr, v_ptr + vt_off, bh, NC, c_lo, c_end, T_n, stride_t, rows, cols, K)
+    # With checkpoints the scales are reduced in the step that uses them: reduced right after
+    # their load, every step waited on it (11.5% of the scan's stall samples; H200, shape S: scan
+    # 1.270 against 1.347 ms). Without checkpoints reducing them ahead is faster (0.866 against
+    # 0.890 ms).
+    if not SAVE_CKPT:
+        s_wb_next, s_kc_next, s_r2_next = tile_scales(sc_next)
     # the state entering chunk c is stored once the step of chunk c - 1 has made it (the first
     # before the loop): stored at the top of the step, where the products take it, the loop
     # needs 244 registers on sm_90 instead of 168. The price is one more tf32 rounding of the
@@ -259,13 +267,18 @@ def chunk_scan_fwd_kernel(
         Bc = tl.load(bt_ptr + cbase + ktile).to(tl.float32)
         Kc = tl.load(kct_ptr + cbase + ktile).to(tl.float32)
         dec = dec_next
-        s_wb = s_wb_next
-        s_kc = s_kc_next
-        s_r2 = s_r2_next
+        if SAVE_CKPT:
+            s_wb, s_kc, s_r2 = tile_scales(sc_next)
+        else:
+            s_wb = s_wb_next
+            s_kc = s_kc_next
+            s_r2 = s_r2_next
         Vt = Vt_next.to(tl.float32)
-        dec_next, s_wb_next, s_kc_next, s_r2_next, Vt_next = _scan_step_loads(
+        dec_next, sc_next, Vt_next = _scan_step_loads(
             dect_ptr, sct_ptr, v_ptr + vt_off, bh, NC, c + 1, c_end, T_n, stride_t, rows, cols,
             K)
+        if not SAVE_CKPT:
+            s_wb_next, s_kc_next, s_r2_next = tile_scales(sc_next)
         if LOCAL:
             Vt = Vt * v_scale
 
