@@ -6,8 +6,9 @@
 # Logs and results go to $OUT (default .gpu-out/). Wheels for packages the machine lacks (keras,
 # jax-triton, fla-core, ...) may be put in .whl/ and are installed into a private folder first.
 # Usage: scripts/gpu_check.sh [tests|tests-torch|tests-jax|bench|all] [extra bench args...]
-#        (the torch suite takes about 5 minutes on an H200 and the JAX one about 4: where one call
-#        may run at most 10 minutes, run tests-torch and tests-jax in two calls)
+#        (on an H200 the torch suite takes about 7.5 minutes with its CUDA-path tests, 4.5 without
+#        them, and the JAX suite about 9.5: where one call may run at most 10 minutes, run
+#        tests-torch and tests-jax in calls of their own, and nothing else with tests-jax)
 #        scripts/gpu_check.sh run COMMAND...   (any command in the same environment, e.g. a
 #        development benchmark: scripts/gpu_check.sh run python3 benchmarks/triton_dev.py --sweep)
 set -uo pipefail
