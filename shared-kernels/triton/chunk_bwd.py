@@ -157,10 +157,9 @@ def chunk_bwd_kernel(
     ``store_pair_matrices``). The row scales (powers of two) are applied to the smaller
     operand or result of each product: the rows of a [BV, 16] result, or the contraction rows of
     its [BV, 16] partner (H200, shape S: 9.14 against 9.41 ms scaling the [BV, K] tiles). Outputs:
-    like their inputs.
-    VARLEN: packed sequences
-    (cu, as in the forward); a chunk wholly past its sequence's end stores nothing. FULL: every
-    chunk is whole and every step valid (``configs.whole_chunks``): no masks, loads or stores.
+    like their inputs. VARLEN: packed sequences (cu, as in the forward); a chunk wholly past its
+    sequence's end stores nothing. FULL: every chunk is whole and every step valid
+    (``configs.whole_chunks``): no masks, loads or stores.
     Layout: the V loop works on [BV, 16] V-side tiles and [K, 16] K-side sums, so every product
     with a state operand has 64 rows; the factors it does not read are rebuilt after it from the
     cached inputs instead of being kept live. The kernel is register-bound (255 registers and

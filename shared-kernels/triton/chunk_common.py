@@ -208,8 +208,8 @@ def load_scales(scale_ptr, live):
 @triton.jit
 def tile_scales(sc):
     """The inverse scales a scan applies for one chunk, from its four (``load_scales``): (W's
-    times b_bar's, Kc's, R2's). Reducing them waits for their load, so a scan that loads them
-    ahead reduces them where they are used."""
+    times b_bar's, Kc's, R2's). The reduction waits for their load (where the forward scan does
+    it, see chunk_scan_fwd_kernel)."""
     j = tl.arange(0, SCALES_)
     s_w = tl.sum(tl.where(j == SCALE_W_, sc, 0.0), axis=0)
     s_b = tl.sum(tl.where(j == SCALE_B_, sc, 0.0), axis=0)
