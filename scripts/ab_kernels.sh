@@ -8,9 +8,10 @@
 #   GPU machine: scripts/gpu_check.sh run scripts/ab_kernels.sh run [triton_dev.py args]
 #                (carry [".whl", ".ab-baseline"]); logs in $OUT/ab-{new,old}.txt
 # Several patches against the working tree (the baseline timed once):
-#   here:        scripts/ab_kernels.sh prepare-variants docs/experiments/A.patch ...
+#   here:        scripts/ab_kernels.sh prepare-variants A.patch ... [A.patch+B.patch]
 #                (writes .ab-variants/<patch name>/: the working tree's packages, shared-kernels
-#                and benchmarks with that patch applied; a patch may change any of them)
+#                and benchmarks with that patch applied, or with A then B for A.patch+B.patch; a
+#                patch may change any of them)
 #   GPU machine: scripts/gpu_check.sh run scripts/ab_kernels.sh run-variants [triton_dev.py args]
 #                (carry [".whl", ".ab-variants"]); logs in $OUT/ab-base.txt, $OUT/ab-<name>.txt
 # Both print the S / L table and the per-kernel lines of every side.
@@ -43,17 +44,24 @@ case "${1:-}" in
         shift
         [ $# -gt 0 ] || { echo "usage: scripts/ab_kernels.sh prepare-variants PATCH..."; exit 2; }
         rm -rf .ab-variants && mkdir -p .ab-variants
-        for patch in "$@"; do
-            name=$(basename "$patch" .patch)
-            if git apply --numstat "$patch" | awk '{print $3}' \
-                    | grep -qvE '^(packages|shared-kernels|benchmarks)/'; then
-                echo "$patch changes files outside packages/, shared-kernels/ and benchmarks/"; exit 1
-            fi
-            abs=$(realpath "$patch")
+        # a variant is one patch, or several joined by "+" (applied in that order)
+        for variant in "$@"; do
+            name=""
             # built outside the repository: git apply inside it would skip paths above the folder
             tmp=$(mktemp -d)
             tar -c --exclude=__pycache__ packages shared-kernels benchmarks | tar -x -C "$tmp"
-            (cd "$tmp" && git apply "$abs") || { echo "$patch does not apply to the working tree"; exit 1; }
+            IFS=+ read -ra patches <<< "$variant"
+            for patch in "${patches[@]}"; do
+                if git apply --numstat "$patch" | awk '{print $3}' \
+                        | grep -qvE '^(packages|shared-kernels|benchmarks)/'; then
+                    echo "$patch changes files outside packages/, shared-kernels/, benchmarks/"
+                    exit 1
+                fi
+                abs=$(realpath "$patch")
+                (cd "$tmp" && git apply "$abs") \
+                    || { echo "$variant does not apply to the working tree"; exit 1; }
+                name=${name:+$name+}$(basename "$patch" .patch)
+            done
             mv "$tmp" ".ab-variants/$name"
             echo "variant $name in .ab-variants/$name/"
         done
