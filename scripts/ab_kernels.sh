@@ -10,7 +10,8 @@
 # Several patches against the working tree (the baseline timed once):
 #   here:        scripts/ab_kernels.sh prepare-variants A.patch ... [A.patch+B.patch]
 #                (writes .ab-variants/<patch name>/: the working tree's packages, shared-kernels
-#                and benchmarks with that patch applied, or with A then B for A.patch+B.patch; a
+#                and benchmarks with that patch applied, or with A then B for A.patch+B.patch
+#                (named A--B: plain characters in its log's file name); a
 #                patch may change any of them)
 #   GPU machine: scripts/gpu_check.sh run scripts/ab_kernels.sh run-variants [triton_dev.py args]
 #                (carry [".whl", ".ab-variants"]); logs in $OUT/ab-base.txt, $OUT/ab-<name>.txt
@@ -60,7 +61,7 @@ case "${1:-}" in
                 abs=$(realpath "$patch")
                 (cd "$tmp" && git apply "$abs") \
                     || { echo "$variant does not apply to the working tree"; exit 1; }
-                name=${name:+$name+}$(basename "$patch" .patch)
+                name=${name:+$name--}$(basename "$patch" .patch)
             done
             mv "$tmp" ".ab-variants/$name"
             echo "variant $name in .ab-variants/$name/"
