@@ -2,7 +2,7 @@
 
 Every case draws fresh inputs (seed printed in each assertion message; replay one with
 RWKV_OPS_TEST_SEED=<seed>). Tolerances are relative errors over whole tensors:
-float32 1e-5 with the model's decays and 1e-4 with decays down to exactly 0 (w = +800) and exactly 1
+float32 1e-5 with the model's decays and 2e-4 with decays down to exactly 0 (w = +800) and exactly 1
 (w = -inf); bfloat16 5e-3 for o (one bf16 rounding, 2^-9 = 2e-3 per element) and 1e-2 for the
 gradients (rounded to bf16 too); float32 state of bf16 inputs 1e-5; float64 1e-10.
 """
@@ -17,10 +17,11 @@ import pytest
 from rwkv_ops.jax import native
 from rwkv_ops.numpy import generalized_delta_rule_backward as reference_backward
 from rwkv_ops.numpy import generalized_delta_rule_reference as reference
-from rwkv_ops.numpy.testing import NAMES, make_cotangents, make_inputs, rel_error, seed_from_env
+from rwkv_ops.numpy.testing import (FLOAT32_TOL, NAMES, make_cotangents, make_inputs, rel_error,
+                                    seed_from_env)
 
 SEED = seed_from_env()
-TOL = {"model": 1e-5, "full": 1e-4}
+TOL = FLOAT32_TOL
 GRAD_NAMES = (*NAMES, "initial_state")
 
 

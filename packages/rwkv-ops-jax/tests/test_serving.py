@@ -4,8 +4,8 @@ inference-only op.
 
 Inputs are fresh per run; the seed is in every assertion message (RWKV_OPS_TEST_SEED replays it).
 Tolerances (relative Frobenius error vs float64 on the dtype-rounded inputs): fp32 1e-5 with the
-model's decays and 1e-4 with decays down to 0 (SPEC); bf16 outputs 4e-3 (o itself is rounded to 8
-significant bits), the fp32 state of a bf16 decode 1e-5.
+model's decays and 2e-4 with decays down to 0 (the lambda floor's bound, FLOAT32_TOL); bf16
+outputs 4e-3 (o itself is rounded to 8 significant bits), the fp32 state of a bf16 decode 1e-5.
 """
 
 from __future__ import annotations
@@ -21,13 +21,13 @@ from rwkv_ops.jax import decode, inference, varlen
 from rwkv_ops.jax.api import generalized_delta_rule
 from rwkv_ops.numpy.reference import (generalized_delta_rule_backward,
                                       generalized_delta_rule_reference)
-from rwkv_ops.numpy.testing import (assert_errors, make_cotangents, make_inputs, override_config,
-                                    rel_error, seed_for)
+from rwkv_ops.numpy.testing import (FLOAT32_TOL, assert_errors, make_cotangents, make_inputs,
+                                    override_config, rel_error, seed_for)
 
 HAS_GPU = jax.default_backend() == "gpu"
 NAMES = ("r", "w", "k", "v", "a", "b")
 GRAD_NAMES = ("dr", "dw", "dk", "dv", "da", "db", "ds0")
-TOL = {"model": 1e-5, "full": 1e-4}
+TOL = FLOAT32_TOL
 gpu_only = [pytest.mark.gpu, pytest.mark.skipif(not HAS_GPU, reason="needs a JAX GPU backend")]
 
 

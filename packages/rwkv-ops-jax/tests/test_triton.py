@@ -7,7 +7,7 @@ works on torch tensors) are importable: a fixture sets TRITON_INTERPRET=1 for th
 
 Inputs are fresh per run (seed printed in every assertion message; RWKV_OPS_TEST_SEED replays one).
 Tolerances (relative error ||x - ref|| / ||ref||, for o, the final state and all seven gradients):
-fp32 1e-5 in the model's decay range and 1e-4 with decays down to 0; bf16 / fp16 1e-2 (inputs are
+fp32 1e-5 in the model's decay range and 2e-4 with decays down to 0; bf16 / fp16 1e-2 (inputs are
 rounded to the dtype first; o and the input gradients are stored in it, and the kernels' products
 run in TF32).
 """
@@ -30,8 +30,8 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 from rwkv_ops.jax import triton_launcher  # noqa: E402
 from rwkv_ops.jax.triton_launcher import generalized_delta_rule  # noqa: E402
 from rwkv_ops.numpy import reference  # noqa: E402
-from rwkv_ops.numpy.testing import (assert_same_storage_results, make_cotangents,  # noqa: E402
-                                    make_inputs, rel_error, seed_from_env)
+from rwkv_ops.numpy.testing import (FLOAT32_TOL, assert_same_storage_results,  # noqa: E402
+                                    make_cotangents, make_inputs, rel_error, seed_from_env)
 
 if GPU:
     pytestmark = pytest.mark.gpu
@@ -163,7 +163,8 @@ def test_full_decay_range(dtype):
     """Decays spread down to exactly 0 (w large) and exactly 1 (w = -inf): finite, accurate."""
     B, T, H, K = sizes((2, 200, 2, 64), (1, 33, 2, 32))
     x = make_inputs(B, T, H, K, seed=SEED + 2, decays="full")
-    check(x, dtype, tol=1e-4 if dtype == "float32" else None, label=f"full decays {dtype}")
+    check(x, dtype, tol=FLOAT32_TOL["full"] if dtype == "float32" else None,
+          label=f"full decays {dtype}")
 
 
 @pytest.mark.parametrize("forced", sizes([False, True], [True]))

@@ -12,12 +12,13 @@ from rwkv_ops.numpy import (
     get_generalized_delta_rule,
     rwkv7_op,
 )
-from rwkv_ops.numpy.testing import assert_close, make_cotangents, make_inputs, seed_from_env
+from rwkv_ops.numpy.testing import (FLOAT32_TOL, assert_close, make_cotangents, make_inputs,
+                                    seed_from_env)
 
 SEED = seed_from_env()
 NAMES = ("r", "w", "k", "v", "a", "b")
 # float32 chunked forward vs float64 reference (inputs rounded to float32 first).
-TOL = {"model": 1e-5, "full": 1e-4}
+TOL = FLOAT32_TOL
 
 
 def args_of(x, dtype=np.float64):

@@ -1,7 +1,7 @@
 """The TensorFlow native path against the float64 sequential reference (forward and all gradients).
 
 Tolerances (relative Frobenius error, ``rel_error``):
-* float32 inputs: 1e-5 with the model's decays, 1e-4 with decays down to exactly 0 (the float32 path
+* float32 inputs: 1e-5 with the model's decays, 2e-4 with decays down to exactly 0 (the float32 path
   clamps decays below e^-10 to e^-10; that clamp is the error measured there, ~3e-5).
 * bfloat16 / float16 inputs: compared with the reference run on the same rounded inputs, so the
   error is the final rounding of o and of the gradients to the input dtype: 1e-2 (bf16, 8-bit
@@ -23,12 +23,13 @@ from rwkv_ops.numpy.reference import (
     generalized_delta_rule_backward,
     generalized_delta_rule_reference,
 )
-from rwkv_ops.numpy.testing import NAMES, make_cotangents, make_inputs, rel_error, seed_from_env
+from rwkv_ops.numpy.testing import (FLOAT32_TOL, NAMES, make_cotangents, make_inputs, rel_error,
+                                    seed_from_env)
 from rwkv_ops.tensorflow import generalized_delta_rule
 
 SEED = seed_from_env()
 GRAD_NAMES = tuple(f"d{n}" for n in NAMES) + ("dinitial_state",)
-TOL = {"model": 1e-5, "full": 1e-4}
+TOL = FLOAT32_TOL
 
 
 def check(name, x, ref, tol, seed=SEED):

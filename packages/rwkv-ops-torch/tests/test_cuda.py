@@ -13,7 +13,7 @@ poisoned with NaN before every launch.
 
 Inputs are fresh per run: the seed is printed and can be replayed with RWKV_OPS_TEST_SEED.
 Tolerances (relative error ||x - ref|| / ||ref|| per tensor): float32 1e-5 with the model's decays,
-1e-4 with decays down to 0; bfloat16 3e-3 and float16 1e-3 (one rounding of each output).
+2e-4 with decays down to 0; bfloat16 3e-3 and float16 1e-3 (one rounding of each output).
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ from rwkv_ops.numpy.reference import (
     generalized_delta_rule_backward,
     generalized_delta_rule_reference,
 )
-from rwkv_ops.numpy.testing import make_cotangents, make_inputs, rel_error, seed_from_env
+from rwkv_ops.numpy.testing import (FLOAT32_TOL, make_cotangents, make_inputs, rel_error,
+                                    seed_from_env)
 from rwkv_ops.torch import cuda_launcher as cl
 
 SEED = seed_from_env()
@@ -45,7 +46,7 @@ print(f"test_cuda: seed {SEED} (replay with RWKV_OPS_TEST_SEED={SEED})")
 CSRC = Path(cl.__file__).resolve().parent / "csrc"
 NAMES = ("r", "w", "k", "v", "a", "b")
 GRAD_NAMES = ("dr", "dw", "dk", "dv", "da", "db", "ds0")
-TOL_FP32 = {"model": 1e-5, "full": 1e-4}
+TOL_FP32 = FLOAT32_TOL
 TOL_DTYPE = {torch.float32: 1e-5, torch.bfloat16: 3e-3, torch.float16: 1e-3}
 
 HAS_CUDA = torch.cuda.is_available()

@@ -6,8 +6,9 @@ interpreter (conftest sets TRITON_INTERPRET=1). Inputs are fresh per run; the se
 assertion message (RWKV_OPS_TEST_SEED=<seed> replays it).
 
 Tolerances (relative Frobenius error per tensor, vs float64 on the dtype-rounded inputs): fp32
-1e-5 with the model's decays and 1e-4 with decays down to 0 (SPEC); bf16 outputs 4e-3 (o itself is
-rounded to 8 significant bits), the fp32 state of a bf16 decode 1e-5 (only the inputs are bf16).
+1e-5 with the model's decays and 2e-4 with decays down to 0 (the lambda floor's bound,
+FLOAT32_TOL); bf16 outputs 4e-3 (o itself is rounded to 8 significant bits), the fp32 state of a
+bf16 decode 1e-5 (only the inputs are bf16).
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ import torch
 from rwkv_ops.common import KernelUnavailableError
 from rwkv_ops.numpy.reference import (generalized_delta_rule_backward,
                                       generalized_delta_rule_reference)
-from rwkv_ops.numpy.testing import (assert_errors, make_cotangents, make_inputs, override_config,
-                                    rel_error, seed_for)
+from rwkv_ops.numpy.testing import (FLOAT32_TOL, assert_errors, make_cotangents, make_inputs,
+                                    override_config, rel_error, seed_for)
 from rwkv_ops.torch import decode, inference, varlen
 from rwkv_ops.torch.api import generalized_delta_rule
 
@@ -29,7 +30,7 @@ HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 NAMES = ("r", "w", "k", "v", "a", "b")
 GRAD_NAMES = ("dr", "dw", "dk", "dv", "da", "db", "ds0")
-TOL = {"model": 1e-5, "full": 1e-4}
+TOL = FLOAT32_TOL
 # the interpreter reports exp overflowing to inf for huge w (d = 0 exactly, as intended)
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 

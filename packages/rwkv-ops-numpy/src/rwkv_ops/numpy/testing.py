@@ -15,6 +15,13 @@ import numpy as np
 
 NAMES = ("r", "w", "k", "v", "a", "b")
 
+# Relative error bounds of the float32 chunked paths against the float64 reference, by decay range.
+# With "full" decays the bound is the lambda floor's, not rounding: a float32 path uses the decay
+# e^-10 = 4.5e-5 wherever the true one is smaller (LAMBDA_FLOOR), and that alone reaches 1.3e-4 in
+# a small gradient such as dinitial_state at B=2 T=33 H=2 K=5 (the torch native path: 2-5% of
+# seeds over 1e-4; against a reference with the same floor the error is 6e-7).
+FLOAT32_TOL = {"model": 1e-5, "full": 2e-4}
+
 
 def seed_from_env(default: Optional[int] = None) -> int:
     """A fresh seed per run (printed by the caller), or RWKV_OPS_TEST_SEED to replay one."""
