@@ -12,13 +12,14 @@ S at all::
 So the forward is two kernels:
 
 * ``chunk_prep_kernel``: every chunk in parallel (G chunks per program, one per warp, as batched
-  [G, 16, .] products) computes W, b_bar, Kc, R2, Qc and dec into fp32 buffers. This is all the
-  exponential, triangular-solve and L x L work, done once per chunk; a forward for training also
-  keeps the chunk's pair matrices (A_qk, A_qb, A_ak, N), which the gradient kernel reads instead
-  of computing them again.
+  [G, 16, .] products) computes W, b_bar, Kc, R2, Qc and dec into buffers (layouts below). This
+  is all the exponential, triangular-solve and L x L work, done once per chunk; a forward for
+  training also keeps the chunk's pair matrices (A_qk, A_qb, A_ak, N), which the gradient kernel
+  reads instead of computing them again.
 * ``chunk_scan_fwd_kernel``: the serial part, reduced to five small products per chunk. A program
   owns BV value rows of S for one segment of chunks (rows of S are independent). It writes o, the
-  final state and, for the backward, the fp32 state entering every chunk.
+  final state and, for the backward, the state entering every chunk (``store_state``: fp16
+  scaled per row with tf32 products, fp32 otherwise).
 
 For few (batch, head) pairs the sequence is cut into segments (s.7): a LOCAL scan gives every
 segment's state from zero (rows 0..K-1) and its transition M (from S = I with v = 0, rows K..2K-1),

@@ -497,7 +497,6 @@ def _backward_local(static, *arrays):
 # Dimensions of each kind of array: "x" an input / o / gradient (layout dependent), "m" the mask,
 # "s" a [B, H, K, K] state, "s1" a [1, H, K, K] state, "c" checkpoints [B, H, NC, K, K],
 # "g" per-segment states [B, H, NSEG, K, K], "p" prep tiles [B, H, NC, 16, K], "d" a [B, H, NC, K]
-# "g" per-segment states [B, H, NSEG, K, K], "p" prep tiles [B, H, NC, 16, K], "d" a [B, H, NC, K]
 # array (chunk decays, the checkpoints' row scales), "e" the tiles' inverse scales [B, H, NC, 4],
 # "q" the pair matrices [B, H, NC, 4, 16, 16]. Factor names of the Shardy rule; only b and h may
 # shard.
