@@ -104,13 +104,19 @@ def sass_report(compiled, top=16):
     return regs, stack, sum(ops.values()), ops.most_common(top)
 
 
-def main(argv):
-    names = [a for a in argv if "=" not in a] or list(KERNELS)
+def parse_changes(args):
+    """{name: value} of arguments name=value (True / False / an int / a string)."""
     changes = {}
-    for arg in (a for a in argv if "=" in a):
+    for arg in args:
         key, value = arg.split("=", 1)
         changes[key] = {"True": True, "False": False}.get(value, int(value) if value.isdigit()
                                                           else value)
+    return changes
+
+
+def main(argv):
+    names = [a for a in argv if "=" not in a] or list(KERNELS)
+    changes = parse_changes(a for a in argv if "=" in a)
     for name in names:
         fn, warps, stages, own = KERNELS[name]
         constexprs = {**COMMON, **own}
