@@ -52,6 +52,9 @@ def test_state_and_mask_shapes():
         check_inputs(*six(), info((2, 3, 8, 4)))
     with pytest.raises(ValueError, match=r"`initial_state` has shape \[3, 3, 8, 8\]"):
         check_inputs(*six(), info((3, 3, 8, 8)))
+    # with B = 1 the broadcast shape is the expected one: named once
+    with pytest.raises(ValueError, match=r"has shape \[1, 3, 8, 4\] but expected \[1, 3, 8, 8\]\.$"):
+        check_inputs(*six((1, 5, 3, 8)), info((1, 3, 8, 4)))
     with pytest.raises(ValueError, match=r"`mask` has shape \[2, 4\] but expected \[2, 5\]"):
         check_inputs(*six(), None, info((2, 4)))
 

@@ -119,9 +119,11 @@ def check_inputs(
         expected = (B, H, K, K)
         shape = tuple(_dim(s) for s in initial_state.shape)
         if len(shape) != 4 or shape[1:] != expected[1:] or shape[0] not in (1, B):
+            alternative = "" if B == 1 else (
+                f" or {_fmt((1, H, K, K))} (a leading 1 broadcasts over the batch)")
             raise ValueError(
-                f"rwkv-ops: `initial_state` has shape {_fmt(shape)} but expected {_fmt(expected)} "
-                f"or {_fmt((1, H, K, K))} (a leading 1 broadcasts over the batch)."
+                f"rwkv-ops: `initial_state` has shape {_fmt(shape)} but expected {_fmt(expected)}"
+                f"{alternative}."
             )
         _check_floating("initial_state", initial_state)
         state_batch = shape[0]
