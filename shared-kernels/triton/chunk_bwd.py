@@ -22,10 +22,10 @@ unchanged), and a gradient program of a chunk wholly past the end returns at onc
 import triton
 import triton.language as tl
 
-from .chunk_common import (FLOOR_, L_, PAIRS_, SCALES_, chunk_log_decays, exp_, load_f32,
+from .chunk_common import (FLOOR_, L_, PAIRS_, SCALES_, chunk_log_decays, exp_, load_operand,
                            load_pair_matrices, load_scales, load_tile, scan_program,
-                           segment_start_state, sequence_span, step_validity, store_cast,
-                           store_state, tf32, tile_scales, zero_invalid)
+                           segment_start_state, sequence_span, step_sums, step_validity,
+                           store_cast, store_state, tf32, tile_scales, zero_invalid)
 
 
 @triton.jit(do_not_specialize=["T", "H", "BH", "NC", "CPS"])
@@ -92,9 +92,9 @@ def chunk_scan_bwd_kernel(
         X2 = tl.dot(tf32(G, PREC), tl.trans(Bc), input_precision=PREC)
         dec = tl.load(dect_ptr + (bh.to(tl.int64) * NC + c) * K + cols)
         G = G * dec[None, :]
-        dYt = tl.load(dy_ptr + vt_off + t_off, mask=inb[None, :], other=0.0).to(tl.float32)
+        dYt = load_operand(dy_ptr + vt_off + t_off, inb[None, :], PREC, False)
         R2 = tl.load(r2t_ptr + cbase + ktile).to(tl.float32) * s_r2
-        G = tl.dot(tf32(dYt, PREC), R2, G, input_precision=PREC)
+        G = tl.dot(dYt, R2, G, input_precision=PREC)
         Wc = tl.load(wt_ptr + cbase + ktile).to(tl.float32)
         G = tl.dot(tf32(X2, PREC), Wc, G, input_precision=PREC)
         if SAVE_CKPT:
@@ -124,7 +124,7 @@ def _chunk_factors(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, t, T, cols, stride_t, vali
     a_in = load_tile(a_ptr, t, T, cols, stride_t, FULL)
     k_in = load_tile(k_ptr, t, T, cols, stride_t, FULL)
     b_in = load_tile(b_ptr, t, T, cols, stride_t, FULL)
-    lam_in, lam_ex, lam_mid, lam_end = chunk_log_decays(w, valid, FULL)
+    lam_in, lam_ex, lam_mid, lam_end = chunk_log_decays(w, valid, PREC, FULL)
     e_in = exp_(lam_in - lam_mid[None, :])
     e_ex = exp_(lam_ex - lam_mid[None, :])
     e_inv = exp_(lam_mid[None, :] - lam_in)
@@ -219,8 +219,8 @@ def chunk_bwd_kernel(
         tile = vcol[:, None] * K + cols[None, :]
         vt = base + vcol[:, None] + t.to(tl.int64)[None, :] * stride_t
         inb = (t < T_n)[None, :]
-        vvT = tf32(load_f32(v_ptr + vt, inb, FULL), PREC)
-        dyT = tf32(load_f32(dy_ptr + vt, valid[None, :], FULL), PREC)
+        vvT = load_operand(v_ptr + vt, inb, PREC, FULL)
+        dyT = load_operand(dy_ptr + vt, valid[None, :], PREC, FULL)
         s_ck = tl.load(cks_ptr + sc_base + vcol)
         s_gk = tl.load(gks_ptr + sc_base + vcol)
         S0 = tl.load(ckpt_ptr + st_base + tile).to(tl.float32)
@@ -286,7 +286,8 @@ def chunk_bwd_kernel(
     d_lex = da_t * a_r + da_s * a_s
     d_lend = tl.sum(k_bar_t, axis=0) + d_end * decay_end
     # dlam_t = sum_{i >= t} d_lin_i + sum_{i > t} d_lex_i + d_lend
-    d_lam = tl.cumsum(d_lin, axis=0, reverse=True) + tl.cumsum(d_lex, axis=0, reverse=True) - d_lex
+    d_lam = step_sums(tl.where(incl, 0.0, 1.0), d_lex, PREC)
+    d_lam += step_sums(tl.where(strict, 0.0, 1.0), d_lin, PREC)
     d_lam = d_lam + d_lend[None, :]
     keep = valid[:, None]
     # dlam/dw = lam (lambda = -exp(w)). Where the floor clamps lambda, the forward used the decay

@@ -107,6 +107,17 @@ def load_f32(ptr, mask, FULL: tl.constexpr):
 
 
 @triton.jit
+def load_operand(ptr, mask, PREC: tl.constexpr, FULL: tl.constexpr):
+    """``load_f32`` of a product operand, tf32-rounded (``tf32``) when ptr holds fp32. A bf16 or
+    fp16 value is a tf32 value already (at most 11 significant bits), so its rounding is skipped:
+    it changed no bit and cost two instructions per element."""
+    x = load_f32(ptr, mask, FULL)
+    if ptr.dtype.element_ty == tl.float32:
+        x = tf32(x, PREC)
+    return x
+
+
+@triton.jit
 def store_cast(ptr, x, mask, FULL: tl.constexpr):
     """Store x in ptr's dtype where mask is True (FULL: everywhere; mask is not read)."""
     if FULL:
@@ -153,6 +164,18 @@ def store_scaled(ptr, x, scale_ptr, mask, chunk_ok, FULL: tl.constexpr):
         inv = tl.full(chunk_ok.shape, 1.0, tl.float32)
         store_cast(ptr, x, mask, FULL)
     store_cast(scale_ptr, inv, chunk_ok, FULL)
+
+
+@triton.jit
+def store_rounded(ptr, x, scale_ptr, mask, chunk_ok, PREC: tl.constexpr, FULL: tl.constexpr):
+    """``store_scaled`` of a tile that is only stored, not used here as a product operand: in
+    tf32 mode rounded to tf32 by the store itself. The fp16 conversion rounds the scaled x to 10
+    mantissa bits, to nearest with ties to even, as ``tf32_even`` does for an fp32 buffer (so the
+    two storages hold the same values), which saves the rounding's two instructions per element
+    of ``tf32`` (whose ties go away from zero)."""
+    if ptr.dtype.element_ty == tl.float32:
+        x = tf32_even(x, PREC)
+    store_scaled(ptr, x, scale_ptr, mask, chunk_ok, FULL)
 
 
 # the pair matrices of a chunk kept for the gradient kernel (``store_pair_matrices``), in this
@@ -245,7 +268,23 @@ def step_validity(mask_ptr, t, T, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
-def chunk_log_decays(w, valid, FULL: tl.constexpr):
+def step_sums(tri, x, PREC: tl.constexpr):
+    """tri @ x: sums over the CHUNK steps (rows) of x ([CHUNK, N] fp32, or [G, CHUNK, N] with tri
+    [G, CHUNK, CHUNK]) picked by the 0/1 matrix tri, as tensor-core products. In tf32 mode x is
+    split into its tf32 rounding and the remainder (exact in fp32), so each term loses at most the
+    remainder's truncation, 2^-21 of x: about fp32 accuracy. A cumsum over the steps (tl.cumsum:
+    shuffles and shared memory across the warps) took several hundred instructions per warp."""
+    if PREC == "tf32":
+        hi = tf32(x, PREC)
+        acc = tl.dot(tri, hi, input_precision=PREC)
+        acc = tl.dot(tri, x - hi, acc, input_precision=PREC)
+    else:
+        acc = tl.dot(tri, x, input_precision=PREC)
+    return acc
+
+
+@triton.jit
+def chunk_log_decays(w, valid, PREC: tl.constexpr, FULL: tl.constexpr):
     """Cumulative log decays of one chunk from w [CHUNK, K].
 
     Returns lam_in (Lam_i, inclusive), lam_ex (Lam_{i-1}), lam_mid (Lam at the anchor row, [K]),
@@ -253,9 +292,9 @@ def chunk_log_decays(w, valid, FULL: tl.constexpr):
     FULL: every step is valid (valid is not read).
     """
     lam = zero_invalid(tl.maximum(-exp_(w), -FLOOR_), valid[:, None], FULL)
-    lam_in = tl.cumsum(lam, axis=0)
-    lam_ex = lam_in - lam
     rows = tl.arange(0, L_)
+    lam_in = step_sums(tl.where(rows[:, None] >= rows[None, :], 1.0, 0.0), lam, PREC)
+    lam_ex = lam_in - lam
     lam_mid = tl.sum(tl.where(rows[:, None] == MID_, lam_in, 0.0), axis=0)
     lam_end = tl.sum(tl.where(rows[:, None] == L_ - 1, lam_in, 0.0), axis=0)
     return lam_in, lam_ex, lam_mid, lam_end
@@ -264,7 +303,9 @@ def chunk_log_decays(w, valid, FULL: tl.constexpr):
 @triton.jit
 def chunk_log_decays3(w, valid, FULL: tl.constexpr):
     """chunk_log_decays for G chunks at once: w [G, CHUNK, K], valid [G, CHUNK]; anchors [G, K].
-    FULL: every step is valid (valid is not read)."""
+    FULL: every step is valid (valid is not read). The sums over the steps stay a tl.cumsum here:
+    on the prep kernel's one warp per chunk it is shuffles within the warp, and ``step_sums``
+    took more instructions (sm_90, K = 64: 4280 against 4208 per warp, 40 B spilled)."""
     lam = zero_invalid(tl.maximum(-exp_(w), -FLOOR_), valid[:, :, None], FULL)
     lam_in = tl.cumsum(lam, axis=1)
     lam_ex = lam_in - lam
@@ -284,6 +325,15 @@ def tf32(x, PREC: tl.constexpr):
     if PREC == "tf32":
         bits = x.to(tl.uint32, bitcast=True)
         x = ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+    return x
+
+
+@triton.jit
+def tf32_even(x, PREC: tl.constexpr):
+    """``tf32`` with ties to even, the rounding of an fp32 -> fp16 conversion."""
+    if PREC == "tf32":
+        bits = x.to(tl.uint32, bitcast=True)
+        x = ((bits + 0xFFF + ((bits >> 13) & 1)) & 0xFFFFE000).to(tl.float32, bitcast=True)
     return x
 
 

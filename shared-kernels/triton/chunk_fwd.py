@@ -45,8 +45,8 @@ import triton.language as tl
 from .chunk_common import (L_, PAIRS_, SCALE_B_, SCALE_KC_, SCALE_R2_, SCALE_W_, SCALES_,
                            chunk_log_decays3, exp_, load_f32, load_scales, scan_program,
                            segment_start_state, sequence_span, store_cast, store_pair_matrices,
-                           store_scaled, store_state, tf32, tile_scales, unit_lower_inverse,
-                           zero_invalid)
+                           store_rounded, store_scaled, store_state, tf32, tile_scales,
+                           unit_lower_inverse, zero_invalid)
 
 
 @triton.jit(do_not_specialize=["T", "H", "BH", "NC"])
@@ -157,9 +157,9 @@ def chunk_prep_kernel(
     W_r = tf32(tl.dot(N, a_s, input_precision=PREC), PREC)
     store_scaled(wo_ptr + out0 + tiles, W_r, scales + SCALE_W_, ok, c < NC, FULL)
     Kc = tl.dot(tl.trans(Ak, 0, 2, 1), b_bar, k_s, input_precision=PREC)
-    store_scaled(kco_ptr + out0 + tiles, tf32(Kc, PREC), scales + SCALE_KC_, ok, c < NC, FULL)
+    store_rounded(kco_ptr + out0 + tiles, Kc, scales + SCALE_KC_, ok, c < NC, PREC, FULL)
     R2 = zero_invalid(tl.dot(A_qb_r, W_r, q_s, input_precision=PREC), keep, FULL)
-    store_scaled(r2o_ptr + out0 + tiles, tf32(R2, PREC), scales + SCALE_R2_, ok, c < NC, FULL)
+    store_rounded(r2o_ptr + out0 + tiles, R2, scales + SCALE_R2_, ok, c < NC, PREC, FULL)
     Qc = zero_invalid(tl.dot(A_qb_r, Ak, tl.where(incl, A_qk, 0.0), input_precision=PREC), keep,
                       FULL)
     sq = (gi[:, None, None] * L_ + rows[None, :, None]) * L_ + rows[None, None, :]
