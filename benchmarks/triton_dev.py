@@ -17,6 +17,7 @@ Results and the sweeps tried so far: docs/benchmarks.md ("Where the Triton time 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
 import time
 from collections import defaultdict
@@ -80,6 +81,8 @@ def time_shape(name, quick):
 
 
 def errors_at_error_shape(dtype, seed=1234):
+    """({output: relative error}, digest) of a forward and backward at the error shape; the
+    digest (sha256 of every output's bits) tells whether a change meant to be exact is."""
     B, T, H, K = 2, 256, 4, 64
     x = make_inputs(B, T, H, K, seed=seed)
     ts = [torch.tensor(x[n], dtype=dtype, device="cuda", requires_grad=True) for n in NAMES]
@@ -93,11 +96,14 @@ def errors_at_error_shape(dtype, seed=1234):
     y_ref, s_ref = generalized_delta_rule_reference(*rounded, x["initial_state"])
     refs = generalized_delta_rule_backward(*rounded, x["initial_state"],
                                            do=do_t.double().cpu().numpy(), dfinal_state=ds)
+    sha = hashlib.sha256()
+    for out in (o, final, *grads):
+        sha.update(out.detach().contiguous().view(torch.uint8).cpu().numpy().tobytes())
     errs = {"y": rel_error(o.detach().double().cpu().numpy(), y_ref),
             "state": rel_error(final.detach().cpu().numpy(), s_ref)}
     for n, g, ref in zip(("dr", "dw", "dk", "dv", "da", "db", "ds0"), grads, refs):
         errs[n] = rel_error(g.double().cpu().numpy(), ref)
-    return errs
+    return errs, sha.hexdigest()[:16]
 
 
 def no_grad_errors(dtype=torch.bfloat16, seed=1234):
@@ -196,10 +202,11 @@ def main():
 
     if not args.no_errors:
         for dtype in (torch.bfloat16, torch.float32):
-            errs = errors_at_error_shape(dtype)
+            errs, digest = errors_at_error_shape(dtype)
             worst = max(errs, key=errs.get)
             print(f"error {str(dtype):15s} worst {worst}={errs[worst]:.2e}  "
-                  + " ".join(f"{k}={v:.1e}" for k, v in errs.items()), flush=True)
+                  + " ".join(f"{k}={v:.1e}" for k, v in errs.items())
+                  + f"  outputs sha256 {digest}", flush=True)
 
         errs = no_grad_errors()
         print(f"error under no_grad (bf16): y {errs['y']:.2e} state {errs['state']:.2e}")
