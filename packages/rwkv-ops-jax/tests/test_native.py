@@ -21,7 +21,6 @@ from rwkv_ops.numpy.testing import (FLOAT32_TOL, NAMES, make_cotangents, make_in
                                     seed_from_env)
 
 SEED = seed_from_env()
-TOL = FLOAT32_TOL
 GRAD_NAMES = (*NAMES, "initial_state")
 
 
@@ -113,7 +112,7 @@ def test_forward_and_gradients_match_reference(case):
                             seed=seed, poison=True)
     o_ref, S_ref, grads_ref = _reference(x, head_first=head_first,
                                          output_final_state=output_final_state, cotangents=cot)
-    tol = TOL[decays]
+    tol = FLOAT32_TOL[decays]
     _check("o", o, o_ref, tol, ctx)
     if output_final_state:
         assert S.dtype == np.float32 and S.shape == (2, 2, K, K), ctx

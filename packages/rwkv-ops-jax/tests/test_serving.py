@@ -27,7 +27,6 @@ from rwkv_ops.numpy.testing import (FLOAT32_TOL, assert_errors, make_cotangents,
 HAS_GPU = jax.default_backend() == "gpu"
 NAMES = ("r", "w", "k", "v", "a", "b")
 GRAD_NAMES = ("dr", "dw", "dk", "dv", "da", "db", "ds0")
-TOL = FLOAT32_TOL
 gpu_only = [pytest.mark.gpu, pytest.mark.skipif(not HAS_GPU, reason="needs a JAX GPU backend")]
 
 
@@ -62,7 +61,8 @@ def test_decode_chain(decays, head_first, request):
     ref = _rounded(x, jnp.float32)
     y_ref, s_ref = generalized_delta_rule_reference(*(ref[n] for n in NAMES), x["initial_state"],
                                                     True, head_first)
-    assert_errors({"y": rel_error(o, y_ref), "state": rel_error(state, s_ref)}, TOL[decays], seed)
+    assert_errors({"y": rel_error(o, y_ref), "state": rel_error(state, s_ref)},
+                  FLOAT32_TOL[decays], seed)
 
 
 @pytest.mark.parametrize("decays", ["model", "full"])
@@ -88,7 +88,7 @@ def test_decode_gradients(decays, request):
     refs = generalized_delta_rule_backward(*(np.asarray(v, np.float64) for v in ins),
                                            x["initial_state"], do=do, dfinal_state=dsT)
     errors = {n: rel_error(g, ref) for n, g, ref in zip(GRAD_NAMES, grads, refs)}
-    assert_errors(errors, TOL[decays], seed)
+    assert_errors(errors, FLOAT32_TOL[decays], seed)
 
 
 def test_decode_broadcast_state(request):
@@ -98,7 +98,8 @@ def test_decode_broadcast_state(request):
         *(jnp.asarray(x[n], jnp.float32) for n in NAMES), jnp.asarray(x["initial_state"], jnp.float32))
     y_ref, s_ref = generalized_delta_rule_reference(*(x[n] for n in NAMES), x["initial_state"])
     assert state.shape == (3, 2, 16, 16)
-    assert_errors({"y": rel_error(o, y_ref), "state": rel_error(state, s_ref)}, TOL["model"], seed)
+    assert_errors({"y": rel_error(o, y_ref), "state": rel_error(state, s_ref)},
+                  FLOAT32_TOL["model"], seed)
 
 
 def test_decode_errors():
@@ -133,8 +134,8 @@ def test_decode_triton_chain(dtype, head_first, request):
     y_ref, s_ref = generalized_delta_rule_reference(*(ref[n] for n in NAMES), x["initial_state"],
                                                     True, head_first)
     errors = {"y": rel_error(np.asarray(o, np.float32), y_ref), "state": rel_error(state, s_ref)}
-    assert_errors(errors, TOL["full"] if dtype == jnp.float32 else 4e-3, seed)
-    assert_errors({"state": errors["state"]}, TOL["full"], seed)
+    assert_errors(errors, FLOAT32_TOL["full"] if dtype == jnp.float32 else 4e-3, seed)
+    assert_errors({"state": errors["state"]}, FLOAT32_TOL["full"], seed)
 
 
 @pytest.mark.gpu
@@ -207,7 +208,7 @@ def check_varlen(seed, lengths, kernel_type=None, H=2, K=32):
             errors[f"y{i}"] = rel_error(o[:, lo:hi], y_ref)
             for name, g, ref in zip(GRAD_NAMES[:6], grads, refs):
                 errors[f"{name}{i}"] = rel_error(g[:, lo:hi], ref)
-    assert_errors(errors, TOL["model"], seed)
+    assert_errors(errors, FLOAT32_TOL["model"], seed)
 
 
 @pytest.mark.parametrize("kernel_type", VARLEN_KERNELS)
@@ -242,7 +243,7 @@ def test_varlen_triton_all_empty_and_no_state(triton_interpreter, request):
     for i, (x, lo, hi) in enumerate(zip(per_seq, cu[:-1], cu[1:])):
         y_ref, s_ref = generalized_delta_rule_reference(*(x[n] for n in NAMES), None)
         assert_errors({"y": rel_error(o[:, lo:hi], y_ref),
-                       "state": rel_error(final[i:i + 1], s_ref)}, TOL["model"], seed)
+                       "state": rel_error(final[i:i + 1], s_ref)}, FLOAT32_TOL["model"], seed)
 
 
 def test_varlen_kernel_choice(monkeypatch):
@@ -315,7 +316,7 @@ def test_inference_equals_training_forward(case, request):
     y_ref, s_ref = generalized_delta_rule_reference(*(x[n] for n in NAMES), x["initial_state"],
                                                     mask=x["mask"])
     assert_errors({"y": rel_error(np.asarray(o).reshape(y_ref.shape), y_ref),
-           "state": rel_error(s, s_ref)}, TOL["model"], seed)
+           "state": rel_error(s, s_ref)}, FLOAT32_TOL["model"], seed)
 
 
 def test_inference_options():

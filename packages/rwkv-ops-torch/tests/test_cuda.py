@@ -46,7 +46,6 @@ print(f"test_cuda: seed {SEED} (replay with RWKV_OPS_TEST_SEED={SEED})")
 CSRC = Path(cl.__file__).resolve().parent / "csrc"
 NAMES = ("r", "w", "k", "v", "a", "b")
 GRAD_NAMES = ("dr", "dw", "dk", "dv", "da", "db", "ds0")
-TOL_FP32 = FLOAT32_TOL
 TOL_DTYPE = {torch.float32: 1e-5, torch.bfloat16: 3e-3, torch.float16: 1e-3}
 
 HAS_CUDA = torch.cuda.is_available()
@@ -220,7 +219,7 @@ def test_emulated_block_programs_match_reference(emulation, case):
     for name, g, ref in zip(GRAD_NAMES, grads, g_ref):
         if ref is not None:
             errors[name] = rel_error(g, ref)
-    _check(errors, TOL_FP32[decays], f"emulated K={K} T={T} {case}")
+    _check(errors, FLOAT32_TOL[decays], f"emulated K={K} T={T} {case}")
 
 
 def test_emulated_results_do_not_depend_on_thread_order(emulation):
@@ -442,7 +441,7 @@ def test_gpu_options(poisoned, case):
     case = dict(case)
     B, T, K = case.pop("B", 2), case.pop("T", 100), case.pop("K", 64)
     errors = _gpu_case(B, T, 2, K, torch.float32, **case)
-    _check(errors, TOL_FP32[case.get("decays", "model")], f"cuda {case}")
+    _check(errors, FLOAT32_TOL[case.get("decays", "model")], f"cuda {case}")
 
 
 @gpu

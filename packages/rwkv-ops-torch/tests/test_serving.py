@@ -30,7 +30,6 @@ HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 NAMES = ("r", "w", "k", "v", "a", "b")
 GRAD_NAMES = ("dr", "dw", "dk", "dv", "da", "db", "ds0")
-TOL = FLOAT32_TOL
 # the interpreter reports exp overflowing to inf for huge w (d = 0 exactly, as intended)
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
@@ -73,7 +72,7 @@ def test_decode_native_chain(decays, head_first, request):
     _, (y_ref, s_ref) = _reference(x, torch.float32, head_first)
     assert o.dtype == torch.float32 and state.dtype == torch.float32
     assert_errors({"y": rel_error(o.numpy(), y_ref), "state": rel_error(state.numpy(), s_ref)},
-          TOL[decays], seed)
+          FLOAT32_TOL[decays], seed)
 
 
 @pytest.mark.parametrize("K", [32, 64])
@@ -87,11 +86,11 @@ def test_decode_triton_chain(K, dtype, inplace, poison_empty, request):
     o, state = run_decode_chain(decode.decode_triton, x, T, head_first, dtype, inplace)
     _, (y_ref, s_ref) = _reference(x, dtype, head_first)
     assert o.dtype == dtype and state.dtype == torch.float32
-    tol_y = TOL["full"] if dtype == torch.float32 else 4e-3
+    tol_y = FLOAT32_TOL["full"] if dtype == torch.float32 else 4e-3
     errors = {"y": rel_error(o.float().cpu().numpy(), y_ref),
               "state": rel_error(state.cpu().numpy(), s_ref)}
     assert_errors(errors, tol_y, seed)
-    assert_errors({"state": errors["state"]}, TOL["full"], seed)
+    assert_errors({"state": errors["state"]}, FLOAT32_TOL["full"], seed)
 
 
 def test_decode_triton_broadcast_state(poison_empty, request):
@@ -103,7 +102,7 @@ def test_decode_triton_broadcast_state(poison_empty, request):
     y_ref, s_ref = generalized_delta_rule_reference(*(x[n] for n in NAMES), x["initial_state"])
     assert state.shape == (3, 2, 32, 32)
     assert_errors({"y": rel_error(o.cpu().numpy(), y_ref), "state": rel_error(state.cpu().numpy(), s_ref)},
-          TOL["model"], seed)
+          FLOAT32_TOL["model"], seed)
     with pytest.raises(ValueError, match="inplace=True needs a state of shape"):
         decode.decode_triton(*ts, s0, inplace=True)
 
@@ -141,7 +140,7 @@ def test_decode_gradients(decays, request):
     rounded = [v.detach().double().numpy() for v in leaves]
     refs = generalized_delta_rule_backward(*rounded, x["initial_state"], do=do, dfinal_state=dsT)
     errors = {n: rel_error(g.numpy(), ref) for n, g, ref in zip(GRAD_NAMES, grads, refs)}
-    assert_errors(errors, TOL[decays], seed)
+    assert_errors(errors, FLOAT32_TOL[decays], seed)
 
 
 def test_decode_dispatch_and_inplace(request):
@@ -154,7 +153,7 @@ def test_decode_dispatch_and_inplace(request):
     o, new = decode.rwkv7_op_rnn(*ts, state, inplace=True)
     assert new is state
     assert_errors({"y": rel_error(o.cpu().numpy(), o_ref), "state": rel_error(state.cpu().numpy(), s_ref)},
-          TOL["model"], seed)
+          FLOAT32_TOL["model"], seed)
     assert decode.generalized_delta_rule_single_step is decode.rwkv7_op_rnn
     # a gradient request takes the native path on every device, and gets its gradient
     leaf = s0.clone().requires_grad_()
@@ -226,7 +225,7 @@ def check_varlen(seed, lengths, kernel_type=None, H=2, K=32, decays="model"):
             errors[f"y{i}"] = rel_error(o[:, lo:hi].detach().cpu().numpy(), y_ref)
             for name, g, ref in zip(GRAD_NAMES[:6], grads, refs):
                 errors[f"{name}{i}"] = rel_error(g[:, lo:hi], ref)
-    assert_errors(errors, TOL[decays], seed)
+    assert_errors(errors, FLOAT32_TOL[decays], seed)
 
 
 # "triton": the kernels on the packed layout (on CPU tensors in the interpreter); "native": the
@@ -289,7 +288,7 @@ def test_varlen_without_state(request):
     for i, (x, lo, hi) in enumerate(zip(per_seq, cu[:-1], cu[1:])):
         y_ref, s_ref = generalized_delta_rule_reference(*(x[n] for n in NAMES), None)
         assert_errors({"y": rel_error(o[:, lo:hi].cpu().numpy(), y_ref),
-               "state": rel_error(final[i:i + 1].cpu().numpy(), s_ref)}, TOL["model"], seed)
+               "state": rel_error(final[i:i + 1].cpu().numpy(), s_ref)}, FLOAT32_TOL["model"], seed)
 
 
 def test_varlen_errors():
@@ -340,7 +339,7 @@ def test_inference_equals_training_forward(case, request):
     y_ref, s_ref = generalized_delta_rule_reference(*(x[n] for n in NAMES), x["initial_state"],
                                                     mask=x["mask"])
     assert_errors({"y": rel_error(o.reshape(y_ref.shape).cpu().numpy(), y_ref),
-           "state": rel_error(s.cpu().numpy(), s_ref)}, TOL["model"], seed)
+           "state": rel_error(s.cpu().numpy(), s_ref)}, FLOAT32_TOL["model"], seed)
     with torch.inference_mode():
         o2, _ = inference.generalized_delta_rule_inference(*(t.detach() for t in ts), s0.detach(),
                                                            mask=mask)
@@ -397,7 +396,7 @@ def test_decode_cuda_graph(request):
     errors = {"y": rel_error(torch.cat(ys, 1).float().cpu().numpy(), y_ref),
               "state": rel_error(state.cpu().numpy(), s_ref)}
     assert_errors(errors, 4e-3, seed)
-    assert_errors({"state": errors["state"]}, TOL["model"], seed)
+    assert_errors({"state": errors["state"]}, FLOAT32_TOL["model"], seed)
 
 
 @pytest.mark.gpu
