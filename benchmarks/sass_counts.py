@@ -1,5 +1,6 @@
-"""Registers, spills and SASS instruction counts of the chunk kernels, compiled here for sm_90
-(no GPU needed: Triton compiles for a target, and its wheel ships cuobjdump).
+"""Registers, spills, SASS instruction counts, shared memory and programs per SM of the chunk
+kernels, compiled here for sm_90 (no GPU needed: Triton compiles for a target, and its wheel ships
+cuobjdump).
 
     python3 benchmarks/sass_counts.py                    # the four kernels at K = 64, bf16, FULL
     python3 benchmarks/sass_counts.py prep G=2 warps=2   # one kernel, constexprs changed
@@ -114,6 +115,13 @@ def parse_changes(args):
     return changes
 
 
+def programs_per_sm(regs, warps, shared):
+    """Programs of one kernel that fit on an sm_90 SM at once: 64 K registers (allocated per warp
+    in blocks of 256), 228 KB of shared memory (1 KB more per program), 64 warps, 32 programs."""
+    per_warp = -(-regs * 32 // 256) * 256
+    return min(65536 // (per_warp * warps), 233472 // (shared + 1024), 64 // warps, 32)
+
+
 def main(argv):
     names = [a for a in argv if "=" not in a] or list(KERNELS)
     changes = parse_changes(a for a in argv if "=" in a)
@@ -123,11 +131,13 @@ def main(argv):
         constexprs.update({k: v for k, v in changes.items() if k in fn.arg_names})
         warps = changes.get("warps", warps)
         stages = changes.get("stages", stages)
-        regs, stack, total, ops = sass_report(compile_sm90(fn, constexprs, warps, stages,
-                                                           changes.get("maxnreg")))
+        compiled = compile_sm90(fn, constexprs, warps, stages, changes.get("maxnreg"))
+        regs, stack, total, ops = sass_report(compiled)
+        shared = compiled.metadata.shared
         shown = " ".join(f"{k}={v}" for k, v in sorted(constexprs.items()))
         print(f"{name} ({shown}, {warps} warps, {stages} stages): {regs} registers, "
-              f"{stack} B spill stack, {total} SASS instructions per warp")
+              f"{stack} B spill stack, {total} SASS instructions per warp, {shared} B shared, "
+              f"{programs_per_sm(regs, warps, shared)} programs per SM")
         print("    " + "  ".join(f"{op} {n}" for op, n in ops))
 
 
