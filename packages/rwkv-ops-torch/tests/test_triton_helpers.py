@@ -80,8 +80,10 @@ def test_step_sums_are_fp32_accurate(which, request):
     err = np.max(np.abs(out.cpu().numpy() - exact) / np.maximum(scale, 1e-30))
     naive = tri.astype(np.float64) @ _tf32_np(x, ties_even=False).astype(np.float64)
     naive_err = np.max(np.abs(naive - exact) / np.maximum(scale, 1e-30))
-    assert naive_err > 1e-5, f"seed={seed}: the bound cannot tell (tf32 alone {naive_err:.1e})"
-    assert err <= 1e-6, f"seed={seed}: step_sums error {err:.2e} of the terms' magnitudes"
+    # bound: 16 additions of at most 2^-23 each (a GPU's tensor cores may truncate them), 100x
+    # below what the tf32 roundings alone give
+    assert naive_err > 1e-4, f"seed={seed}: the bound cannot tell (tf32 alone {naive_err:.1e})"
+    assert err <= 2e-6, f"seed={seed}: step_sums error {err:.2e} of the terms' magnitudes"
 
 
 @pytest.mark.parametrize("prec, tol", [("ieee", 1e-5), ("tf32", 2e-3)])
