@@ -14,7 +14,8 @@
 #                (named A--B: plain characters in its log's file name); a
 #                patch may change any of them)
 #   GPU machine: scripts/gpu_check.sh run scripts/ab_kernels.sh run-variants [triton_dev.py args]
-#                (carry [".whl", ".ab-variants"]); logs in $OUT/ab-base.txt, $OUT/ab-<name>.txt
+#                (carry [".whl", ".ab-variants"]); the table of every side in $OUT/ab-summary.txt,
+#                the logs (ab-base.txt, ab-<name>.txt) in $OUT/ab-logs.tar.gz
 # Both print the S / L table and the per-kernel lines of every side.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -70,16 +71,20 @@ case "${1:-}" in
     run-variants)
         shift
         [ -d .ab-variants ] || { echo "no .ab-variants/: run 'scripts/ab_kernels.sh prepare-variants PATCH...' first and carry it"; exit 2; }
-        mkdir -p "$OUT"
+        # the logs go into one archive and the table of every side into one summary: a device
+        # call returns only a few files from $OUT
+        logs="$OUT/ab-logs"
+        mkdir -p "$logs"
         args=("$@"); [ ${#args[@]} -eq 0 ] && args=(--quick --no-errors)
-        bench . "$OUT/ab-base.txt" "${args[@]}"
+        bench . "$logs/ab-base.txt" "${args[@]}"
         for dir in .ab-variants/*/; do
-            bench "$dir" "$OUT/ab-$(basename "$dir").txt" "${args[@]}"
+            bench "$dir" "$logs/ab-$(basename "$dir").txt" "${args[@]}"
         done
         for name in base $(ls .ab-variants); do
             echo "== $name"
-            show "$OUT/ab-$name.txt"
-        done
+            show "$logs/ab-$name.txt"
+        done | tee "$OUT/ab-summary.txt"
+        tar -czf "$OUT/ab-logs.tar.gz" -C "$OUT" ab-logs && rm -rf "$logs"
         ;;
     run)
         shift
