@@ -18,7 +18,6 @@ from rwkv_ops.numpy.testing import (FLOAT32_TOL, assert_close, make_cotangents, 
 SEED = seed_from_env()
 NAMES = ("r", "w", "k", "v", "a", "b")
 # float32 chunked forward vs float64 reference (inputs rounded to float32 first).
-TOL = FLOAT32_TOL
 
 
 def args_of(x, dtype=np.float64):
@@ -82,8 +81,8 @@ def test_chunked_forward_matches_reference(T, K, decays):
     o, s = generalized_delta_rule(*a32, s0, mask=x["mask"])
     ro, rs = generalized_delta_rule_reference(*a32, s0, mask=x["mask"])
     assert o.dtype == np.float32 and s.dtype == np.float32 and s.shape == (2, 2, K, K)
-    assert_close(f"o (T={T} K={K} seed {SEED})", o, ro, TOL[decays])
-    assert_close(f"final_state (T={T} K={K} seed {SEED})", s, rs, TOL[decays])
+    assert_close(f"o (T={T} K={K} seed {SEED})", o, ro, FLOAT32_TOL[decays])
+    assert_close(f"final_state (T={T} K={K} seed {SEED})", s, rs, FLOAT32_TOL[decays])
 
 
 def test_head_first_no_state_and_float64():

@@ -20,7 +20,6 @@ from rwkv_ops.numpy.testing import FLOAT32_TOL, assert_errors, make_inputs, rel_
 from rwkv_ops.numpy.varlen import generalized_delta_rule_varlen
 
 NAMES = ("r", "w", "k", "v", "a", "b")
-TOL = FLOAT32_TOL
 
 
 @pytest.mark.parametrize("decays", ["model", "full"])
@@ -41,7 +40,8 @@ def test_decode_chain(decays, head_first, request):
     y_ref, s_ref = generalized_delta_rule_reference(*(x[n].astype(np.float32) for n in NAMES),
                                                     x["initial_state"].astype(np.float32), True,
                                                     head_first)
-    assert_errors({"y": rel_error(o, y_ref), "state": rel_error(state, s_ref)}, TOL[decays], seed)
+    assert_errors({"y": rel_error(o, y_ref), "state": rel_error(state, s_ref)},
+                  FLOAT32_TOL[decays], seed)
 
 
 def test_decode_broadcast_state_and_float64(request):
@@ -81,7 +81,7 @@ def test_varlen_matches_each_sequence(lengths, request):
         errors[f"state{i}"] = rel_error(final[i:i + 1], s_ref)
         if hi > lo:
             errors[f"y{i}"] = rel_error(o[:, lo:hi], y_ref)
-    assert_errors(errors, TOL["model"], seed)
+    assert_errors(errors, FLOAT32_TOL["model"], seed)
 
 
 def test_varlen_errors():
@@ -115,7 +115,7 @@ def test_inference_equals_training_forward(case, request):
     assert_errors({"y": rel_error(o, o_train), "state": rel_error(s, s_train)}, 1e-6, seed)
     y_ref, s_ref = generalized_delta_rule_reference(*xs, s0, mask=x["mask"])
     assert_errors({"y": rel_error(o.reshape(y_ref.shape), y_ref), "state": rel_error(s, s_ref)},
-          TOL["model"], seed)
+          FLOAT32_TOL["model"], seed)
 
 
 def test_inference_options():

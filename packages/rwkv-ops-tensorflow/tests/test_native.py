@@ -29,7 +29,6 @@ from rwkv_ops.tensorflow import generalized_delta_rule
 
 SEED = seed_from_env()
 GRAD_NAMES = tuple(f"d{n}" for n in NAMES) + ("dinitial_state",)
-TOL = FLOAT32_TOL
 
 
 def check(name, x, ref, tol, seed=SEED):
@@ -134,7 +133,8 @@ def test_float32_matches_reference(case):
     assert got[0].dtype == tf.float32 and got[0].shape == x["r"].shape
     if ofs:
         assert got[1].dtype == tf.float32 and got[1].shape == (B, H, K, K)
-    compare(x, do, ds, got, tol=TOL[decays], head_first=hf, output_final_state=ofs, seed=seed)
+    compare(x, do, ds, got, tol=FLOAT32_TOL[decays], head_first=hf, output_final_state=ofs,
+            seed=seed)
     if mask is not None:
         padded = ~x["mask"]
         o = np.asarray(got[0])
@@ -191,7 +191,7 @@ def test_extreme_decays_are_finite_and_exact():
     x["w"] = np.select([choice == 0, choice == 1, choice == 2], [-np.inf, np.inf, 1e30], x["w"])
     do, ds = make_cotangents(x["r"].shape, (B, H, K, K), seed=SEED)
     got = run_tf(x, do, ds)
-    compare(x, do, ds, got, tol=TOL["full"])
+    compare(x, do, ds, got, tol=FLOAT32_TOL["full"])
 
 
 def test_tf_function():
@@ -199,7 +199,7 @@ def test_tf_function():
     x = make_inputs(B, T, H, K, seed=SEED, decays="full", mask="left")
     do, ds = make_cotangents(x["r"].shape, (B, H, K, K), seed=SEED)
     got = run_tf(x, do, ds, wrap=tf.function)
-    compare(x, do, ds, got, tol=TOL["full"])
+    compare(x, do, ds, got, tol=FLOAT32_TOL["full"])
 
 
 def test_jit_compile():
@@ -207,7 +207,7 @@ def test_jit_compile():
     x = make_inputs(B, T, H, K, seed=SEED, state_batch=1, mask="right", head_first=True)
     do, ds = make_cotangents(x["r"].shape, (B, H, K, K), seed=SEED)
     got = run_tf(x, do, ds, head_first=True, wrap=lambda f: tf.function(f, jit_compile=True))
-    compare(x, do, ds, got, tol=TOL["model"], head_first=True)
+    compare(x, do, ds, got, tol=FLOAT32_TOL["model"], head_first=True)
 
 
 def test_unknown_batch_under_tf_function():
@@ -225,8 +225,8 @@ def test_unknown_batch_under_tf_function():
               tf.constant(x["initial_state"], tf.float32), tf.constant(x["mask"]))
     ref_o, ref_s = generalized_delta_rule_reference(*(x[n] for n in NAMES), x["initial_state"],
                                                     mask=x["mask"])
-    check("o", o, ref_o, TOL["model"])
-    check("final_state", s, ref_s, TOL["model"])
+    check("o", o, ref_o, FLOAT32_TOL["model"])
+    check("final_state", s, ref_s, FLOAT32_TOL["model"])
 
 
 @pytest.mark.parametrize("head_first", [False, True])
@@ -264,8 +264,8 @@ def test_eager_calls_with_varying_shapes_share_one_trace():
                                       x["initial_state"].astype(np.float32), mask=x["mask"])
         ref_o, ref_s = generalized_delta_rule_reference(*(x[n] for n in NAMES), x["initial_state"],
                                                         mask=x["mask"])
-        check(f"o {B, T, H, K}", o, ref_o, TOL["model"])
-        check(f"final_state {B, T, H, K}", s, ref_s, TOL["model"])
+        check(f"o {B, T, H, K}", o, ref_o, FLOAT32_TOL["model"])
+        check(f"final_state {B, T, H, K}", s, ref_s, FLOAT32_TOL["model"])
     assert chunked_forward_function.experimental_get_tracing_count() == traces
 
 
@@ -277,8 +277,8 @@ def test_mask_of_integers_and_floats_means_the_same():
                                                     mask=x["mask"])
     for mask in (x["mask"].astype(np.int32), x["mask"].astype(np.float32)):
         o, s = generalized_delta_rule(*inputs, x["initial_state"].astype(np.float32), mask=mask)
-        check("o", o, ref_o, TOL["model"])
-        check("final_state", s, ref_s, TOL["model"])
+        check("o", o, ref_o, FLOAT32_TOL["model"])
+        check("final_state", s, ref_s, FLOAT32_TOL["model"])
 
 
 def _good(B=2, T=5, H=2, K=4):

@@ -24,7 +24,6 @@ from rwkv_ops.tensorflow.varlen import generalized_delta_rule_varlen
 
 NAMES = ("r", "w", "k", "v", "a", "b")
 GRAD_NAMES = ("dr", "dw", "dk", "dv", "da", "db", "ds0")
-TOL = FLOAT32_TOL
 
 
 def f32(x):
@@ -56,7 +55,8 @@ def test_decode_chain(decays, head_first, request):
     xs = [x[n].astype(np.float32) for n in NAMES]
     y_ref, s_ref = generalized_delta_rule_reference(*xs, x["initial_state"].astype(np.float32),
                                                     True, head_first)
-    assert_errors({"y": rel_error(o, y_ref), "state": rel_error(state, s_ref)}, TOL[decays], seed)
+    assert_errors({"y": rel_error(o, y_ref), "state": rel_error(state, s_ref)},
+                  FLOAT32_TOL[decays], seed)
 
 
 @pytest.mark.parametrize("decays", ["model", "full"])
@@ -81,7 +81,7 @@ def test_decode_gradients(decays, request):
                                            x["initial_state"].astype(np.float32), do=do,
                                            dfinal_state=dsT)
     errors = {n: rel_error(g, ref) for n, g, ref in zip(GRAD_NAMES, grads, refs)}
-    assert_errors(errors, TOL[decays], seed)
+    assert_errors(errors, FLOAT32_TOL[decays], seed)
 
 
 def test_decode_broadcast_state(request):
@@ -136,7 +136,7 @@ def test_varlen_matches_each_sequence(lengths, request):
             errors[f"y{i}"] = rel_error(o[:, lo:hi], y_ref)
             for name, g, ref in zip(GRAD_NAMES[:6], grads, refs):
                 errors[f"{name}{i}"] = rel_error(g[:, lo:hi], ref)
-    assert_errors(errors, TOL["model"], seed)
+    assert_errors(errors, FLOAT32_TOL["model"], seed)
 
 
 def test_varlen_errors():
@@ -183,7 +183,7 @@ def test_inference_equals_training_forward(case, request):
     y_ref, s_ref = generalized_delta_rule_reference(*(x[n] for n in NAMES), x["initial_state"],
                                                     mask=x["mask"])
     assert_errors({"y": rel_error(tf.reshape(o, y_ref.shape), y_ref), "state": rel_error(s, s_ref)},
-          TOL["model"], seed)
+          FLOAT32_TOL["model"], seed)
 
 
 def test_inference_options():
