@@ -513,8 +513,8 @@ def _fwd_roles(static):
     args += ["m"] if static.has_mask else []
     results = ["x", "s"]
     if static.save:
-        results += ["c", "d"] + (["g"] if static.n_seg > 1 else []) + ["p", "p", "p", "d", "e",
-                                                                       "q"]
+        results += ["c", "d"] + (["g"] if static.n_seg > 1 else [])
+        results += ["p", "p", "p", "d", "e", "q"]
     return args, results
 
 
