@@ -197,7 +197,8 @@ def chunk_bwd_kernel(
         lam_raw = _chunk_factors(
         r_ptr + base, w_ptr + base, k_ptr + base, a_ptr + base, b_ptr + base, t, T_n, cols,
         stride_t, valid, PREC, FULL)
-    # the loop's K-side operands, rounded from the unrounded factors exactly as the forward does
+    # the loop's K-side operands, rounded from the unrounded factors as the forward does (its
+    # exponentials are in log2 units, ``chunk_log2_decays``: a factor may differ in its last bit)
     a_s = tf32(a_t * to_mid[None, :], PREC)
     k_bar = tf32(k_h * mid_to_end[None, :], PREC)
     b_bar = tf32(b_h * mid_to_end[None, :], PREC)

@@ -20,6 +20,10 @@ L_ = tl.constexpr(CHUNK)
 MID_ = tl.constexpr(CHUNK // 2 - 1)
 FLOOR_ = tl.constexpr(LAMBDA_FLOOR)
 LOG2E_ = tl.constexpr(1.4426950408889634)
+# the prep kernel's cumulative decays are in log2 units (``chunk_log2_decays``): lambda log2(e)
+# >= -FLOOR2_, and -exp(w) log2(e) = -2^(w log2(e) + log2(log2(e)))
+FLOOR2_ = tl.constexpr(LAMBDA_FLOOR * 1.4426950408889634)
+LOG2_LOG2E_ = tl.constexpr(0.5287663729448977)
 
 
 @triton.jit
@@ -30,6 +34,13 @@ def exp_(x):
     happens only for exp(w) of a very negative w (a lambda of -0 instead of about -1e-38) and
     for the gradient kernel's term exp(lambda + floor) at lambda < -97 (0 instead of < 1e-38)."""
     return tl.math.exp2(x * LOG2E_)
+
+
+@triton.jit
+def exp2_(x):
+    """2^x as one MUFU.EX2: the prep kernel's factors, whose cumulative decays are in log2 units
+    (``chunk_log2_decays``), so no multiply by log2(e) precedes it as in ``exp_``."""
+    return tl.math.exp2(x)
 
 
 @triton.jit
@@ -207,16 +218,16 @@ def store_state(ptr, scale_ptr, bh, NC, c, X, state_tile, vrow, K: tl.constexpr,
     """Store rows vrow of a chunk's state (or state gradient) X ([BV, K] fp32) as the gradient
     kernel's products use it (tf32-rounded in tf32 mode) at ptr ([B*H, NC, K, K], chunk c of
     sequence bh; state_tile: the rows' offsets in a [K, K] matrix), with one inverse scale per row
-    at scale_ptr ([B*H, NC, K] fp32). fp16 buffer: as ``store_scaled``, a power of two per row;
-    fp32 buffer: as is, scale 1."""
+    at scale_ptr ([B*H, NC, K] fp32). fp16 buffer: as ``store_scaled``, a power of two per row,
+    and rounded by the conversion itself, to nearest with ties to even (``store_rounded``);
+    fp32 buffer: ``tf32_even`` (the same values), scale 1."""
     chunk = bh.to(tl.int64) * NC + c
-    X = tf32(X, PREC)
     if ptr.dtype.element_ty == tl.float16:
         up, inv = _pow2_scales(tl.max(tl.abs(X), axis=1))
         tl.store(ptr + chunk * K * K + state_tile, (X * up[:, None]).to(tl.float16))
     else:
         inv = tl.full(vrow.shape, 1.0, tl.float32)
-        tl.store(ptr + chunk * K * K + state_tile, X)
+        tl.store(ptr + chunk * K * K + state_tile, tf32_even(X, PREC))
     tl.store(scale_ptr + chunk * K + vrow, inv)
 
 
@@ -301,12 +312,22 @@ def chunk_log_decays(w, valid, PREC: tl.constexpr, FULL: tl.constexpr):
 
 
 @triton.jit
-def chunk_log_decays3(w, valid, FULL: tl.constexpr):
-    """chunk_log_decays for G chunks at once: w [G, CHUNK, K], valid [G, CHUNK]; anchors [G, K].
-    FULL: every step is valid (valid is not read). The sums over the steps stay a tl.cumsum here:
-    on the prep kernel's one warp per chunk it is shuffles within the warp, and ``step_sums``
-    took more instructions (sm_90, K = 64: 4280 against 4208 per warp, 40 B spilled)."""
-    lam = zero_invalid(tl.maximum(-exp_(w), -FLOOR_), valid[:, :, None], FULL)
+def chunk_log2_decays(w, valid, FULL: tl.constexpr):
+    """chunk_log_decays for G chunks at once, in log2 units: w [G, CHUNK, K], valid [G, CHUNK];
+    returns Lam * log2(e) (lam_in, lam_ex [G, CHUNK, K], lam_mid, lam_end [G, K]), so a factor
+    exp(Lam_i - Lam_j) is one ``exp2_`` of their difference, with no multiply by log2(e)
+    before it; the conversion is folded into the exponential that makes lambda. FULL: every
+    step is valid (valid is not read).
+
+    The prep kernel's form (H200, shape S: 1.294 against 1.348 ms training, 1.218 against 1.239
+    under no_grad). The gradient kernel keeps natural units (``chunk_log_decays``): there the
+    same change gave fewer instructions (3480 against 3552 per warp) but 6.78 against 6.69 ms.
+    Its rebuilt factors may then differ from the prep's in the last bit of an exponential, a
+    difference far below their tf32 rounding. The sums over the steps stay a tl.cumsum here: on
+    the prep kernel's one warp per chunk it is shuffles within the warp, and ``step_sums`` took
+    more instructions (sm_90, K = 64: 4280 against 4208 per warp, 40 B spilled)."""
+    lam = tl.maximum(-exp2_(w * LOG2E_ + LOG2_LOG2E_), -FLOOR2_)
+    lam = zero_invalid(lam, valid[:, :, None], FULL)
     lam_in = tl.cumsum(lam, axis=1)
     lam_ex = lam_in - lam
     rows = tl.arange(0, L_)[None, :, None]

@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from .chunk_common import (L_, PAIRS_, SCALE_B_, SCALE_KC_, SCALE_R2_, SCALE_W_, SCALES_,
-                           chunk_log_decays3, exp_, load_f32, load_scales, scan_program,
+                           chunk_log2_decays, exp2_, load_f32, load_scales, scan_program,
                            segment_start_state, sequence_span, store_cast, store_pair_matrices,
                            store_rounded, store_scaled, store_state, tf32, tile_scales,
                            unit_lower_inverse, zero_invalid)
@@ -112,25 +112,25 @@ def chunk_prep_kernel(
     strict = (rows[:, None] > rows[None, :])[None, :, :]
 
     w = load_f32(w_ptr + base + offs, ld, FULL)
-    lam_in, lam_ex, lam_mid, lam_end = chunk_log_decays3(w, valid, FULL)
+    lam_in, lam_ex, lam_mid, lam_end = chunk_log2_decays(w, valid, FULL)
     mid = lam_mid[:, None, :]
-    to_mid = exp_(lam_mid)[:, None, :]
-    mid_to_end = exp_(lam_end - lam_mid)[:, None, :]
-    store_cast(deco_ptr + (bh.to(tl.int64) * NC + c[:, None]) * K + cols[None, :], exp_(lam_end),
+    to_mid = exp2_(lam_mid)[:, None, :]
+    mid_to_end = exp2_(lam_end - lam_mid)[:, None, :]
+    store_cast(deco_ptr + (bh.to(tl.int64) * NC + c[:, None]) * K + cols[None, :], exp2_(lam_end),
                (c < NC)[:, None], FULL)
 
     # k^, b^ = x exp(Lam_mid - Lam_i); a~ = a exp(Lam_{i-1} - Lam_mid); q~ = r exp(Lam_i - Lam_mid);
     # a_s, q_s and k_s, b_bar: the same anchored at the chunk's start and at its end
-    e_inv = exp_(mid - lam_in)
+    e_inv = exp2_(mid - lam_in)
     k_h = zero_invalid(load_f32(k_ptr + base + offs, ld, FULL), keep, FULL) * e_inv
     k_s = k_h * mid_to_end
     b_h = load_f32(b_ptr + base + offs, ld, FULL) * e_inv
     b_bar = tf32(b_h * mid_to_end, PREC)
     scales = sco_ptr + (bh.to(tl.int64) * NC + c) * SCALES_          # [G]
     store_scaled(bo_ptr + out0 + tiles, b_bar, scales + SCALE_B_, ok, c < NC, FULL)
-    q_t = load_f32(r_ptr + base + offs, ld, FULL) * exp_(lam_in - mid)
+    q_t = load_f32(r_ptr + base + offs, ld, FULL) * exp2_(lam_in - mid)
     q_s = q_t * to_mid
-    a_t = zero_invalid(load_f32(a_ptr + base + offs, ld, FULL), keep, FULL) * exp_(lam_ex - mid)
+    a_t = zero_invalid(load_f32(a_ptr + base + offs, ld, FULL), keep, FULL) * exp2_(lam_ex - mid)
     a_s = tf32(a_t * to_mid, PREC)
     q_r = tf32(q_t, PREC)
     a_r = tf32(a_t, PREC)
@@ -254,8 +254,8 @@ def chunk_scan_fwd_kernel(
         s_wb_next, s_kc_next, s_r2_next = tile_scales(sc_next)
     # the state entering chunk c is stored once the step of chunk c - 1 has made it (the first
     # before the loop): stored at the top of the step, where the products take it, the loop
-    # needs 244 registers on sm_90 instead of 168. The price is one more tf32 rounding of the
-    # state per step (store_state rounds it, and the next step rounds it again for its products)
+    # needs 244 registers on sm_90 instead of 168. (The fp16 store rounds the state itself, so
+    # the next step's rounding for its products is the only one.)
     if SAVE_CKPT:
         if c_lo < c_end:
             store_state(ckpt_ptr, cks_ptr, bh, NC, c_lo, S, state_tile, vrow, K, PREC)
