@@ -34,7 +34,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from rwkv_ops.torch._triton import chunk_bwd, chunk_fwd
+from rwkv_ops.torch._triton import chunk_bwd, chunk_fwd, configs
 
 # pointer arguments that hold the bf16 inputs, outputs and gradients; the rest are fp32 buffers
 BF16 = {"r_ptr", "w_ptr", "k_ptr", "v_ptr", "a_ptr", "b_ptr", "dy_ptr", "y_ptr", "dr_ptr",
@@ -49,7 +49,7 @@ KERNELS = {
     "scan_bwd": (chunk_bwd.chunk_scan_bwd_kernel, 4, 3,
                  dict(BV=64, HAS_INIT=True, LOCAL=False, SAVE_CKPT=True, WRITE_END=True)),
     "bwd": (chunk_bwd.chunk_bwd_kernel, 4, 1,
-            dict(BV=64, HAS_MASK=False, FULL=True)),
+            dict(BV=64, HAS_MASK=False, FULL=True, PREFETCH=configs.BWD_PREFETCH_PROGRAMS)),
 }
 
 

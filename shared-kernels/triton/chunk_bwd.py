@@ -23,9 +23,10 @@ import triton
 import triton.language as tl
 
 from .chunk_common import (FLOOR_, L_, PAIRS_, SCALES_, chunk_log_decays, exp_, load_operand,
-                           load_pair_matrices, load_scales, load_tile, scan_program,
-                           segment_start_state, sequence_span, step_sums, step_validity,
-                           store_cast, store_state, tf32, tile_scales, zero_invalid)
+                           load_pair_matrices, load_scales, load_tile, prefetch_rows,
+                           prefetch_span, scan_program, segment_start_state, sequence_span,
+                           step_sums, step_validity, store_cast, store_state, tf32, tile_scales,
+                           zero_invalid)
 
 
 @triton.jit(do_not_specialize=["T", "H", "BH", "NC", "CPS"])
@@ -139,6 +140,31 @@ def _chunk_factors(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, t, T, cols, stride_t, vali
             -exp_(w))
 
 
+@triton.jit
+def _prefetch_inputs(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, ckpt_ptr, gck_ptr, pm_ptr,
+                     pid, T, H, NC, stride_b, stride_t, stride_h, K: tl.constexpr):
+    """Prefetch into L2 what program pid of the gradient kernel reads (dense layout; nothing when
+    pid is past the grid): its seven [CHUNK, K] input tiles, its pair matrices and its two
+    checkpoints, about 34 KB at K = 64 with bf16 inputs."""
+    if pid < tl.num_programs(0):
+        c = pid % NC
+        bh = pid // NC
+        t = tl.minimum(c * L_ + tl.arange(0, L_), T - 1)
+        off = ((bh // H).to(tl.int64) * stride_b + (bh % H).to(tl.int64) * stride_h
+               + t.to(tl.int64) * stride_t)
+        chunk = bh.to(tl.int64) * NC + c
+        prefetch_span(pm_ptr + chunk * PAIRS_ * L_ * L_, PAIRS_ * L_ * L_)
+        prefetch_rows(w_ptr, off, K)
+        prefetch_rows(r_ptr, off, K)
+        prefetch_rows(a_ptr, off, K)
+        prefetch_rows(k_ptr, off, K)
+        prefetch_rows(b_ptr, off, K)
+        prefetch_rows(v_ptr, off, K)
+        prefetch_rows(dy_ptr, off, K)
+        prefetch_span(ckpt_ptr + chunk * K * K, K * K)
+        prefetch_span(gck_ptr + chunk * K * K, K * K)
+
+
 @triton.jit(do_not_specialize=["T", "H", "BH", "NC"])
 def chunk_bwd_kernel(
     r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, mask_ptr, ckpt_ptr, cks_ptr, gck_ptr, gks_ptr,
@@ -148,6 +174,7 @@ def chunk_bwd_kernel(
     stride_b, stride_t, stride_h,
     K: tl.constexpr, BV: tl.constexpr,
     HAS_MASK: tl.constexpr, PREC: tl.constexpr, VARLEN: tl.constexpr, FULL: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     """Gradients of r, w, k, v, a, b for one (batch, head, chunk). Grid: (NC * BH,).
 
@@ -161,7 +188,11 @@ def chunk_bwd_kernel(
     its [BV, 16] partner (H200, shape S: 9.14 against 9.41 ms scaling the [BV, K] tiles). Outputs:
     like their inputs. VARLEN: packed sequences (cu, as in the forward); a chunk wholly past its
     sequence's end stores nothing. FULL: every chunk is whole and every step valid
-    (``configs.whole_chunks``): no masks, loads or stores.
+    (``configs.whole_chunks``): no masks, loads or stores. PREFETCH > 0 (dense layout only, GPU
+    only): each program first asks L2 for the inputs of the program PREFETCH ahead of it
+    (``configs.ChunkConfig.prefetch_bwd``), which starts about when this one ends if PREFETCH is
+    the number of programs resident on the GPU (H200, shape S: 5.91 against 6.58 ms at 264 = 132
+    SMs x 2 programs; 528 ahead: 7.17, slower).
     Layout: the V loop works on [BV, 16] V-side tiles and [K, 16] K-side sums, so every product
     with a state operand has 64 rows; the factors it does not read are rebuilt after it from the
     cached inputs instead of being kept live. The kernel is register-bound (255 registers at
@@ -190,6 +221,10 @@ def chunk_bwd_kernel(
     t = c * L_ + rows
     valid = step_validity(mask_ptr + b.to(tl.int64) * T, t, T_n, HAS_MASK)
 
+    if PREFETCH > 0:
+        if not VARLEN:
+            _prefetch_inputs(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, ckpt_ptr, gck_ptr,
+                             pm_ptr, pid + PREFETCH, T, H, NC, stride_b, stride_t, stride_h, K)
     # the pair matrices are read first: their loads wait while the factors are computed
     pairs = load_pair_matrices(pm_ptr + (bh.to(tl.int64) * NC + c) * PAIRS_ * L_ * L_
                                + rows[:, None] * L_ + rows[None, :])

@@ -44,6 +44,32 @@ def exp2_(x):
 
 
 @triton.jit
+def prefetch_l2(ptrs):
+    """Ask for the 128-byte lines at ptrs (a tensor of global pointers) to be brought into L2:
+    one ``prefetch.global.L2`` per element, a hint that nothing waits for. Inline PTX, so GPU
+    only: Triton's interpreter cannot run it (the launchers turn prefetching off there)."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
+                              dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def prefetch_span(ptr, n: tl.constexpr):
+    """prefetch_l2 of n contiguous elements at ptr (a 128-byte aligned start; n elements a power
+    of two number of 128-byte lines)."""
+    LINE: tl.constexpr = 1024 // ptr.dtype.element_ty.primitive_bitwidth
+    prefetch_l2(ptr + tl.arange(0, n // LINE) * LINE)
+
+
+@triton.jit
+def prefetch_rows(ptr, row_off, K: tl.constexpr):
+    """prefetch_l2 of the rows of K elements at ptr + row_off (row_off: [R] element offsets, each
+    row 128-byte aligned)."""
+    LINE: tl.constexpr = 1024 // ptr.dtype.element_ty.primitive_bitwidth
+    NL: tl.constexpr = (K + LINE - 1) // LINE
+    prefetch_l2(ptr + row_off[:, None] + (tl.arange(0, NL) * LINE)[None, :])
+
+
+@triton.jit
 def sequence_span(cu_ptr, b, T, stride_b, stride_t, VARLEN: tl.constexpr):
     """(64-bit element offset of sequence b's first step, its length) for the chunk kernels.
 

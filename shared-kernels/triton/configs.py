@@ -14,6 +14,11 @@ SERIAL_PROGRAMS = 512
 # A segment holds at least this many chunks: shorter ones spend more on the extra passes than they
 # win in parallelism.
 MIN_CHUNKS_PER_SEGMENT = 32
+# Programs ahead whose inputs the gradient kernel prefetches into L2: the programs resident on an
+# H100 or H200 at once (132 SMs x 2 programs of 4 warps at K <= 64), so that the lines arrive about
+# when their program starts (H200, shape S: gradient kernel 5.91 against 6.58 ms; twice as far
+# ahead, 7.17). Another GPU gets the same hint: only its speed depends on it.
+BWD_PREFETCH_PROGRAMS = 264
 
 
 @dataclass(frozen=True)
@@ -26,6 +31,8 @@ class ChunkConfig:
     loop. chunks_per_segment: chunks per segment of the serial passes (all of them: no segments).
     prep_chunks: chunks per program of the prep kernel (one per warp with warps_prep of them).
     precision_inverse: products of the (I - A_ab)^-1 series for bf16/fp16 inputs (fp32: ieee).
+    prefetch_bwd: programs ahead whose inputs each gradient-kernel program prefetches into L2
+    (0: none; the launchers pass 0 under Triton's interpreter, which cannot run the prefetch).
     """
 
     precision: str
@@ -42,6 +49,7 @@ class ChunkConfig:
     stages_fwd: int = 2
     stages_state: int = 1
     stages_bwd: int = 1
+    prefetch_bwd: int = 0
 
     def with_(self, **changes) -> "ChunkConfig":
         return replace(self, **changes)
@@ -87,6 +95,8 @@ def chunk_config(K: int, dtype: str, T: int, BH: int) -> ChunkConfig:
         chunks_per_segment=cdiv(n_chunks, n_seg),
         warps_prep=1 if K <= 64 else 4,
         warps_bwd=4,
+        # measured at K = 64 only
+        prefetch_bwd=BWD_PREFETCH_PROGRAMS if small else 0,
     )
 
 

@@ -293,6 +293,7 @@ def _backward_impl(r, w, k, v, a, b, initial_state, mask, ckpt, cks, seg_m, wt, 
         T, H, BH, NC, sb, st, sh,
         K=K, BV=cfg.bv_bwd, HAS_MASK=has_mask, PREC=prec, VARLEN=varlen,
         FULL=configs.whole_chunks(T, 1, has_mask, varlen),
+        PREFETCH=0 if interpret_mode() else cfg.prefetch_bwd,
         num_warps=cfg.warps_bwd, num_stages=cfg.stages_bwd)
     return (*grads, ds0)
 
