@@ -45,7 +45,7 @@ KERNELS = {
              dict(G=1, HAS_MASK=False, PREC_INV="tf32", FULL=True, SAVE_PAIRS=True)),
     "scan_fwd": (chunk_fwd.chunk_scan_fwd_kernel, 2, 3,
                  dict(BV=32, HAS_INIT=True, LOCAL=False, WRITE_Y=True, SAVE_CKPT=True,
-                      WRITE_END=True)),
+                      WRITE_END=True, PREFETCH=configs.FWD_PREFETCH_CHUNKS)),
     "scan_bwd": (chunk_bwd.chunk_scan_bwd_kernel, 4, 3,
                  dict(BV=64, HAS_INIT=True, LOCAL=False, SAVE_CKPT=True, WRITE_END=True)),
     "bwd": (chunk_bwd.chunk_bwd_kernel, 4, 1,

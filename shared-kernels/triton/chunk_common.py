@@ -70,6 +70,13 @@ def prefetch_rows(ptr, row_off, K: tl.constexpr):
 
 
 @triton.jit
+def prefetch_tile(ptr, bh, NC, c, N: tl.constexpr):
+    """prefetch_l2 of chunk c's [CHUNK, N] tile of sequence bh in a contiguous [B*H, NC, CHUNK,
+    N] buffer of the prep kernel (fp16: 32 N bytes)."""
+    prefetch_span(ptr + (bh.to(tl.int64) * NC + c) * L_ * N, L_ * N)
+
+
+@triton.jit
 def sequence_span(cu_ptr, b, T, stride_b, stride_t, VARLEN: tl.constexpr):
     """(64-bit element offset of sequence b's first step, its length) for the chunk kernels.
 

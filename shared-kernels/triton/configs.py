@@ -19,6 +19,11 @@ MIN_CHUNKS_PER_SEGMENT = 32
 # when their program starts (H200, shape S: gradient kernel 5.91 against 6.58 ms; twice as far
 # ahead, 7.17). Another GPU gets the same hint: only its speed depends on it.
 BWD_PREFETCH_PROGRAMS = 264
+# Chunks ahead whose tiles the forward scan with checkpoints prefetches into L2 (H200, shape S:
+# 1.237 against 1.264 ms; under no_grad it was slower, so it is not done there). The
+# state-gradient scan's would take 167 registers instead of 128 on sm_90: 3 programs per SM
+# instead of 4, and 512 no longer in one wave.
+FWD_PREFETCH_CHUNKS = 4
 
 
 @dataclass(frozen=True)
@@ -31,8 +36,9 @@ class ChunkConfig:
     loop. chunks_per_segment: chunks per segment of the serial passes (all of them: no segments).
     prep_chunks: chunks per program of the prep kernel (one per warp with warps_prep of them).
     precision_inverse: products of the (I - A_ab)^-1 series for bf16/fp16 inputs (fp32: ieee).
-    prefetch_bwd: programs ahead whose inputs each gradient-kernel program prefetches into L2
-    (0: none; the launchers pass 0 under Triton's interpreter, which cannot run the prefetch).
+    prefetch_bwd: programs ahead whose inputs each gradient-kernel program prefetches into L2;
+    prefetch_fwd: chunks ahead whose tiles the forward scan with checkpoints prefetches (0: none;
+    the launchers pass 0 under Triton's interpreter, which cannot run the prefetch instruction).
     """
 
     precision: str
@@ -50,6 +56,7 @@ class ChunkConfig:
     stages_state: int = 1
     stages_bwd: int = 1
     prefetch_bwd: int = 0
+    prefetch_fwd: int = 0
 
     def with_(self, **changes) -> "ChunkConfig":
         return replace(self, **changes)
@@ -95,8 +102,9 @@ def chunk_config(K: int, dtype: str, T: int, BH: int) -> ChunkConfig:
         chunks_per_segment=cdiv(n_chunks, n_seg),
         warps_prep=1 if K <= 64 else 4,
         warps_bwd=4,
-        # measured at K = 64 only
+        # the L2 prefetches are measured at K = 64 only
         prefetch_bwd=BWD_PREFETCH_PROGRAMS if small else 0,
+        prefetch_fwd=FWD_PREFETCH_CHUNKS if small else 0,
     )
 
 

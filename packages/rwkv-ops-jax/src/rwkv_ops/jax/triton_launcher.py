@@ -76,6 +76,11 @@ def interpret_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def _prefetch(distance: int) -> int:
+    """A kernel's PREFETCH: the configured distance, 0 in the interpreter (inline PTX)."""
+    return 0 if interpret_mode() else distance
+
+
 def unavailable_reason(head_size=None) -> tuple:
     """(why the Triton kernels cannot run here, or None; quiet). Cheap: imports nothing new.
 
@@ -200,7 +205,7 @@ def _entries() -> dict:
                           H: tl.constexpr, K: tl.constexpr, BV: tl.constexpr,
                           HEAD_FIRST: tl.constexpr, INIT_MODE: tl.constexpr, LOCAL: tl.constexpr,
                           WRITE_Y: tl.constexpr, SAVE_CKPT: tl.constexpr, WRITE_END: tl.constexpr,
-                          PREC: tl.constexpr, VARLEN: tl.constexpr):
+                          PREC: tl.constexpr, VARLEN: tl.constexpr, PREFETCH: tl.constexpr):
         T, BH, NC, CPS, NSEG = T_p1 - 1, BH_p1 - 1, NC_p1 - 1, CPS_p1 - 1, NSEG_p1 - 1
         stride_b, stride_t, stride_h = layout_strides(T, H, K, HEAD_FIRST)
         init_sb, init_sh, init_ss = state_strides(NSEG, H, K, INIT_MODE)
@@ -210,7 +215,8 @@ def _entries() -> dict:
                                T, H, BH, NC, CPS, stride_b, stride_t, stride_h,
                                init_sb, init_sh, init_ss, send_sbh, send_ss,
                                K=K, BV=BV, HAS_INIT=INIT_MODE != 0, LOCAL=LOCAL, WRITE_Y=WRITE_Y,
-                               SAVE_CKPT=SAVE_CKPT, WRITE_END=WRITE_END, PREC=PREC, VARLEN=VARLEN)
+                               SAVE_CKPT=SAVE_CKPT, WRITE_END=WRITE_END, PREC=PREC, VARLEN=VARLEN,
+                               PREFETCH=PREFETCH)
 
     @triton.jit
     def rwkv_gdr_combine(loc, m, init,
@@ -411,7 +417,8 @@ def _forward_local(static, *arrays):
 
     bv = cfg.bv_fwd
     nv = K // bv
-    common = dict(H=H, K=K, BV=bv, HEAD_FIRST=static.head_first, PREC=prec, VARLEN=varlen)
+    common = dict(H=H, K=K, BV=bv, HEAD_FIRST=static.head_first, PREC=prec, VARLEN=varlen,
+                  PREFETCH=_prefetch(cfg.prefetch_fwd))
     init, init_mode = (r, 0) if s0 is None else (s0, static.init_mode)
     tiles = (v, wt, bt, kct, r2t, qct, dect, sct)
     scalars = (T, BH, NC, cps, n_seg)
@@ -488,8 +495,8 @@ def _backward_local(static, *arrays):
                  cfg.warps_bwd, cfg.stages_bwd)
     flags = dict(H=H, K=K, HEAD_FIRST=static.head_first, HAS_MASK=mask is not None, PREC=prec,
                  VARLEN=varlen, FULL=_configs().whole_chunks(T, 1, mask is not None, varlen))
-    grads = _launch("bwd", *grad_args, BV=cfg.bv_bwd,
-                    PREFETCH=0 if interpret_mode() else cfg.prefetch_bwd, **flags)
+    grads = _launch("bwd", *grad_args, BV=cfg.bv_bwd, PREFETCH=_prefetch(cfg.prefetch_bwd),
+                    **flags)
     return tuple(grads) + ((ds0,) if need_ds0 else ())
 
 
