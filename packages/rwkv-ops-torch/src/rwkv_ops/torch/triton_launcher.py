@@ -174,8 +174,7 @@ def _forward_impl(r, w, k, v, a, b, initial_state, mask, head_first, chunks_per_
             T, H, BH, NC, cps, sb, st, sh, 0, 0, 0, n_seg * K * K, K * K,
             K=K, BV=bv, HAS_INIT=False, LOCAL=True, WRITE_Y=False, SAVE_CKPT=False,
             WRITE_END=True, PREC=prec, VARLEN=varlen, PREFETCH=_prefetch(cfg.prefetch_fwd),
-            num_warps=cfg.warps_fwd,
-            num_stages=cfg.stages_fwd)
+            num_warps=cfg.warps_fwd, num_stages=cfg.stages_fwd)
         starts = torch.empty((BH, n_seg, K, K), dtype=f32, device=dev)
         chunk_fwd.state_combine_kernel[(K // COMBINE_ROWS * BH,)](
             loc, trans, init, starts, H, BH, n_seg, init_sb, init_sh,
@@ -188,8 +187,7 @@ def _forward_impl(r, w, k, v, a, b, initial_state, mask, head_first, chunks_per_
         T, H, BH, NC, cps, sb, st, sh, init_sb, init_sh, init_ss, K * K, 0,
         K=K, BV=bv, HAS_INIT=has_init, LOCAL=False, WRITE_Y=True, SAVE_CKPT=save,
         WRITE_END=True, PREC=prec, VARLEN=varlen, PREFETCH=_prefetch(cfg.prefetch_fwd),
-        num_warps=cfg.warps_fwd,
-        num_stages=cfg.stages_fwd)
+        num_warps=cfg.warps_fwd, num_stages=cfg.stages_fwd)
     if not save:
         wt, bt, r2t = (torch.empty((0,), dtype=tile, device=dev) for _ in range(3))
         dect, sct = (torch.empty((0,), dtype=f32, device=dev) for _ in range(2))
