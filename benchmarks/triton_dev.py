@@ -240,18 +240,11 @@ def main():
             "state-stages2": dict(stages_state=2),
             "state-stages3": dict(stages_state=3),
             "state-stages1": dict(stages_state=1),
-            # the gradient kernel's L2 prefetch distance in programs (configs.BWD_PREFETCH_PROGRAMS
-            # at K <= 64, none at K = 128)
-            "bwd-prefetch-0": dict(prefetch_bwd=0),
-            "bwd-prefetch-132": dict(prefetch_bwd=132),
-            "bwd-prefetch-198": dict(prefetch_bwd=198),
-            "bwd-prefetch-264": dict(prefetch_bwd=264),
-            "bwd-prefetch-330": dict(prefetch_bwd=330),
-            "bwd-prefetch-396": dict(prefetch_bwd=396),
-            # the forward scan's L2 prefetch distance in chunks, with checkpoints (4 at K <= 64)
-            "fwd-prefetch-0": dict(prefetch_fwd=0),
-            "fwd-prefetch-2": dict(prefetch_fwd=2),
-            "fwd-prefetch-8": dict(prefetch_fwd=8),
+            # the L2 prefetch distances: the gradient kernel's in programs
+            # (configs.BWD_PREFETCH_PROGRAMS at K <= 64, none at K = 128), the forward scan's
+            # with checkpoints in chunks (configs.FWD_PREFETCH_CHUNKS)
+            **{f"bwd-prefetch-{n}": dict(prefetch_bwd=n) for n in (0, 132, 198, 264, 330, 396)},
+            **{f"fwd-prefetch-{n}": dict(prefetch_fwd=n) for n in (0, 2, 8)},
         }
         if args.only:
             variants = {k: v for k, v in variants.items() if k in args.only.split(",")}
