@@ -36,6 +36,8 @@ from triton.compiler import ASTSource
 
 from rwkv_ops.torch._triton import chunk_bwd, chunk_fwd, configs
 
+# the launch configuration of shape S on a 132-SM GPU (H100, H200): the prefetch distances
+SHAPE_S = configs.chunk_config(64, "bfloat16", 4096, 512)
 # pointer arguments that hold the bf16 inputs, outputs and gradients; the rest are fp32 buffers
 BF16 = {"r_ptr", "w_ptr", "k_ptr", "v_ptr", "a_ptr", "b_ptr", "dy_ptr", "y_ptr", "dr_ptr",
         "dw_ptr", "dk_ptr", "dv_ptr", "da_ptr", "db_ptr"}
@@ -45,11 +47,11 @@ KERNELS = {
              dict(G=1, HAS_MASK=False, PREC_INV="tf32", FULL=True, SAVE_PAIRS=True)),
     "scan_fwd": (chunk_fwd.chunk_scan_fwd_kernel, 2, 3,
                  dict(BV=32, HAS_INIT=True, LOCAL=False, WRITE_Y=True, SAVE_CKPT=True,
-                      WRITE_END=True, PREFETCH=configs.FWD_PREFETCH_CHUNKS)),
+                      WRITE_END=True, PREFETCH=SHAPE_S.prefetch_fwd)),
     "scan_bwd": (chunk_bwd.chunk_scan_bwd_kernel, 4, 3,
                  dict(BV=64, HAS_INIT=True, LOCAL=False, SAVE_CKPT=True, WRITE_END=True)),
     "bwd": (chunk_bwd.chunk_bwd_kernel, 4, 1,
-            dict(BV=64, HAS_MASK=False, FULL=True, PREFETCH=configs.BWD_PREFETCH_PROGRAMS)),
+            dict(BV=64, HAS_MASK=False, FULL=True, PREFETCH=SHAPE_S.prefetch_bwd)),
 }
 
 

@@ -14,11 +14,11 @@ SERIAL_PROGRAMS = 512
 # A segment holds at least this many chunks: shorter ones spend more on the extra passes than they
 # win in parallelism.
 MIN_CHUNKS_PER_SEGMENT = 32
-# Programs ahead whose inputs the gradient kernel prefetches into L2: the programs resident on an
-# H100 or H200 at once (132 SMs x 2 programs of 4 warps at K <= 64), so that the lines arrive about
-# when their program starts (H200, shape S: gradient kernel 5.91 against 6.58 ms; twice as far
-# ahead, 7.17). Another GPU gets the same hint: only its speed depends on it.
-BWD_PREFETCH_PROGRAMS = 264
+# The gradient kernel prefetches into L2 the inputs of the program one resident set ahead: its
+# programs per SM (2 of 4 warps at 255 registers, K <= 64) times the GPU's SMs, so that the lines
+# arrive about when their program starts (H200, 132 SMs, shape S: gradient kernel 5.91 against
+# 6.58 ms at 264 programs ahead; twice as far, 7.17).
+BWD_PROGRAMS_PER_SM = 2
 # Chunks ahead whose tiles the forward scan with checkpoints prefetches into L2 (H200, shape S:
 # 1.237 against 1.264 ms; under no_grad it was slower, so it is not done there). The
 # state-gradient scan's would take 167 registers instead of 128 on sm_90: 3 programs per SM
@@ -66,9 +66,10 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def chunk_config(K: int, dtype: str, T: int, BH: int) -> ChunkConfig:
+def chunk_config(K: int, dtype: str, T: int, BH: int, sm_count: int = 132) -> ChunkConfig:
     """The configuration for head size K, input dtype name ("bfloat16", "float16", "float32"),
-    sequence length T and B*H sequences."""
+    sequence length T and B*H sequences on a GPU of sm_count multiprocessors (only the prefetch
+    distance depends on it)."""
     precision = "ieee" if dtype in ("float32", "float64") else "tf32"
     bv = min(K, 64)
     n_chunks = max(1, cdiv(T, CHUNK))
@@ -103,7 +104,7 @@ def chunk_config(K: int, dtype: str, T: int, BH: int) -> ChunkConfig:
         warps_prep=1 if K <= 64 else 4,
         warps_bwd=4,
         # the L2 prefetches are measured at K = 64 only
-        prefetch_bwd=BWD_PREFETCH_PROGRAMS if small else 0,
+        prefetch_bwd=BWD_PROGRAMS_PER_SM * sm_count if small else 0,
         prefetch_fwd=FWD_PREFETCH_CHUNKS if small else 0,
     )
 

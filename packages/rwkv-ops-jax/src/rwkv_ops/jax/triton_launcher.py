@@ -273,10 +273,19 @@ def _configs():
     return configs
 
 
-def select_config(K: int, dtype, T: int, BH: int):
+def select_config(K: int, dtype, T: int, BH: int, sm_count: int = 132):
     """The kernels' launch configuration (the shared ``configs.chunk_config``)."""
     name = jnp.dtype(dtype).name
-    return _configs().chunk_config(K, name if name in ("bfloat16", "float16") else "float32", T, BH)
+    return _configs().chunk_config(K, name if name in ("bfloat16", "float16") else "float32", T,
+                                   BH, sm_count)
+
+
+def _sm_count() -> int:
+    """The multiprocessors of the default device when it is a GPU (132 otherwise: the
+    interpreter, which prefetches nothing)."""
+    device = jax.devices()[0]
+    count = getattr(device, "core_count", None) if device.platform == "gpu" else None
+    return int(count) if count else 132
 
 
 # ---------------------------------------------------------------------------------------------
@@ -394,7 +403,7 @@ def _forward_local(static, *arrays):
     cu = rest.pop(0) if static.max_len else None
     B, T, H, K = _dims(r, static.head_first, cu, static.max_len)
     BH, NC = B * H, -(-T // CHUNK)
-    cfg = select_config(K, r.dtype, T, BH)
+    cfg = select_config(K, r.dtype, T, BH, _sm_count())
     cps, n_seg = static.cps, static.n_seg
     prec = _precision(arrays[:6])
     m = r if mask is None else mask
@@ -461,7 +470,7 @@ def _backward_local(static, *arrays):
     wt, bt, r2t, dect, sct, pm, dy, dfinal = rest
     B, T, H, K = _dims(r, static.head_first, cu, static.max_len)
     BH, NC = B * H, -(-T // CHUNK)
-    cfg = select_config(K, r.dtype, T, BH)
+    cfg = select_config(K, r.dtype, T, BH, _sm_count())
     cps, n_seg = static.cps, static.n_seg
     bv = cfg.bv_state
     nv = K // bv

@@ -83,9 +83,17 @@ def _kernels():
     return chunk_fwd, chunk_bwd, configs
 
 
-def select_config(K: int, dtype: torch.dtype, T: int, BH: int):
+def select_config(K: int, dtype: torch.dtype, T: int, BH: int, sm_count: int = 132):
     """The kernels' launch configuration (the shared ``configs.chunk_config``)."""
-    return _kernels()[2].chunk_config(K, _FLOAT_NAMES.get(dtype, "float32"), T, BH)
+    return _kernels()[2].chunk_config(K, _FLOAT_NAMES.get(dtype, "float32"), T, BH, sm_count)
+
+
+def _sm_count(device: torch.device) -> int:
+    """The multiprocessors of a CUDA device (132 for a CPU tensor: the interpreter, which
+    prefetches nothing)."""
+    if device.type != "cuda":
+        return 132
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _layout(x: torch.Tensor, head_first: bool, cu_seqlens=None, max_len: int = 0) -> tuple:
@@ -118,7 +126,7 @@ def _launch_plan(r, w, k, v, a, b, mask, head_first, chunks_per_segment, cu_seql
     (B, T, H, K), strides = _layout(r, head_first, cu_seqlens, max_len)
     BH, NC = B * H, max(1, -(-T // CHUNK))
     n_seg = -(-NC // chunks_per_segment)
-    cfg = select_config(K, r.dtype, T, BH)
+    cfg = select_config(K, r.dtype, T, BH, _sm_count(r.device))
     prec = _compute_precision(r, w, k, v, a, b)
     prec_inv = "ieee" if prec == "ieee" else cfg.precision_inverse
     return ((B, T, H, K), strides, BH, NC, n_seg, cfg, prec, prec_inv,
