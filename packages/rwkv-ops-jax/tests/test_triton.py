@@ -241,7 +241,14 @@ def test_transformations():
             err = rel_error(gi, r)
             assert err <= 1e-5, f"seed={SEED} {label} d{name}: {err:.2e}"
     ref_o, ref_s = reference.generalized_delta_rule_reference(*[x[n] for n in NAMES], x["initial_state"])
-    assert rel_error(value, np.sum(ref_o * np.asarray(do)) + np.sum(ref_s * np.asarray(ds))) <= 1e-5
+    # the loss is an fp32 sum of a few thousand terms that may cancel: its error is bounded by the
+    # terms' magnitudes, not by its own (relative errors up to 1.9e-5 of the value seen, 3e-7 of
+    # the terms' magnitudes; XLA's CPU reductions may split differently from run to run)
+    terms = (ref_o * np.asarray(do), ref_s * np.asarray(ds))
+    ref_value = sum(np.sum(t) for t in terms)
+    scale = sum(np.sum(np.abs(t)) for t in terms)
+    assert abs(float(value) - ref_value) <= 1e-5 * scale, (
+        f"seed={SEED} loss {float(value)} against {ref_value} (terms' magnitudes {scale:.3e})")
 
     o, s = jax.jit(lambda *a: generalized_delta_rule(*a, output_final_state=False))(*args)
     assert s is None and rel_error(o, reference.generalized_delta_rule_reference(
