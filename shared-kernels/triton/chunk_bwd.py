@@ -141,28 +141,44 @@ def _chunk_factors(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, t, T, cols, stride_t, vali
 
 
 @triton.jit
+def _prefetch_chunk(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, ckpt_ptr, gck_ptr, pm_ptr,
+                    c, bh, H, NC, seq, T_n, stride_t, stride_h, K: tl.constexpr):
+    """Prefetch into L2 what the gradient program of chunk c of sequence bh reads (its sequence
+    at element offset seq, T_n steps, T_n >= 1): its seven [CHUNK, K] input tiles (rows past the
+    end: the last row again), its pair matrices and its two checkpoints, about 34 KB at K = 64
+    with bf16 inputs."""
+    t = tl.minimum(c * L_ + tl.arange(0, L_), T_n - 1)
+    off = seq + (bh % H).to(tl.int64) * stride_h + t.to(tl.int64) * stride_t
+    chunk = bh.to(tl.int64) * NC + c
+    prefetch_span(pm_ptr + chunk * PAIRS_ * L_ * L_, PAIRS_ * L_ * L_)
+    prefetch_rows(w_ptr, off, K)
+    prefetch_rows(r_ptr, off, K)
+    prefetch_rows(a_ptr, off, K)
+    prefetch_rows(k_ptr, off, K)
+    prefetch_rows(b_ptr, off, K)
+    prefetch_rows(v_ptr, off, K)
+    prefetch_rows(dy_ptr, off, K)
+    prefetch_span(ckpt_ptr + chunk * K * K, K * K)
+    prefetch_span(gck_ptr + chunk * K * K, K * K)
+
+
+@triton.jit
 def _prefetch_inputs(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, ckpt_ptr, gck_ptr, pm_ptr,
-                     pid, T, H, NC, stride_b, stride_t, stride_h, K: tl.constexpr):
-    """Prefetch into L2 what program pid of the gradient kernel reads (dense layout; nothing when
-    pid is past the grid): its seven [CHUNK, K] input tiles, its pair matrices and its two
-    checkpoints, about 34 KB at K = 64 with bf16 inputs."""
+                     cu_ptr, pid, T, H, NC, stride_b, stride_t, stride_h, K: tl.constexpr,
+                     VARLEN: tl.constexpr):
+    """``_prefetch_chunk`` of gradient program pid: nothing when pid is past the grid, nor (with
+    VARLEN) when its chunk lies wholly past its sequence's end."""
     if pid < tl.num_programs(0):
         c = pid % NC
         bh = pid // NC
-        t = tl.minimum(c * L_ + tl.arange(0, L_), T - 1)
-        off = ((bh // H).to(tl.int64) * stride_b + (bh % H).to(tl.int64) * stride_h
-               + t.to(tl.int64) * stride_t)
-        chunk = bh.to(tl.int64) * NC + c
-        prefetch_span(pm_ptr + chunk * PAIRS_ * L_ * L_, PAIRS_ * L_ * L_)
-        prefetch_rows(w_ptr, off, K)
-        prefetch_rows(r_ptr, off, K)
-        prefetch_rows(a_ptr, off, K)
-        prefetch_rows(k_ptr, off, K)
-        prefetch_rows(b_ptr, off, K)
-        prefetch_rows(v_ptr, off, K)
-        prefetch_rows(dy_ptr, off, K)
-        prefetch_span(ckpt_ptr + chunk * K * K, K * K)
-        prefetch_span(gck_ptr + chunk * K * K, K * K)
+        seq, T_n = sequence_span(cu_ptr, bh // H, T, stride_b, stride_t, VARLEN)
+        if VARLEN:
+            if c * L_ < T_n:
+                _prefetch_chunk(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, ckpt_ptr,
+                                gck_ptr, pm_ptr, c, bh, H, NC, seq, T_n, stride_t, stride_h, K)
+        else:
+            _prefetch_chunk(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, ckpt_ptr, gck_ptr,
+                            pm_ptr, c, bh, H, NC, seq, T_n, stride_t, stride_h, K)
 
 
 @triton.jit(do_not_specialize=["T", "H", "BH", "NC"])
@@ -188,8 +204,8 @@ def chunk_bwd_kernel(
     its [BV, 16] partner (H200, shape S: 9.14 against 9.41 ms scaling the [BV, K] tiles). Outputs:
     like their inputs. VARLEN: packed sequences (cu, as in the forward); a chunk wholly past its
     sequence's end stores nothing. FULL: every chunk is whole and every step valid
-    (``configs.whole_chunks``): no masks, loads or stores. PREFETCH > 0 (dense layout only, GPU
-    only): each program first asks L2 for the inputs of the program PREFETCH ahead of it
+    (``configs.whole_chunks``): no masks, loads or stores. PREFETCH > 0 (GPU only): each program
+    first asks L2 for the inputs of the program PREFETCH ahead of it
     (``configs.ChunkConfig.prefetch_bwd``), which starts about when this one ends if PREFETCH is
     the number of programs resident on the GPU (H200, shape S: 5.91 against 6.58 ms at 264 = 132
     SMs x 2 programs; 528 ahead: 7.17, slower).
@@ -222,9 +238,9 @@ def chunk_bwd_kernel(
     valid = step_validity(mask_ptr + b.to(tl.int64) * T, t, T_n, HAS_MASK)
 
     if PREFETCH > 0:
-        if not VARLEN:
-            _prefetch_inputs(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, ckpt_ptr, gck_ptr,
-                             pm_ptr, pid + PREFETCH, T, H, NC, stride_b, stride_t, stride_h, K)
+        _prefetch_inputs(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, ckpt_ptr, gck_ptr,
+                         pm_ptr, cu_ptr, pid + PREFETCH, T, H, NC, stride_b, stride_t, stride_h, K,
+                         VARLEN)
     # the pair matrices are read first: their loads wait while the factors are computed
     pairs = load_pair_matrices(pm_ptr + (bh.to(tl.int64) * NC + c) * PAIRS_ * L_ * L_
                                + rows[:, None] * L_ + rows[None, :])
