@@ -1,4 +1,5 @@
-"""Launch configuration of the chunk kernels: one plain function of (K, dtype, T, B*H).
+"""Launch configuration of the chunk kernels: one plain function of (K, dtype, T, B*H) and the
+GPU's SM count (which sets only an L2 prefetch distance).
 
 Both launchers (PyTorch and JAX) call :func:`chunk_config`, so they run the same kernels with the
 same tiles and the same segment split, and give bitwise-equal results. No ``triton.autotune``:
