@@ -37,7 +37,7 @@ from triton.compiler import ASTSource
 from rwkv_ops.torch._triton import chunk_bwd, chunk_fwd, configs
 
 # the launch configuration of shape S on a 132-SM GPU (H100, H200): the prefetch distances
-SHAPE_S = configs.chunk_config(64, "bfloat16", 4096, 512)
+SHAPE_S = configs.chunk_config(64, "bfloat16", 4096, 512, sm_count=132)
 # pointer arguments that hold the bf16 inputs, outputs and gradients; the rest are fp32 buffers
 BF16 = {"r_ptr", "w_ptr", "k_ptr", "v_ptr", "a_ptr", "b_ptr", "dy_ptr", "y_ptr", "dr_ptr",
         "dw_ptr", "dk_ptr", "dv_ptr", "da_ptr", "db_ptr"}

@@ -160,7 +160,8 @@ def kernel_times(step, n=3):
 
 def breakdown(name, step):
     B, T, H, K = SHAPES[name]
-    cfg = launcher.select_config(K, torch.bfloat16, T, B * H)
+    cfg = launcher.select_config(K, torch.bfloat16, T, B * H,
+                                 torch.cuda.get_device_properties(0).multi_processor_count)
     n_seg = math.ceil(math.ceil(T / 16) / cfg.chunks_per_segment)
     times, counts = kernel_times(step)
     need = kernel_bytes(B, T, H, K, n_seg)

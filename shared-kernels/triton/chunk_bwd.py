@@ -212,9 +212,10 @@ def chunk_bwd_kernel(
     Layout: the V loop works on [BV, 16] V-side tiles and [K, 16] K-side sums, so every product
     with a state operand has 64 rows; the factors it does not read are rebuilt after it from the
     cached inputs instead of being kept live. The kernel is register-bound (255 registers at
-    K = 64 on sm_90, 2 programs per SM, 12.5% occupancy) and latency-bound: its time follows its
-    instruction count (sums over the steps as products instead of tl.cumsum: 15% fewer, 18% less
-    time; H200, shape S: 6.7 ms). Earlier versions measured: [16, .] tiles with the factors kept
+    K = 64 on sm_90, 2 programs per SM, 12.5% occupancy) and latency-bound. Its time followed its
+    instruction count once (sums over the steps as products instead of tl.cumsum: 15% fewer, 18%
+    less time; H200, shape S: 6.7 ms) but no longer does (5.6% fewer: 0.6% more time); hiding
+    its memory latency with the L2 prefetch gave 10% (5.9 ms). Earlier versions measured: [16, .] tiles with the factors kept
     live 10.5 against 10.0 ms; 8 warps, 32-row V blocks and a register cap (maxnreg 128 / 168)
     slower or within 3%.
     """

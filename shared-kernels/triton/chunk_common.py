@@ -47,7 +47,8 @@ def exp2_(x):
 def prefetch_l2(ptrs):
     """Ask for the 128-byte lines at ptrs (a tensor of global pointers) to be brought into L2:
     one ``prefetch.global.L2`` per element, a hint that nothing waits for. Inline PTX, so GPU
-    only: Triton's interpreter cannot run it (the launchers turn prefetching off there)."""
+    only: Triton's interpreter cannot run it (``configs.chunk_config`` turns prefetching off
+    there)."""
     tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
                               dtype=tl.int32, is_pure=False, pack=1)
 

@@ -1,5 +1,5 @@
 """Launch configuration of the chunk kernels: one plain function of (K, dtype, T, B*H) and the
-GPU's SM count (which sets only an L2 prefetch distance).
+GPU's SM count (which sets only the L2 prefetch distances).
 
 Both launchers (PyTorch and JAX) call :func:`chunk_config`, so they run the same kernels with the
 same tiles and the same segment split, and give bitwise-equal results. No ``triton.autotune``:
@@ -7,6 +7,7 @@ the choice is made from shapes alone (CUDA-graph and jit friendly, no benchmarki
 """
 
 from dataclasses import dataclass, replace
+from typing import Optional
 
 CHUNK = 16
 # The serial passes (forward, state gradient) want at least this many programs in flight; with
@@ -38,8 +39,7 @@ class ChunkConfig:
     prep_chunks: chunks per program of the prep kernel (one per warp with warps_prep of them).
     precision_inverse: products of the (I - A_ab)^-1 series for bf16/fp16 inputs (fp32: ieee).
     prefetch_bwd: programs ahead whose inputs each gradient-kernel program prefetches into L2;
-    prefetch_fwd: chunks ahead whose tiles the forward scan with checkpoints prefetches (0: none;
-    the launchers pass 0 under Triton's interpreter, which cannot run the prefetch instruction).
+    prefetch_fwd: chunks ahead whose tiles the forward scan with checkpoints prefetches (0: none).
     """
 
     precision: str
@@ -67,10 +67,12 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def chunk_config(K: int, dtype: str, T: int, BH: int, sm_count: int = 132) -> ChunkConfig:
+def chunk_config(K: int, dtype: str, T: int, BH: int,
+                 sm_count: Optional[int] = None) -> ChunkConfig:
     """The configuration for head size K, input dtype name ("bfloat16", "float16", "float32"),
-    sequence length T and B*H sequences on a GPU of sm_count multiprocessors (only the prefetch
-    distance depends on it)."""
+    sequence length T and B*H sequences on a GPU of sm_count multiprocessors. Only the L2
+    prefetches depend on sm_count; None (Triton's interpreter, which cannot run their inline PTX)
+    turns them off."""
     precision = "ieee" if dtype in ("float32", "float64") else "tf32"
     bv = min(K, 64)
     n_chunks = max(1, cdiv(T, CHUNK))
@@ -105,8 +107,8 @@ def chunk_config(K: int, dtype: str, T: int, BH: int, sm_count: int = 132) -> Ch
         warps_prep=1 if K <= 64 else 4,
         warps_bwd=4,
         # the L2 prefetches are measured at K = 64 only
-        prefetch_bwd=BWD_PROGRAMS_PER_SM * sm_count if small else 0,
-        prefetch_fwd=FWD_PREFETCH_CHUNKS if small else 0,
+        prefetch_bwd=BWD_PROGRAMS_PER_SM * sm_count if small and sm_count else 0,
+        prefetch_fwd=FWD_PREFETCH_CHUNKS if small and sm_count else 0,
     )
 
 

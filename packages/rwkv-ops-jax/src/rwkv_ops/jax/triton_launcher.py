@@ -76,11 +76,6 @@ def interpret_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _prefetch(distance: int) -> int:
-    """A kernel's PREFETCH: the configured distance, 0 in the interpreter (inline PTX)."""
-    return 0 if interpret_mode() else distance
-
-
 def unavailable_reason(head_size=None) -> tuple:
     """(why the Triton kernels cannot run here, or None; quiet). Cheap: imports nothing new.
 
@@ -273,19 +268,21 @@ def _configs():
     return configs
 
 
-def select_config(K: int, dtype, T: int, BH: int, sm_count: int = 132):
+def select_config(K: int, dtype, T: int, BH: int, sm_count=None):
     """The kernels' launch configuration (the shared ``configs.chunk_config``)."""
     name = jnp.dtype(dtype).name
     return _configs().chunk_config(K, name if name in ("bfloat16", "float16") else "float32", T,
                                    BH, sm_count)
 
 
-def _sm_count() -> int:
-    """The multiprocessors of the default device when it is a GPU (132 otherwise: the
-    interpreter, which prefetches nothing)."""
+def _sm_count():
+    """The multiprocessors of the default device when it is a GPU; None under Triton's
+    interpreter (or when the device does not say)."""
     device = jax.devices()[0]
-    count = getattr(device, "core_count", None) if device.platform == "gpu" else None
-    return int(count) if count else 132
+    if interpret_mode() or device.platform != "gpu":
+        return None
+    count = getattr(device, "core_count", None)
+    return int(count) if count else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -427,7 +424,7 @@ def _forward_local(static, *arrays):
     bv = cfg.bv_fwd
     nv = K // bv
     common = dict(H=H, K=K, BV=bv, HEAD_FIRST=static.head_first, PREC=prec, VARLEN=varlen,
-                  PREFETCH=_prefetch(cfg.prefetch_fwd))
+                  PREFETCH=cfg.prefetch_fwd)
     init, init_mode = (r, 0) if s0 is None else (s0, static.init_mode)
     tiles = (v, wt, bt, kct, r2t, qct, dect, sct)
     scalars = (T, BH, NC, cps, n_seg)
@@ -504,7 +501,7 @@ def _backward_local(static, *arrays):
                  cfg.warps_bwd, cfg.stages_bwd)
     flags = dict(H=H, K=K, HEAD_FIRST=static.head_first, HAS_MASK=mask is not None, PREC=prec,
                  VARLEN=varlen, FULL=_configs().whole_chunks(T, 1, mask is not None, varlen))
-    grads = _launch("bwd", *grad_args, BV=cfg.bv_bwd, PREFETCH=_prefetch(cfg.prefetch_bwd),
+    grads = _launch("bwd", *grad_args, BV=cfg.bv_bwd, PREFETCH=cfg.prefetch_bwd,
                     **flags)
     return tuple(grads) + ((ds0,) if need_ds0 else ())
 

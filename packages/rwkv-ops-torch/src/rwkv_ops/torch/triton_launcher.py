@@ -59,11 +59,6 @@ def interpret_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _prefetch(distance: int) -> int:
-    """A kernel's PREFETCH: the configured distance, 0 in the interpreter (inline PTX)."""
-    return 0 if interpret_mode() else distance
-
-
 def unavailable_reason(head_size: Optional[int] = None) -> tuple:
     """(why the Triton kernels cannot run here, or None; quiet). Cheap: imports nothing new."""
     if not interpret_mode() and not torch.cuda.is_available():
@@ -83,16 +78,15 @@ def _kernels():
     return chunk_fwd, chunk_bwd, configs
 
 
-def select_config(K: int, dtype: torch.dtype, T: int, BH: int, sm_count: int = 132):
+def select_config(K: int, dtype: torch.dtype, T: int, BH: int, sm_count: Optional[int] = None):
     """The kernels' launch configuration (the shared ``configs.chunk_config``)."""
     return _kernels()[2].chunk_config(K, _FLOAT_NAMES.get(dtype, "float32"), T, BH, sm_count)
 
 
-def _sm_count(device: torch.device) -> int:
-    """The multiprocessors of a CUDA device (132 for a CPU tensor: the interpreter, which
-    prefetches nothing)."""
-    if device.type != "cuda":
-        return 132
+def _sm_count(device: torch.device) -> Optional[int]:
+    """The multiprocessors of a CUDA device; None under Triton's interpreter."""
+    if interpret_mode() or device.type != "cuda":
+        return None
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
@@ -181,7 +175,7 @@ def _forward_impl(r, w, k, v, a, b, initial_state, mask, head_first, chunks_per_
             y, y, y, loc, trans,
             T, H, BH, NC, cps, sb, st, sh, 0, 0, 0, n_seg * K * K, K * K,
             K=K, BV=bv, HAS_INIT=False, LOCAL=True, WRITE_Y=False, SAVE_CKPT=False,
-            WRITE_END=True, PREC=prec, VARLEN=varlen, PREFETCH=_prefetch(cfg.prefetch_fwd),
+            WRITE_END=True, PREC=prec, VARLEN=varlen, PREFETCH=cfg.prefetch_fwd,
             num_warps=cfg.warps_fwd, num_stages=cfg.stages_fwd)
         starts = torch.empty((BH, n_seg, K, K), dtype=f32, device=dev)
         chunk_fwd.state_combine_kernel[(K // COMBINE_ROWS * BH,)](
@@ -194,7 +188,7 @@ def _forward_impl(r, w, k, v, a, b, initial_state, mask, head_first, chunks_per_
         y, ckpt if save else y, cks if save else y, final, final,
         T, H, BH, NC, cps, sb, st, sh, init_sb, init_sh, init_ss, K * K, 0,
         K=K, BV=bv, HAS_INIT=has_init, LOCAL=False, WRITE_Y=True, SAVE_CKPT=save,
-        WRITE_END=True, PREC=prec, VARLEN=varlen, PREFETCH=_prefetch(cfg.prefetch_fwd),
+        WRITE_END=True, PREC=prec, VARLEN=varlen, PREFETCH=cfg.prefetch_fwd,
         num_warps=cfg.warps_fwd, num_stages=cfg.stages_fwd)
     if not save:
         wt, bt, r2t = (torch.empty((0,), dtype=tile, device=dev) for _ in range(3))
@@ -306,7 +300,7 @@ def _backward_impl(r, w, k, v, a, b, initial_state, mask, ckpt, cks, seg_m, wt, 
         T, H, BH, NC, sb, st, sh,
         K=K, BV=cfg.bv_bwd, HAS_MASK=has_mask, PREC=prec, VARLEN=varlen,
         FULL=configs.whole_chunks(T, 1, has_mask, varlen),
-        PREFETCH=_prefetch(cfg.prefetch_bwd),
+        PREFETCH=cfg.prefetch_bwd,
         num_warps=cfg.warps_bwd, num_stages=cfg.stages_bwd)
     return (*grads, ds0)
 
