@@ -17,7 +17,6 @@ from rwkv_ops.numpy.testing import (FLOAT32_TOL, assert_close, make_cotangents, 
 
 SEED = seed_from_env()
 NAMES = ("r", "w", "k", "v", "a", "b")
-# float32 chunked forward vs float64 reference (inputs rounded to float32 first).
 
 
 def args_of(x, dtype=np.float64):
@@ -74,6 +73,7 @@ def test_reference_decay_edges_are_finite():
 @pytest.mark.parametrize("K", [16, 64])
 @pytest.mark.parametrize("decays", ["model", "full"])
 def test_chunked_forward_matches_reference(T, K, decays):
+    """float32 chunked forward against the float64 reference (inputs rounded to float32 first)."""
     mask = {1: None, 15: "left", 16: None, 17: "right", 100: "random"}[T]
     x = make_inputs(2, T, 2, K, seed=SEED + T, decays=decays, mask=mask, state_batch=1 if T == 17 else None)
     a32 = args_of(x, np.float32)
