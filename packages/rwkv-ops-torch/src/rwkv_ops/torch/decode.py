@@ -19,22 +19,18 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import os
 from typing import Optional
 
 import torch
 
 from rwkv_ops.common import KernelUnavailableError, check_head_size, check_single_step_inputs
 from rwkv_ops.torch.api import tensor_info
+from rwkv_ops.torch.triton_launcher import interpret_mode
 
 KERNEL_HEAD_SIZES = (32, 64, 128)
 # Past this w, d = exp(-exp(w)) is 0 in every float type; capping keeps exp(w) finite, so the
 # gradient d * -exp(w) is 0, never 0 * inf = NaN.
 _W_CAP = 30.0
-
-
-def _interpret_mode() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @functools.lru_cache(maxsize=None)
@@ -91,7 +87,7 @@ def triton_unavailable_reason(r, state, K) -> Optional[str]:
         return "Triton is not installed (pip install triton)"
     if K not in KERNEL_HEAD_SIZES:
         return check_head_size(int(K), KERNEL_HEAD_SIZES, "triton")
-    if r.device.type != "cuda" and not _interpret_mode():
+    if r.device.type != "cuda" and not interpret_mode():
         return f"the Triton kernels need CUDA tensors, got tensors on {r.device}"
     if state.dtype != torch.float32:
         return f"the Triton decode kernel keeps the state in float32, got {state.dtype}"
