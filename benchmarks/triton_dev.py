@@ -241,10 +241,11 @@ def main():
             "state-stages2": dict(stages_state=2),
             "state-stages3": dict(stages_state=3),
             "state-stages1": dict(stages_state=1),
-            # the L2 prefetch distances: the gradient kernel's in programs (2 per SM at K <= 64,
-            # none at K = 128), the forward scan's with checkpoints in chunks
-            # (configs.FWD_PREFETCH_CHUNKS)
-            **{f"bwd-prefetch-{n}": dict(prefetch_bwd=n) for n in (0, 132, 198, 264, 330, 396)},
+            # the L2 prefetch distances: the gradient kernel's in programs (1 per SM at K <= 64,
+            # none at K = 128; configs.BWD_PROGRAMS_PER_SM), the forward scan's with checkpoints
+            # in chunks (configs.FWD_PREFETCH_CHUNKS)
+            **{f"bwd-prefetch-{n}": dict(prefetch_bwd=n)
+               for n in (0, 33, 66, 99, 132, 165, 198, 264, 330, 396)},
             **{f"fwd-prefetch-{n}": dict(prefetch_fwd=n) for n in (0, 2, 8)},
         }
         if args.only:

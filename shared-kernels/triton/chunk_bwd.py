@@ -206,9 +206,8 @@ def chunk_bwd_kernel(
     sequence's end stores nothing. FULL: every chunk is whole and every step valid
     (``configs.whole_chunks``): no masks, loads or stores. PREFETCH > 0 (GPU only): each program
     first asks L2 for the inputs of the program PREFETCH ahead of it
-    (``configs.ChunkConfig.prefetch_bwd``), which starts about when this one ends if PREFETCH is
-    the number of programs resident on the GPU (H200, shape S: 5.91 against 6.58 ms at 264 = 132
-    SMs x 2 programs; 528 ahead: 7.17, slower).
+    (``configs.ChunkConfig.prefetch_bwd``: one program per SM ahead, half the programs resident
+    on the GPU; H200, shape S: 5.86 against 6.60 ms at 132 ahead, 5.94 at 264, 7.0 at 396).
     Layout: the V loop works on [BV, 16] V-side tiles and [K, 16] K-side sums, so every product
     with a state operand has 64 rows; the factors it does not read are rebuilt after it from the
     cached inputs instead of being kept live. The kernel is register-bound (255 registers at
