@@ -24,16 +24,10 @@ Compute read 128 on the H200 (benchmarks/profile_kernels.py prints the GPU build
 """
 
 import collections
-import os
 import re
-import subprocess
 import sys
-import tempfile
 
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-
+from compile_check import compile_kernel, cuobjdump, programs_per_sm, resource_usage
 from rwkv_ops.torch._triton import chunk_bwd, chunk_fwd, configs
 
 # the launch configuration of shape S on a 132-SM GPU (H100, H200): the prefetch distances
@@ -69,41 +63,21 @@ def pointer_type(name):
 
 
 def compile_sm90(fn, constexprs, warps, stages, maxnreg=None):
-    names = fn.arg_names
-    signature, attrs = {}, {}
-    for i, name in enumerate(names):
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            signature[name] = pointer_type(name)
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        else:
-            signature[name] = "i32"
-            if name.startswith("stride") or name.endswith(("_sb", "_sh", "_ss", "_sbh")):
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    source = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": warps, "num_stages": stages,
-                                   **({"maxnreg": maxnreg} if maxnreg else {})})
+    """fn compiled for sm_90 with the pointer types above (``compile_check.compile_kernel``)."""
+    types = {name: pointer_type(name) if name.endswith("_ptr") else "i32"
+             for name in fn.arg_names if name not in constexprs}
+    return compile_kernel(fn, types, constexprs, warps, stages, 90, maxnreg)
 
 
 def sass_report(compiled, top=16):
     """(registers, spill stack bytes, instruction count, the most frequent opcodes)."""
-    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
-        f.flush()
-        sass = subprocess.run([os.path.join(tools, "cuobjdump"), "-sass", f.name],
-                              capture_output=True, text=True, check=True).stdout
-        usage = subprocess.run([os.path.join(tools, "cuobjdump"), "-res-usage", f.name],
-                               capture_output=True, text=True, check=True).stdout
+    sass = cuobjdump(compiled, "-sass")
     ops = collections.Counter()
     for line in sass.splitlines():
         m = re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_]+)", line)
         if m:
             ops[m.group(2)] += 1
-    regs = int(re.search(r"REG:(\d+)", usage).group(1))
-    stack = int(re.search(r"STACK:(\d+)", usage).group(1))
+    regs, stack = resource_usage(compiled)
     return regs, stack, sum(ops.values()), ops.most_common(top)
 
 
@@ -115,13 +89,6 @@ def parse_changes(args):
         changes[key] = {"True": True, "False": False}.get(value, int(value) if value.isdigit()
                                                           else value)
     return changes
-
-
-def programs_per_sm(regs, warps, shared):
-    """Programs of one kernel that fit on an sm_90 SM at once: 64 K registers (allocated per warp
-    in blocks of 256), 228 KB of shared memory (1 KB more per program), 64 warps, 32 programs."""
-    per_warp = -(-regs * 32 // 256) * 256
-    return min(65536 // (per_warp * warps), 233472 // (shared + 1024), 64 // warps, 32)
 
 
 def main(argv):
