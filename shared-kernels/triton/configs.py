@@ -19,9 +19,9 @@ MIN_CHUNKS_PER_SEGMENT = 32
 # The gradient kernel prefetches into L2 the inputs of the program this many programs per SM
 # ahead (times the GPU's SMs). 2 programs of 4 warps are resident per SM at K <= 64 (255
 # registers), so 1 per SM is half a resident set: the lines arrive well before their program
-# starts and stay in L2 until it does (H200, 132 SMs, shape S, one call: gradient kernel 5.86 ms
-# at 132 and 198 programs ahead, 5.94 at 264 (a whole resident set), 6.81 at 330, 7.01 at 396,
-# 6.60 without; at K = 128, 264 ahead was slower, 14.19 against 13.58, so none there).
+# starts and stay in L2 until it does (H200, 132 SMs, shape S: gradient kernel 5.84-5.86 ms
+# anywhere from 33 to 198 programs ahead, 5.94 at 264 (a whole resident set), 6.81 at 330, 7.01
+# at 396, 6.60 without; at K = 128, 264 ahead was slower, 14.19 against 13.58, so none there).
 BWD_PROGRAMS_PER_SM = 1
 # Chunks ahead whose tiles the forward scan with checkpoints prefetches into L2 (H200, shape S:
 # 1.237 against 1.264 ms; under no_grad it was slower, so it is not done there). The
@@ -108,7 +108,8 @@ def chunk_config(K: int, dtype: str, T: int, BH: int,
         chunks_per_segment=cdiv(n_chunks, n_seg),
         warps_prep=1 if K <= 64 else 4,
         warps_bwd=4,
-        # the L2 prefetches pay at K = 64 only (measured at 64 and 128)
+        # the L2 prefetches: measured at K = 64 (they pay) and at 128 (the gradient kernel's
+        # costs); K = 32 has K = 64's
         prefetch_bwd=BWD_PROGRAMS_PER_SM * sm_count if small and sm_count else 0,
         prefetch_fwd=FWD_PREFETCH_CHUNKS if small and sm_count else 0,
     )
