@@ -12,14 +12,18 @@
 #                (writes .ab-variants/<patch name>/: the working tree's packages, shared-kernels
 #                and benchmarks with that patch applied, or with A then B for A.patch+B.patch
 #                (named A--B: plain characters in its log's file name); a
-#                patch may change any of them)
+#                patch may change any of them. Each variant's launches are compiled for sm_80
+#                and sm_90 first, with the GPU machine's Triton: see compile_check below)
 #   GPU machine: scripts/gpu_check.sh run scripts/ab_kernels.sh run-variants [triton_dev.py args]
 #                (carry [".whl", ".ab-variants"]); the table of every side in $OUT/ab-summary.txt,
 #                the logs (ab-base.txt, ab-<name>.txt) in $OUT/ab-logs.tar.gz
 # Both print the S / L table and the per-kernel lines of every side.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+ROOT=$PWD
 OUT=${OUT:-.gpu-out}
+# the GPU machine's Triton, for the compile check of prepare-variants
+GPU_TRITON=${GPU_TRITON:-3.6.0}
 
 # bench TREE LOG ARGS...: triton_dev.py of TREE ("." the working tree); TREE's packages come
 # first on the path, so they find TREE's kernels (rwkv_ops.*._triton)
@@ -28,6 +32,25 @@ bench() {
     shift 2
     (cd "$tree" && PYTHONPATH=$(ls -d "$PWD"/packages/*/src | paste -sd:):${PYTHONPATH:-} \
         python3 benchmarks/triton_dev.py "$@") > "$log" 2>&1
+}
+
+# compile_check TREE: every launch of TREE's torch launcher compiled here for sm_80 and sm_90
+# with the GPU machine's Triton (test_kernel_builds.py; about a minute, less for kernels already
+# in Triton's cache): Triton's interpreter accepts code that its GPU compiler rejects, and a
+# variant that does not build costs a device call. AB_COMPILE_CHECK=0 skips it.
+compile_check() {
+    [ "${AB_COMPILE_CHECK:-1}" = 1 ] || return 0
+    local log
+    log=$(mktemp)
+    if (cd "$1" && PYTHONPATH=$(ls -d "$PWD"/packages/*/src | paste -sd:) \
+            uv run --project "$ROOT" --with "triton==$GPU_TRITON" python -m pytest -q \
+            -p no:cacheprovider packages/rwkv-ops-torch/tests/test_kernel_builds.py) > "$log" 2>&1; then
+        rm -f "$log"
+    else
+        grep -E "FAIL|Error|error" "$log" | cut -c1-300 | head -20
+        echo "$1 does not compile with Triton $GPU_TRITON for sm_80 / sm_90 (log: $log)"
+        return 1
+    fi
 }
 
 show() {
@@ -65,6 +88,7 @@ case "${1:-}" in
                 name=${name:+$name--}$(basename "$patch" .patch)
             done
             mv "$tmp" ".ab-variants/$name"
+            compile_check ".ab-variants/$name" || { rm -rf ".ab-variants/$name"; exit 1; }
             echo "variant $name in .ab-variants/$name/"
         done
         ;;
