@@ -15,7 +15,8 @@ One launch: ``{"kernel": "rwkv_ops.torch._triton.chunk_bwd:chunk_bwd_kernel", "t
 "stages": 1}``; a kernel "rwkv_ops.jax.triton_launcher:
 NAME" is the JAX launcher's entry NAME. It prints one line per launch and target (registers,
 spill stack, shared memory, programs per SM) and exits 1 if a launch does not compile or does not
-fit: more shared memory than a program may have, or no program per SM.
+fit: more shared memory than a program may have, or no program per SM. A launch with more than
+SPILL_WARN bytes of spill stack per thread is marked WARN (slow, not wrong).
 
 The compile assumes what the launchers give: pointers 16-byte aligned, and an int argument
 divisible by 16 known to be so (unless the kernel does not specialise it). Run it with the Triton
@@ -37,6 +38,8 @@ from concurrent.futures import ProcessPoolExecutor
 # Per architecture: shared memory one program may use (opt-in maximum) and per SM, in bytes.
 SHARED_PER_PROGRAM = {80: 166912, 90: 232448}
 SHARED_PER_SM = {80: 167936, 90: 233472}
+# spill stack per thread (bytes) above which a launch is marked WARN
+SPILL_WARN = 2048
 # Triton's names of the element types a launch's pointers may have
 POINTEE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "float64": "fp64",
            "uint8": "u8", "int8": "i8", "int32": "i32", "int64": "i64", "bool": "i1"}
@@ -124,7 +127,10 @@ def check(launch, arch):
     shared = compiled.metadata.shared
     fits = programs_per_sm(regs, launch["warps"], shared, arch)
     ok = shared <= SHARED_PER_PROGRAM[arch] and fits >= 1
-    return (f"{'ok  ' if ok else 'FAIL'} {where}, {launch['warps']} warps, {launch['stages']} "
+    # not a failure, a slow build: ptxas sometimes answers a register demand far above 255 with
+    # 32 registers and kilobytes of spill stack per thread (the fp32 kernels, docs/benchmarks.md)
+    mark = "FAIL" if not ok else "WARN" if stack > SPILL_WARN else "ok  "
+    return (f"{mark} {where}, {launch['warps']} warps, {launch['stages']} "
             f"stages: {regs} registers, {stack} B spill, {shared} B shared, {fits} per SM"), ok
 
 
@@ -147,7 +153,9 @@ def main(argv=None):
     for line, _ in results:
         print(line)
     failed = sum(not ok for _, ok in results)
-    print(f"{len(results) - failed} compiled and fit, {failed} failed")
+    slow = sum(line.startswith("WARN") for line, _ in results)
+    print(f"{len(results) - failed} compiled and fit ({slow} with more than {SPILL_WARN} B of "
+          f"spill stack per thread, WARN), {failed} failed")
     return 1 if failed else 0
 
 
