@@ -121,8 +121,8 @@ def check(launch, arch):
         compiled = compile_kernel(fn, types, launch["constexprs"], launch["warps"],
                                   launch["stages"], arch, aligned=launch.get("aligned", []))
     except Exception as error:  # the failure is the result
-        first = str(error).strip().splitlines()
-        return f"FAIL {where}: {type(error).__name__}: {' | '.join(first[-6:])[:600]}", False
+        lines = str(error).strip().splitlines()
+        return f"FAIL {where}: {type(error).__name__}: {' | '.join(lines[-6:])[:600]}", False
     regs, stack = resource_usage(compiled)
     shared = compiled.metadata.shared
     fits = programs_per_sm(regs, launch["warps"], shared, arch)
@@ -132,11 +132,6 @@ def check(launch, arch):
     mark = "FAIL" if not ok else "WARN" if stack > SPILL_WARN else "ok  "
     return (f"{mark} {where}, {launch['warps']} warps, {launch['stages']} "
             f"stages: {regs} registers, {stack} B spill, {shared} B shared, {fits} per SM"), ok
-
-
-def _check_all(args):
-    launch, arch = args
-    return check(launch, arch)
 
 
 def main(argv=None):
@@ -149,7 +144,7 @@ def main(argv=None):
     work = [(launch, int(arch)) for launch in unique.values() for arch in args.arch.split(",")]
     print(f"{len(launches)} launches, {len(unique)} distinct, {len(work)} compiles", flush=True)
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        results = list(pool.map(_check_all, work))
+        results = list(pool.map(check, *zip(*work)))
     for line, _ in results:
         print(line)
     failed = sum(not ok for _, ok in results)
