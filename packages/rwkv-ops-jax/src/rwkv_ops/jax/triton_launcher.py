@@ -501,8 +501,7 @@ def _backward_local(static, *arrays):
                  cfg.warps_bwd, cfg.stages_bwd)
     flags = dict(H=H, K=K, HEAD_FIRST=static.head_first, HAS_MASK=mask is not None, PREC=prec,
                  VARLEN=varlen, FULL=_configs().whole_chunks(T, 1, mask is not None, varlen))
-    grads = _launch("bwd", *grad_args, BV=cfg.bv_bwd, PREFETCH=cfg.prefetch_bwd,
-                    **flags)
+    grads = _launch("bwd", *grad_args, BV=cfg.bv_bwd, PREFETCH=cfg.prefetch_bwd, **flags)
     return tuple(grads) + ((ds0,) if need_ds0 else ())
 
 
