@@ -91,20 +91,33 @@ def chunk_config(K: int, dtype: str, T: int, BH: int,
     # H=32 K=128: 2.57 vs 3.40 ms). State-gradient scan: 64 rows on 4 warps up to K = 64, 32 rows
     # on 2 warps at K = 128 (227 registers on 4 warps there; H100, same shape: 2.82 vs 3.10 ms).
     small = K <= 64
+    # True fp32 products ("ieee", fp32 inputs) run on the FMA units and hold more per thread than
+    # tf32 ones: with the tf32 tiles, ptxas (sm_90) gives the fp32 forward scan and gradient
+    # kernel 32 registers and 4-9 KB of spill per thread. Their own tiles below (H200, fp32
+    # inputs, triton_dev.py --dtype float32 --sweep): shape S fwd+bwd 49.5 against 110.0 ms
+    # (forward scan with checkpoints 9.5 against 68.0: one stage), 290.8 before the gradient
+    # kernel's 32 rows; B=8 T=4096 H=32 K=128 115 against 264 (16 rows per scan program, one
+    # stage: 28.4 against 176.5 with checkpoints) and the gradient kernel 58.5 against 69.3 ms
+    # with 16 rows.
+    ieee = precision == "ieee"
+    if ieee:
+        bv_bwd = 32 if small else 16
+    else:
+        bv_bwd = K if small else 32
     return ChunkConfig(
         precision=precision,
-        bv_fwd=min(K, 32),
+        bv_fwd=16 if ieee and not small else min(K, 32),
         warps_fwd=2,
         # three stages of the forward scan's tile prefetch up to K = 64 (H100, shape S: scan 1.83
         # vs 2.00 ms, L fwd 4.28 vs 4.62 ms)
-        stages_fwd=3 if small else 2,
+        stages_fwd=1 if ieee else 3 if small else 2,
         bv_state=bv if small else 32,
         warps_state=4 if small else 2,
         # the state-gradient scan's tiles (b_bar, R2, W, dy) and scales loaded two chunks ahead
         # through shared memory (H200, shape S: 0.99 ms against 1.21 with plain loads, 1.01 with
         # one chunk ahead)
         stages_state=3 if small else 1,
-        bv_bwd=K if small else 32,
+        bv_bwd=bv_bwd,
         chunks_per_segment=cdiv(n_chunks, n_seg),
         warps_prep=1 if K <= 64 else 4,
         warps_bwd=4,
