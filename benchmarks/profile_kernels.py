@@ -30,7 +30,7 @@ def main():
             change[name] = ast.literal_eval(value)
     real = launcher.select_config
     launcher.select_config = lambda *a: real(*a).with_(**change)
-    xs, s0 = protocol_inputs(batch, 4096, 64, 64)
+    xs, s0 = protocol_inputs(batch, 4096, 64, 64, torch.bfloat16)
     leaves = [x.detach().requires_grad_() for x in xs] + [s0.detach().requires_grad_()]
     o, final = launcher.generalized_delta_rule(*leaves[:6], leaves[6])
     torch.autograd.grad((o, final), leaves, (torch.randn_like(o), torch.randn_like(final)))

@@ -9,7 +9,7 @@ Prints: the S / L table (ms) and S peak memory; the worst relative error at the 
 profiler) with the bytes each kernel must move and the bandwidth that implies. ``--sweep`` also
 times a few alternative launch configurations.
 
-    python benchmarks/triton_dev.py [--sweep] [--quick] [--shape NAME=B,T,H,K ...]
+    python benchmarks/triton_dev.py [--sweep] [--quick] [--shape NAME=B,T,H,K ...] [--dtype float32]
 
 Results and the sweeps tried so far: docs/benchmarks.md ("Where the Triton time goes").
 """
@@ -34,9 +34,11 @@ from rwkv_ops.torch import triton_launcher as launcher
 
 SHAPES = {"S": (8, 4096, 64, 64), "L": (1, 65536, 32, 64)}
 NAMES = ("r", "w", "k", "v", "a", "b")
+# the timed inputs' dtype (--dtype; the protocol's is bf16)
+DTYPE = [torch.bfloat16]
 
 
-def protocol_inputs(B, T, H, K, dtype=torch.bfloat16, seed=0):
+def protocol_inputs(B, T, H, K, dtype, seed=0):
     g = torch.Generator(device="cuda").manual_seed(seed)
     x = [torch.randn(B, T, H, K, device="cuda", generator=g) for _ in NAMES]
     r, w, k, v, a, b = x
@@ -55,14 +57,14 @@ def bench(fn, quick):
 
 def time_shape(name, quick):
     B, T, H, K = SHAPES[name]
-    xs, s0 = protocol_inputs(B, T, H, K)
+    xs, s0 = protocol_inputs(B, T, H, K, DTYPE[0])
     def infer():
         with torch.no_grad():
             return launcher.generalized_delta_rule(*xs, s0)
 
     fwd = bench(infer, quick)
     leaves = [x.detach().requires_grad_() for x in xs] + [s0.detach().requires_grad_()]
-    dy = torch.randn(B, T, H, K, device="cuda", dtype=torch.bfloat16)
+    dy = torch.randn(B, T, H, K, device="cuda", dtype=DTYPE[0])
     ds = torch.randn(B, H, K, K, device="cuda")
 
     def step():
@@ -120,15 +122,18 @@ def no_grad_errors(dtype=torch.bfloat16, seed=1234):
             "state": rel_error(final.double().cpu().numpy(), s_ref)}
 
 
-def kernel_bytes(B, T, H, K, n_seg):
-    """Bytes each kernel must move at least in a forward + backward, by name: bf16 I/O, so the
-    prep tiles W, b_bar, Kc, R2 and the checkpoints are fp16 (configs.tile_dtype) with fp32
-    scales; Qc, dec and the pair matrices fp32."""
-    tok = B * T * H * K * 2          # one bf16 [B, T, H, K] tensor
+def kernel_bytes(B, T, H, K, n_seg, dtype):
+    """Bytes each kernel must move at least in a forward + backward, by name: inputs and outputs
+    in ``dtype``; the prep tiles W, b_bar, Kc, R2 and the checkpoints fp16 for bf16 / fp16 inputs
+    and fp32 for fp32 ones (configs.tile_dtype), with fp32 scales; Qc, dec and the pair matrices
+    fp32."""
+    io = torch.finfo(dtype).bits // 8
+    store = 4 if dtype == torch.float32 else 2
+    tok = B * T * H * K * io                    # one [B, T, H, K] input or output
     nc = math.ceil(T / 16)
     per_chunk = B * H * nc
-    ck = per_chunk * (K * K * 2 + K * 4)        # one fp16 state per chunk and its row scales
-    tile = per_chunk * 16 * K * 2               # one fp16 [16, K] tile per chunk
+    ck = per_chunk * (K * K * store + K * 4)    # one stored state per chunk and its row scales
+    tile = per_chunk * 16 * K * store           # one stored [16, K] tile per chunk
     small = per_chunk * (16 * 16 * 4 + K * 4)   # Qc and dec
     scales = per_chunk * 4 * 4                  # the four tiles' scales
     pairs = per_chunk * 4 * 16 * 16 * 4         # the pair matrices kept for the gradient kernel
@@ -160,11 +165,11 @@ def kernel_times(step, n=3):
 
 def breakdown(name, step):
     B, T, H, K = SHAPES[name]
-    cfg = launcher.select_config(K, torch.bfloat16, T, B * H,
+    cfg = launcher.select_config(K, DTYPE[0], T, B * H,
                                  torch.cuda.get_device_properties(0).multi_processor_count)
     n_seg = math.ceil(math.ceil(T / 16) / cfg.chunks_per_segment)
     times, counts = kernel_times(step)
-    need = kernel_bytes(B, T, H, K, n_seg)
+    need = kernel_bytes(B, T, H, K, n_seg, DTYPE[0])
     print(f"  per-kernel (shape {name}, fwd+bwd, {n_seg} segment(s), {cfg}):")
     for kname, ms in sorted(times.items(), key=lambda kv: -kv[1]):
         gb = need.get(kname)
@@ -192,14 +197,18 @@ def main():
     parser.add_argument("--shape", action="append", default=[], metavar="NAME=B,T,H,K",
                         help="time this shape instead of S and L (repeatable), e.g. "
                              "K128=8,4096,32,128")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
+                        help="dtype of the timed inputs (the errors are measured for bf16 and "
+                             "fp32 either way)")
     args = parser.parse_args()
+    DTYPE[0] = getattr(torch, args.dtype)
     if args.shape:
         SHAPES.clear()
         for spec in args.shape:
             name, dims = spec.split("=")
             SHAPES[name] = tuple(int(d) for d in dims.split(","))
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
-          f"triton {triton.__version__}")
+          f"triton {triton.__version__}, timed inputs {args.dtype}")
 
     if not args.no_errors:
         for dtype in (torch.bfloat16, torch.float32):
@@ -229,11 +238,15 @@ def main():
             "prep-w2": dict(warps_prep=2),
             "prep-g2-w2": dict(prep_chunks=2, warps_prep=2),
             "fwd-bv16-w1": dict(bv_fwd=16, warps_fwd=1),
+            "fwd-bv16-w2": dict(bv_fwd=16, warps_fwd=2),
+            "fwd-bv16-s1": dict(bv_fwd=16, warps_fwd=2, stages_fwd=1),
+            "fwd-s1": dict(stages_fwd=1),
             "state-bv32-w2": dict(bv_state=32, warps_state=2),
             "state-bv32-w4": dict(bv_state=32, warps_state=4),
             "bwd-w8": dict(warps_bwd=8),
             "bwd-bv32": dict(bv_bwd=32),
             "bwd-bv16": dict(bv_bwd=16),
+            "bwd-bv64": dict(bv_bwd=64),
             "bwd-w2": dict(warps_bwd=2),
             "bwd-bv64-w8": dict(bv_bwd=64, warps_bwd=8),
             "fwd-bv32-w2": dict(bv_fwd=32, warps_fwd=2),
@@ -261,7 +274,7 @@ def main():
                                         for k, v in sorted(times.items(), key=lambda kv: -kv[1])
                                         if v > 0.02)
                     if name == "S":
-                        errs = no_grad_errors()
+                        errs = no_grad_errors(DTYPE[0])
                         print(f"  [{label}] no_grad error: y {errs['y']:.2e} state "
                               f"{errs['state']:.2e}", flush=True)
                     infer_times, _ = kernel_times(rows[name][3].infer)
