@@ -1,0 +1,94 @@
+"""Host time per call of the PyTorch entry points on a CUDA GPU, and where it goes.
+
+Each call starts on an idle GPU (a synchronize before it, not timed), so the time measured is the
+host's own work for the call: validation, the launch plan, allocations, copies and kernel launches.
+A call whose host time exceeds its GPU time is host-bound under ``do_bench`` too. Shapes: the
+varlen comparison of ``decode_bench.py`` (8 sequences x 512, H=64, K=64, bf16), forward under
+no_grad.
+
+    python benchmarks/host_overhead.py [--profile] [--calls N]
+
+Prints the median host time of each entry point in microseconds and, with ``--profile``, the
+functions that take the most of it (cProfile, own time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import statistics
+import time
+
+import torch
+
+from rwkv_ops.torch import inference, triton_launcher as launcher, varlen
+from rwkv_ops.torch.api import generalized_delta_rule
+
+
+def host_us(fn, calls, profiler=None):
+    """Median host time of one call of fn in microseconds, each call on an idle GPU."""
+    times = []
+    for _ in range(calls):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        if profiler is not None:
+            profiler.enable()
+        fn()
+        if profiler is not None:
+            profiler.disable()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e6
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=300)
+    parser.add_argument("--profile", action="store_true", help="cProfile each entry point")
+    args = parser.parse_args()
+
+    B, T, H, K = 8, 512, 64, 64
+    g = torch.Generator(device="cuda").manual_seed(0)
+    dense = [torch.randn(B, T, H, K, device="cuda", generator=g).to(torch.bfloat16)
+             for _ in range(6)]
+    dense[1] = -torch.nn.functional.softplus(dense[1].float()).to(torch.bfloat16) - 0.5
+    s0 = 0.1 * torch.randn(B, H, K, K, device="cuda", generator=g)
+    packed = [x.reshape(1, B * T, H, K) for x in dense]
+    cu_host = list(range(0, B * T + 1, T))
+    cu_dev = torch.tensor(cu_host, device="cuda", dtype=torch.int32)
+
+    cases = {
+        "dense generalized_delta_rule": lambda: generalized_delta_rule(*dense, s0),
+        "varlen, cu_seqlens a host list": lambda: varlen.generalized_delta_rule_varlen(
+            *packed, cu_host, s0),
+        "varlen, cu_seqlens on the GPU (one host read)":
+            lambda: varlen.generalized_delta_rule_varlen(*packed, cu_dev, s0),
+        "inference(cu_seqlens=host list)": lambda: inference.generalized_delta_rule_inference(
+            *packed, s0, cu_seqlens=cu_host),
+        "launcher.generalized_delta_rule_packed (device cu)":
+            lambda: launcher.generalized_delta_rule_packed(*packed, cu_dev, T, s0),
+        "launcher.generalized_delta_rule (dense)":
+            lambda: launcher.generalized_delta_rule(*dense, s0),
+    }
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}; "
+          f"[{B}, {T}, {H}, {K}] bf16, no_grad, median of {args.calls} calls")
+    print("| entry point | host us per call |\n|---|---|")
+    with torch.no_grad():
+        for name, fn in cases.items():
+            host_us(fn, 10)  # warm-up: compilation, caches
+            print(f"| {name} | {host_us(fn, args.calls):.1f} |", flush=True)
+        if args.profile:
+            for name, fn in cases.items():
+                prof = cProfile.Profile()
+                host_us(fn, args.calls, prof)
+                print(f"\n### {name}: own time per call, top functions")
+                stats = pstats.Stats(prof).sort_stats("tottime")
+                for func, (_, ncalls, tottime, _, _) in list(
+                        sorted(stats.stats.items(), key=lambda kv: -kv[1][2]))[:14]:
+                    where = f"{func[0].split('/')[-1]}:{func[1]}({func[2]})"
+                    print(f"  {tottime / args.calls * 1e6:8.1f} us  x{ncalls / args.calls:5.1f}  "
+                          f"{where}")
+
+
+if __name__ == "__main__":
+    main()
