@@ -272,6 +272,34 @@ def test_torch_compile_fullgraph(request):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), f"seed={seed}"
 
 
+def test_no_grad_forward_skips_the_op(poison_empty, monkeypatch, request):
+    """Without a gradient, an eager forward launches its kernels directly (``_plain_eager``: less
+    host time per call) and gives the custom op's results bit for bit (outputs NaN-poisoned);
+    under torch.compile(fullgraph=True) the same call still goes through the op (a graph break
+    would raise) and agrees with the reference."""
+    seed = _seed(request)
+    x = make_inputs(2, 20, 2, 32, seed=seed)
+    ts = [torch.tensor(x[n], dtype=torch.float32, device=DEVICE) for n in NAMES]
+    s0 = torch.tensor(x["initial_state"], dtype=torch.float32, device=DEVICE)
+    op = launcher.triton_gdr_fwd
+    cps = launcher.select_config(32, torch.float32, 20, 4).chunks_per_segment
+    with torch.no_grad():
+        calls = []
+        monkeypatch.setattr(launcher, "triton_gdr_fwd", lambda *a: calls.append(a) or op(*a))
+        direct = launcher.generalized_delta_rule(*ts, s0)
+        assert not calls, "an eager no_grad forward went through the custom op"
+        via_op = op(*ts, s0, None, False, cps, False, None, 0)[:2]
+        monkeypatch.setattr(launcher, "triton_gdr_fwd", op)
+        compiled = torch.compile(launcher.generalized_delta_rule, fullgraph=True,
+                                 backend="inductor" if HAS_CUDA else "aot_eager")(*ts, s0)
+    y_ref, s_ref = generalized_delta_rule_reference(*(x[n] for n in NAMES), x["initial_state"])
+    for got, want, ref in zip(direct, via_op, (y_ref, s_ref)):
+        assert torch.equal(got, want), f"seed={seed}"
+        assert rel_error(got.double().cpu().numpy(), ref) < FLOAT32_TOL["model"], f"seed={seed}"
+    for got, ref in zip(compiled, (y_ref, s_ref)):
+        assert rel_error(got.double().cpu().numpy(), ref) < FLOAT32_TOL["model"], f"seed={seed}"
+
+
 def test_opcheck(request):
     seed = _seed(request)
     x = make_inputs(1, 17, 1, 32, seed=seed)
