@@ -1,4 +1,4 @@
-"""Host time per call of the PyTorch entry points on a CUDA GPU, and where it goes.
+"""Host time per call of the PyTorch Triton entry points, and where it goes.
 
 Each call starts on an idle GPU (a synchronize before it, not timed), so the time measured is the
 host's own work for the call: validation, the launch plan, allocations, copies and kernel launches.
@@ -115,9 +115,9 @@ def main():
                 stats = pstats.Stats(prof).sort_stats("tottime")
                 for func, (_, ncalls, tottime, _, _) in list(
                         sorted(stats.stats.items(), key=lambda kv: -kv[1][2]))[:14]:
-                    where = f"{func[0].split('/')[-1]}:{func[1]}({func[2]})"
+                    site = f"{func[0].split('/')[-1]}:{func[1]}({func[2]})"
                     print(f"  {tottime / args.calls * 1e6:8.1f} us  x{ncalls / args.calls:5.1f}  "
-                          f"{where}")
+                          f"{site}")
 
 
 if __name__ == "__main__":

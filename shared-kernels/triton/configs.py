@@ -94,11 +94,11 @@ def chunk_config(K: int, dtype: str, T: int, BH: int,
     # True fp32 products ("ieee", fp32 inputs) run on the FMA units and hold more per thread than
     # tf32 ones: with the tf32 tiles, ptxas (sm_90) gives the fp32 forward scan and gradient
     # kernel 32 registers and 4-9 KB of spill per thread. Their own tiles below (H200, fp32
-    # inputs, triton_dev.py --dtype float32 --sweep): shape S fwd+bwd 49.5 against 110.0 ms
-    # (forward scan with checkpoints 9.5 against 68.0: one stage), 290.8 before the gradient
-    # kernel's 32 rows; B=8 T=4096 H=32 K=128 115 against 264 (16 rows per scan program, one
-    # stage: 28.4 against 176.5 with checkpoints) and the gradient kernel 58.5 against 69.3 ms
-    # with 16 rows.
+    # inputs, triton_dev.py --dtype float32 --sweep), fwd+bwd: shape S 49.5 ms against 290.8
+    # with the tf32 tiles (gradient kernel 30.7 against 208.4 with 32 rows per step; forward
+    # scan with checkpoints 9.6 against 68.0 with one stage); B=8 T=4096 H=32 K=128 104.1
+    # against 263.9 (the scan 28.6 against 176.5 with 16 rows and one stage, the gradient
+    # kernel 58.1 against 69.3 with 16 rows); K = 32 36.8 against 37.6 with one stage.
     ieee = precision == "ieee"
     if ieee:
         bv_bwd = 32 if small else 16
