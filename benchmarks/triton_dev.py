@@ -22,7 +22,6 @@ import math
 import time
 from collections import defaultdict
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 import triton
