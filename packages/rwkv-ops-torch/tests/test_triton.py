@@ -300,6 +300,20 @@ def test_no_grad_forward_skips_the_op(poison_empty, monkeypatch, request):
         assert rel_error(got.double().cpu().numpy(), ref) < FLOAT32_TOL["model"], f"seed={seed}"
 
 
+def test_no_grad_vmap_goes_through_the_op(request):
+    """Under torch.func.vmap (a functorch transform) a no_grad forward must not take the direct
+    launch, whose kernels would read the batched tensors' storage: the custom op's vmap
+    fallback runs it per element, equal to a loop."""
+    seed = _seed(request)
+    xs = [torch.tensor(np.stack([make_inputs(2, 20, 2, 32, seed=seed + i)[n] for i in range(3)]),
+                       dtype=torch.float32, device=DEVICE) for n in NAMES]
+    with torch.no_grad():
+        batched = torch.func.vmap(lambda *a: launcher.generalized_delta_rule(*a))(*xs)
+        for i in range(3):
+            o, s = launcher.generalized_delta_rule(*(x[i] for x in xs))
+            assert torch.equal(batched[0][i], o) and torch.equal(batched[1][i], s), f"seed={seed}"
+
+
 def test_opcheck(request):
     seed = _seed(request)
     x = make_inputs(1, 17, 1, 32, seed=seed)

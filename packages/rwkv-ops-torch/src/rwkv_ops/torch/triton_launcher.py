@@ -389,6 +389,10 @@ def _raise_if_unrunnable(K: int, device: torch.device) -> None:
             f"rwkv-ops: KERNEL_TYPE='{KERNEL_TYPE}' cannot run here with torch: {reason}.")
 
 
+# torch's own check (private); where a torch build lacks it, every call takes the op
+_functorch_transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: True)
+
+
 def _plain_eager(*tensors) -> bool:
     """Whether a forward that keeps nothing for a backward may launch its kernels directly rather
     than through the custom op: plain tensors (or None), and nothing that must see the op: no
@@ -399,7 +403,7 @@ def _plain_eager(*tensors) -> bool:
     GPU's work at that size takes 280 us on an H200, and the GPU machine's host is slower."""
     return (all(t is None or type(t) is torch.Tensor for t in tensors)
             and not torch.compiler.is_compiling()
-            and not torch._C._are_functorch_transforms_active()
+            and not _functorch_transforms_active()
             and not torch._C._is_torch_function_mode_enabled()
             and _get_current_dispatch_mode() is None)
 
