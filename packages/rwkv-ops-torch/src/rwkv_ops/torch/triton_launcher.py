@@ -111,6 +111,14 @@ def _compute_precision(*xs) -> str:
     return "ieee" if any(x.dtype in (torch.float32, torch.float64) for x in xs) else "tf32"
 
 
+def _kept_dtypes(prec: str) -> tuple:
+    """dtypes of the forward op's outputs kept for the backward, in the op's order: checkpoints,
+    their scales, segment transitions, W, b_bar, R2, dec, tile scales, pair matrices (the tiles
+    and checkpoints in ``configs.tile_dtype``)."""
+    tile, f32 = _TORCH_DTYPES[_kernels()[2].tile_dtype(prec)], torch.float32
+    return (tile, f32, f32, tile, tile, tile, f32, f32, f32)
+
+
 # ---------------------------------------------------------------------------------------------
 # forward
 
@@ -140,7 +148,7 @@ def _forward_impl(r, w, k, v, a, b, initial_state, mask, head_first, chunks_per_
     dev = r.device
     f32 = torch.float32
 
-    tile = _TORCH_DTYPES[configs.tile_dtype(prec)]
+    tile = _kept_dtypes(prec)[0]
     wt, bt, kct, r2t = (torch.empty((BH, NC, CHUNK, K), dtype=tile, device=dev) for _ in range(4))
     qct = torch.empty((BH, NC, CHUNK, CHUNK), dtype=f32, device=dev)
     dect = torch.empty((BH, NC, K), dtype=f32, device=dev)
@@ -206,20 +214,15 @@ def _forward_fake(r, w, k, v, a, b, initial_state, mask, head_first, chunks_per_
     (B, T, H, K), _ = _layout(r, head_first, cu_seqlens, max_len)
     NC = max(1, -(-T // CHUNK))
     n_seg = -(-NC // chunks_per_segment)
-    f32 = torch.float32
     configs = _kernels()[2]
-    tile = _TORCH_DTYPES[configs.tile_dtype(_compute_precision(r, w, k, v, a, b))]
-
-    def kept(*shape, dtype=f32):
-        return r.new_empty(shape if save else (0,), dtype=dtype)
-
-    return (r.new_empty(r.shape), r.new_empty((B, H, K, K), dtype=f32),
-            kept(B * H, NC, K, K, dtype=tile), kept(B * H, NC, K),
-            r.new_empty((B * H, n_seg, K, K) if (save and n_seg > 1) else (0,), dtype=f32),
-            kept(B * H, NC, CHUNK, K, dtype=tile), kept(B * H, NC, CHUNK, K, dtype=tile),
-            kept(B * H, NC, CHUNK, K, dtype=tile), kept(B * H, NC, K),
-            kept(B * H, NC, configs.TILE_SCALES),
-            kept(B * H, NC, configs.PAIR_MATRICES, CHUNK, CHUNK))
+    BH = B * H
+    shapes = ((BH, NC, K, K), (BH, NC, K), (BH, n_seg, K, K) if n_seg > 1 else (0,),
+              (BH, NC, CHUNK, K), (BH, NC, CHUNK, K), (BH, NC, CHUNK, K), (BH, NC, K),
+              (BH, NC, configs.TILE_SCALES), (BH, NC, configs.PAIR_MATRICES, CHUNK, CHUNK))
+    dtypes = _kept_dtypes(_compute_precision(r, w, k, v, a, b))
+    return (r.new_empty(r.shape), r.new_empty((B, H, K, K), dtype=torch.float32),
+            *(r.new_empty(shape if save else (0,), dtype=dtype)
+              for shape, dtype in zip(shapes, dtypes)))
 
 
 @torch.library.custom_op("rwkv_ops::triton_gdr_fwd", mutates_args=())
@@ -249,10 +252,8 @@ def triton_gdr_fwd(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.T
                                    chunks_per_segment, save, cu_seqlens, max_len)
     if kept is None:
         # nothing kept (no gradient): the op's fixed outputs, empty
-        tile = _TORCH_DTYPES[_kernels()[2].tile_dtype(_compute_precision(r, w, k, v, a, b))]
-        kept = tuple(y.new_empty((0,), dtype=dtype) for dtype in
-                     (tile, torch.float32, torch.float32, tile, tile, tile, torch.float32,
-                      torch.float32, torch.float32))
+        kept = tuple(y.new_empty((0,), dtype=dtype)
+                     for dtype in _kept_dtypes(_compute_precision(r, w, k, v, a, b)))
     return (y, final, *kept)
 
 
