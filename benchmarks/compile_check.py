@@ -9,11 +9,12 @@ ptxas and cuobjdump):
 
     python3 benchmarks/compile_check.py --arch 80,90 < launches.json
 
-One launch: ``{"kernel": "rwkv_ops.torch._triton.chunk_bwd:chunk_bwd_kernel", "types": {argument:
-"*" + the dtype name it points to ("*bfloat16", "*int32", ...) | "i32" | "i64" | "fp32"},
-"aligned": [int arguments divisible by 16], "constexprs": {name: value}, "warps": 4,
-"stages": 1}``; a kernel "rwkv_ops.jax.triton_launcher:
-NAME" is the JAX launcher's entry NAME. It prints one line per launch and target (registers,
+One launch: ``{"kernel": "rwkv_ops.torch._triton.chunk_bwd:chunk_bwd_kernel", "args": {argument:
+"*" + the dtype name it points to ("*bfloat16", "*int32", ...) for a pointer, else the value
+passed (an int or a float)}, "constexprs": {name: value}, "warps": 4, "stages": 1}``; a kernel
+"rwkv_ops.jax.triton_launcher:NAME" is the JAX launcher's entry NAME. Values become Triton's
+types as its launcher types them (``signature``: i32 or i64 by range, fp32, and ints divisible
+by 16 declared so), and launches that differ only in values of the same type are compiled once. It prints one line per launch and target (registers,
 spill stack, shared memory, programs per SM) and exits 1 if a launch does not compile or does not
 fit: more shared memory than a program may have, or no program per SM. A launch with more than
 SPILL_WARN bytes of spill stack per thread is marked WARN (slow, not wrong).
@@ -110,16 +111,31 @@ def load_kernel(spec):
     return getattr(module, attr)
 
 
+def signature(args):
+    """(Triton types, int arguments divisible by 16) of a launch's arguments (see the module
+    doc): the specialisation Triton's launcher makes of the values it is given."""
+    types, aligned = {}, []
+    for name, value in args.items():
+        if isinstance(value, str):
+            types[name] = "*" + POINTEE[value[1:]]
+        elif isinstance(value, float):
+            types[name] = "fp32"
+        else:
+            types[name] = "i32" if -2**31 <= value < 2**31 else "i64"
+            if value % 16 == 0:
+                aligned.append(name)
+    return types, aligned
+
+
 def check(launch, arch):
     """One result line for one launch on one architecture, and whether it passed."""
     fn = load_kernel(launch["kernel"])
     where = f"sm_{arch} {launch['kernel'].split(':')[1]} " + " ".join(
         f"{k}={v}" for k, v in sorted(launch["constexprs"].items()))
-    types = {name: "*" + POINTEE[kind[1:]] if kind.startswith("*") else kind
-             for name, kind in launch["types"].items()}
+    types, aligned = signature(launch["args"])
     try:
         compiled = compile_kernel(fn, types, launch["constexprs"], launch["warps"],
-                                  launch["stages"], arch, aligned=launch.get("aligned", []))
+                                  launch["stages"], arch, aligned=aligned)
     except Exception as error:  # the failure is the result
         lines = str(error).strip().splitlines()
         return f"FAIL {where}: {type(error).__name__}: {' | '.join(lines[-6:])[:600]}", False
@@ -140,7 +156,10 @@ def main(argv=None):
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args(argv)
     launches = json.load(sys.stdin)
-    unique = {json.dumps(launch, sort_keys=True): launch for launch in launches}
+    # one compile per distinct signature: the values of the int arguments do not matter beyond
+    # it (the specialisation key of Triton's own cache)
+    unique = {json.dumps({**launch, "args": signature(launch["args"])}, sort_keys=True): launch
+              for launch in launches}
     work = [(launch, int(arch)) for launch in unique.values() for arch in args.arch.split(",")]
     print(f"{len(launches)} launches, {len(unique)} distinct, {len(work)} compiles", flush=True)
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:

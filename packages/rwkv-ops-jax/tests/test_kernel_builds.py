@@ -37,24 +37,17 @@ pytestmark = pytest.mark.skipif(
 
 
 def _recorder(log):
-    """A stand-in for ``launcher._launch`` that describes each launch (compile_check.py's format)
-    and returns zeros."""
+    """A stand-in for ``launcher._launch`` that describes each launch (compile_check.py's format:
+    pointers by dtype, scalars by value) and returns zeros."""
 
     def launch(entry, arrays, scalars, outs, grid, warps, stages, **constexprs):
         kernel = launcher._entries()[entry]
         names = [n for n in kernel.arg_names if n not in constexprs]
         scalars = [int(s) + 1 for s in scalars]  # as the real _launch passes them
-        types, aligned = {}, []
-        for name, value in zip(names, [*arrays, *scalars, *outs]):
-            if isinstance(value, int):
-                types[name] = "i32" if -2**31 <= value < 2**31 else "i64"
-                if value % 16 == 0:
-                    aligned.append(name)
-            else:
-                types[name] = "*" + jnp.dtype(value.dtype).name
-        log.append({"kernel": f"rwkv_ops.jax.triton_launcher:{entry}", "types": types,
-                    "aligned": aligned, "constexprs": constexprs, "warps": warps,
-                    "stages": stages})
+        values = {name: value if isinstance(value, int) else "*" + jnp.dtype(value.dtype).name
+                  for name, value in zip(names, [*arrays, *scalars, *outs])}
+        log.append({"kernel": f"rwkv_ops.jax.triton_launcher:{entry}", "args": values,
+                    "constexprs": constexprs, "warps": warps, "stages": stages})
         return [jnp.zeros(o.shape, o.dtype) for o in outs]
 
     return launch

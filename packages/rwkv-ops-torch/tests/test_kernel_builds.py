@@ -59,20 +59,16 @@ class Recorder:
 
     def __getitem__(self, grid):
         def launch(*args, num_warps=4, num_stages=3, **kwargs):
-            types, aligned, constexprs = {}, [], {}
+            values, constexprs = {}, {}
             for name, value in [*zip(self.kernel.arg_names, args), *kwargs.items()]:
                 if _is_constexpr(self.parameters[name]):
                     constexprs[name] = value
                 elif isinstance(value, torch.Tensor):
-                    types[name] = "*" + str(value.dtype).removeprefix("torch.")
-                elif isinstance(value, float):
-                    types[name] = "fp32"
+                    values[name] = "*" + str(value.dtype).removeprefix("torch.")
                 else:
-                    types[name] = "i32" if -2**31 <= value < 2**31 else "i64"
-                    if value % 16 == 0:
-                        aligned.append(name)
-            self.log.append({"kernel": self.spec, "types": types, "aligned": aligned,
-                             "constexprs": constexprs, "warps": num_warps, "stages": num_stages})
+                    values[name] = value
+            self.log.append({"kernel": self.spec, "args": values, "constexprs": constexprs,
+                             "warps": num_warps, "stages": num_stages})
         return launch
 
 
