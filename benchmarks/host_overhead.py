@@ -62,6 +62,7 @@ def main():
         os.environ["TRITON_INTERPRET"] = "1"
     import torch
 
+    from rwkv_ops.numpy.testing import make_inputs
     from rwkv_ops.torch import inference, triton_launcher as launcher, varlen
     from rwkv_ops.torch.api import generalized_delta_rule
 
@@ -74,11 +75,10 @@ def main():
                     setattr(module, name, _NoLaunch())
 
     B, T, H, K = 8, 512, 64, 64
-    g = torch.Generator(device=dev).manual_seed(0)
-    dense = [torch.randn(B, T, H, K, device=dev, generator=g).to(torch.bfloat16)
-             for _ in range(6)]
-    dense[1] = -torch.nn.functional.softplus(dense[1].float()).to(torch.bfloat16) - 0.5
-    s0 = 0.1 * torch.randn(B, H, K, K, device=dev, generator=g)
+    x = make_inputs(B, T, H, K, seed=0)
+    dense = [torch.tensor(x[n], device=dev).to(torch.bfloat16) for n in ("r", "w", "k", "v", "a",
+                                                                          "b")]
+    s0 = torch.tensor(x["initial_state"], dtype=torch.float32, device=dev)
     packed = [x.reshape(1, B * T, H, K) for x in dense]
     cu_host = list(range(0, B * T + 1, T))
     cu_dev = torch.tensor(cu_host, device=dev, dtype=torch.int32)

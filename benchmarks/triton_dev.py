@@ -33,8 +33,6 @@ from rwkv_ops.torch import triton_launcher as launcher
 
 SHAPES = {"S": (8, 4096, 64, 64), "L": (1, 65536, 32, 64)}
 NAMES = ("r", "w", "k", "v", "a", "b")
-# the timed inputs' dtype (--dtype; the protocol's is bf16)
-DTYPE = [torch.bfloat16]
 
 
 def protocol_inputs(B, T, H, K, dtype, seed=0):
@@ -54,16 +52,16 @@ def bench(fn, quick):
     return triton.testing.do_bench(fn, warmup=500, rep=1500, return_mode="median")
 
 
-def time_shape(name, quick):
+def time_shape(name, quick, dtype):
     B, T, H, K = SHAPES[name]
-    xs, s0 = protocol_inputs(B, T, H, K, DTYPE[0])
+    xs, s0 = protocol_inputs(B, T, H, K, dtype)
     def infer():
         with torch.no_grad():
             return launcher.generalized_delta_rule(*xs, s0)
 
     fwd = bench(infer, quick)
     leaves = [x.detach().requires_grad_() for x in xs] + [s0.detach().requires_grad_()]
-    dy = torch.randn(B, T, H, K, device="cuda", dtype=DTYPE[0])
+    dy = torch.randn(B, T, H, K, device="cuda", dtype=dtype)
     ds = torch.randn(B, H, K, K, device="cuda")
 
     def step():
@@ -162,13 +160,13 @@ def kernel_times(step, n=3):
     return times, {k: v // n for k, v in counts.items()}
 
 
-def breakdown(name, step):
+def breakdown(name, step, dtype):
     B, T, H, K = SHAPES[name]
-    cfg = launcher.select_config(K, DTYPE[0], T, B * H,
+    cfg = launcher.select_config(K, dtype, T, B * H,
                                  torch.cuda.get_device_properties(0).multi_processor_count)
     n_seg = math.ceil(math.ceil(T / 16) / cfg.chunks_per_segment)
     times, counts = kernel_times(step)
-    need = kernel_bytes(B, T, H, K, n_seg, DTYPE[0])
+    need = kernel_bytes(B, T, H, K, n_seg, dtype)
     print(f"  per-kernel (shape {name}, fwd+bwd, {n_seg} segment(s), {cfg}):")
     for kname, ms in sorted(times.items(), key=lambda kv: -kv[1]):
         gb = need.get(kname)
@@ -176,11 +174,11 @@ def breakdown(name, step):
         print(f"    {kname:48s} {ms:8.3f} ms  x{counts[kname]}  {bw}")
 
 
-def run_table(quick, label):
+def run_table(quick, label, dtype):
     rows = {}
     for name in SHAPES:
         t0 = time.time()
-        fwd, both, peak, step = time_shape(name, quick)
+        fwd, both, peak, step = time_shape(name, quick, dtype)
         rows[name] = (fwd, both, peak, step)
         print(f"  [{label}] {name}: fwd {fwd:7.3f} ms  fwd+bwd {both:7.3f} ms  peak {peak:5.2f} GiB"
               f"  ({time.time() - t0:.0f}s)", flush=True)
@@ -200,7 +198,7 @@ def main():
                         help="dtype of the timed inputs (the errors are measured for bf16 and "
                              "fp32 either way)")
     args = parser.parse_args()
-    DTYPE[0] = getattr(torch, args.dtype)
+    dtype = getattr(torch, args.dtype)  # of the timed inputs; the protocol's is bf16
     if args.shape:
         SHAPES.clear()
         for spec in args.shape:
@@ -210,22 +208,22 @@ def main():
           f"triton {triton.__version__}, timed inputs {args.dtype}")
 
     if not args.no_errors:
-        for dtype in (torch.bfloat16, torch.float32):
-            errs, digest = errors_at_error_shape(dtype)
+        for checked in (torch.bfloat16, torch.float32):
+            errs, digest = errors_at_error_shape(checked)
             worst = max(errs, key=errs.get)
-            print(f"error {str(dtype):15s} worst {worst}={errs[worst]:.2e}  "
+            print(f"error {str(checked):15s} worst {worst}={errs[worst]:.2e}  "
                   + " ".join(f"{k}={v:.1e}" for k, v in errs.items())
                   + f"  outputs sha256 {digest}", flush=True)
 
         errs = no_grad_errors()
         print(f"error under no_grad (bf16): y {errs['y']:.2e} state {errs['state']:.2e}")
 
-    rows = run_table(args.quick, "default")
+    rows = run_table(args.quick, "default", dtype)
     print("\n| shape | fwd ms | fwd+bwd ms | peak GiB |\n|---|---|---|---|")
     for name, (fwd, both, peak, _) in rows.items():
         print(f"| {name} | {fwd:.3f} | {both:.3f} | {peak:.2f} |")
     for name, (_, _, _, step) in rows.items():
-        breakdown(name, step)
+        breakdown(name, step, dtype)
         times, counts = kernel_times(step.infer)
         print(f"  per-kernel (shape {name}, fwd under no_grad): " + "  ".join(
             f"{k}={v:.3f}x{counts[k]}" for k, v in sorted(times.items(), key=lambda kv: -kv[1])))
@@ -273,7 +271,7 @@ def main():
                                         for k, v in sorted(times.items(), key=lambda kv: -kv[1])
                                         if v > 0.02)
                     if name == "S":
-                        errs = no_grad_errors(DTYPE[0])
+                        errs = no_grad_errors(dtype)
                         print(f"  [{label}] no_grad error: y {errs['y']:.2e} state "
                               f"{errs['state']:.2e}", flush=True)
                     infer_times, _ = kernel_times(rows[name][3].infer)
