@@ -31,6 +31,7 @@ import numpy as np
 NAMES = ("r", "w", "k", "v", "a", "b")
 SHAPE_D = (32, 64, 64)          # B, H, K
 SHAPE_S = (8, 4096, 64, 64)     # B, T, H, K
+SECTIONS = ("decode", "varlen", "inference")  # of the torch part
 
 
 def protocol_numpy(B, T, H, K, seed=0):
@@ -49,7 +50,7 @@ def row(name, value, unit="us", extra=""):
 # PyTorch
 
 
-def torch_part(quick, sections=("decode", "varlen", "inference")):
+def torch_part(quick, sections=SECTIONS):
     import torch
     import triton
 
@@ -384,17 +385,22 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=("torch", "jax", "all"), default="all")
     parser.add_argument("--quick", action="store_true", help="shorter timing loops")
-    parser.add_argument("--sections", default="decode,varlen,inference",
+    parser.add_argument("--sections", default=",".join(SECTIONS),
                         help="comma list of the torch part's sections to run")
     args = parser.parse_args()
+    sections = args.sections.split(",")
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        parser.error(f"--sections: unknown {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
     if args.part == "torch":
-        torch_part(args.quick, args.sections.split(","))
+        torch_part(args.quick, sections)
     elif args.part == "jax":
         jax_part(args.quick)
     else:
         # one framework per process: both would otherwise compete for GPU memory
         for part in ("torch", "jax"):
-            cmd = [sys.executable, __file__, "--part", part] + (["--quick"] if args.quick else [])
+            cmd = [sys.executable, __file__, "--part", part, "--sections", args.sections]
+            cmd += ["--quick"] if args.quick else []
             code = subprocess.call(cmd)
             if code:
                 print(f"part {part} exited with {code}", flush=True)
