@@ -22,11 +22,11 @@ unchanged), and a gradient program of a chunk wholly past the end returns at onc
 import triton
 import triton.language as tl
 
-from .chunk_common import (FLOOR_, L_, PAIRS_, SCALES_, chunk_log_decays, exp_, load_operand,
-                           load_pair_matrices, load_scales, load_tile, prefetch_rows,
-                           prefetch_span, scan_program, segment_start_state, sequence_span,
-                           step_sums, step_validity, store_cast, store_state, tf32, tile_scales,
-                           zero_invalid)
+from .chunk_common import (FLOOR_, L_, PAIRS_, SCALES_, chunk_log_decays, exp_,
+                           joint_row_operands, load_operand, load_pair_matrices, load_scales,
+                           load_tile, prefetch_rows, prefetch_span, row_operand, scan_program,
+                           segment_start_state, sequence_span, step_sums, step_validity,
+                           store_cast, store_operand_rows, tf32, tile_scales, zero_invalid)
 
 
 @triton.jit(do_not_specialize=["T", "H", "BH", "NC", "CPS"])
@@ -67,13 +67,6 @@ def chunk_scan_bwd_kernel(
     if VARLEN:
         # chunks wholly past the sequence's end are identity chunks: skipped, as in the forward
         c_hi = tl.minimum(c_hi, tl.cdiv(T_n, L_))
-    # G is stored as the gradient at the end of chunk c once the step of chunk c + 1 has made it
-    # (or, for the segment's last chunk, before the loop). Stored at the top of the step, as it
-    # is taken, the loop needed 128 registers on sm_90 instead of 126 (one pipeline stage; with
-    # the scales read as scalars it took 130, and 3 programs fitted instead of 4)
-    if SAVE_CKPT:
-        if c_hi > c_lo:
-            store_state(gck_ptr, gks_ptr, bh, NC, c_hi - 1, G, state_tile, vrow, K, PREC)
     for i in range(0, c_hi - c_lo):
         c = c_hi - 1 - i
         t0 = c * L_
@@ -81,28 +74,25 @@ def chunk_scan_bwd_kernel(
         inb = (t0 + rows) < T_n
         cbase = (bh.to(tl.int64) * NC + c) * L_ * K
         # G_prev = G M_c^T + dY^T R2, with M_c^T = diag(dec) + b_bar^T W. The tile scales (powers
-        # of two) multiply b_bar (by W's and its own) and R2, so the products equal the unscaled
-        # tiles' exactly. Each operand is loaded next to its product: in this order the loop
-        # takes 126 registers on sm_90 with one pipeline stage and 128 with the three of K <= 64
-        # (the pipeliner then loads the tiles two chunks ahead into shared memory), 4 programs
-        # per SM (loads first: 161, 3 programs).
+        # of two) multiply the products with b_bar (by W's and its own) and R2, so they equal the
+        # unscaled tiles' exactly; G, X2 and dY are operands scaled per row (``row_operand``).
+        G_o, g_inv = row_operand(G, PREC)
+        if SAVE_CKPT:
+            # the gradient at the end of chunk c, as the products take it
+            store_operand_rows(gck_ptr, gks_ptr, bh, NC, c, G_o, g_inv, state_tile, vrow, K)
         sc = load_scales(sct_ptr + (bh.to(tl.int64) * NC + c) * SCALES_,
                          tl.full([SCALES_], 1, tl.int1))
         s_wb, _s_kc, s_r2 = tile_scales(sc)
-        Bc = tl.load(bt_ptr + cbase + ktile).to(tl.float32) * s_wb
-        X2 = tl.dot(tf32(G, PREC), tl.trans(Bc), input_precision=PREC)
+        Bc = tl.load(bt_ptr + cbase + ktile)
+        X2 = tl.dot(G_o.to(Bc.dtype), tl.trans(Bc), input_precision=PREC) * (g_inv * s_wb)[:, None]
         dec = tl.load(dect_ptr + (bh.to(tl.int64) * NC + c) * K + cols)
-        G = G * dec[None, :]
-        # dy rounded to tf32 also where it is bf16 / fp16, a no-op there (load_operand skips
-        # it): without it this scan measured 1.021 against 0.998 ms (H200, shape S, one call)
         dYt = tl.load(dy_ptr + vt_off + t_off, mask=inb[None, :], other=0.0).to(tl.float32)
-        R2 = tl.load(r2t_ptr + cbase + ktile).to(tl.float32) * s_r2
-        G = tl.dot(tf32(dYt, PREC), R2, G, input_precision=PREC)
-        Wc = tl.load(wt_ptr + cbase + ktile).to(tl.float32)
-        G = tl.dot(tf32(X2, PREC), Wc, G, input_precision=PREC)
-        if SAVE_CKPT:
-            if c > c_lo:
-                store_state(gck_ptr, gks_ptr, bh, NC, c - 1, G, state_tile, vrow, K, PREC)
+        X_o, D_o, p_inv = joint_row_operands(X2, 1.0, dYt, s_r2, PREC)
+        R2 = tl.load(r2t_ptr + cbase + ktile)
+        P = tl.dot(D_o.to(R2.dtype), R2, input_precision=PREC)
+        Wc = tl.load(wt_ptr + cbase + ktile)
+        P = tl.dot(X_o.to(Wc.dtype), Wc, P, input_precision=PREC)
+        G = G * dec[None, :] + P * p_inv[:, None]
 
     if WRITE_END:
         ep = gend_ptr + bh.to(tl.int64) * gend_sbh + seg.to(tl.int64) * gend_ss + state_tile

@@ -191,6 +191,46 @@ def _pow2_scales(biggest):
 
 
 @triton.jit
+def row_operand(x, PREC: tl.constexpr):
+    """(x_op, inv): x ([R, N] fp32) as a product operand, and the inverse scale of each of its rows
+    ([R] fp32), so that a product x_op @ B equals (x @ B) * inv[:, None].
+
+    tf32 mode: fp16, each row multiplied by the power of two that puts its largest magnitude in
+    [2^14, 2^15) (``_pow2_scales``). The conversion rounds to 10 mantissa bits as the tf32
+    rounding does (ties to even), so the products are those of tf32 operands; an fp16 product
+    runs at twice the rate, packs two values per register, and takes a product's result as the
+    next one's operand without a trip through shared memory. Entries more than 2^28 below their
+    row's largest keep fewer bits (``store_scaled``). ieee mode: x itself, inverse scale 1.
+    """
+    if PREC == "tf32":
+        up, inv = _pow2_scales(tl.max(tl.abs(x), axis=1))
+        xo = (x * up[:, None]).to(tl.float16)
+    else:
+        xo = x
+        inv = tl.full([x.shape[0]], 1.0, tl.float32)
+    return xo, inv
+
+
+@triton.jit
+def joint_row_operands(x, fx, y, fy, PREC: tl.constexpr):
+    """(x_op, y_op, inv): ``row_operand`` of x * fx and y * fy ([R, N] fp32 each; fx, fy fp32
+    scalars or [R, 1]) with one scale per row for both, so that x_op @ Bx + y_op @ By, accumulated
+    in one product, equals (x @ Bx * fx + y @ By * fy) * inv[:, None]."""
+    xs = x * fx
+    ys = y * fy
+    if PREC == "tf32":
+        biggest = tl.maximum(tl.max(tl.abs(xs), axis=1), tl.max(tl.abs(ys), axis=1))
+        up, inv = _pow2_scales(biggest)
+        xo = (xs * up[:, None]).to(tl.float16)
+        yo = (ys * up[:, None]).to(tl.float16)
+    else:
+        xo = xs
+        yo = ys
+        inv = tl.full([x.shape[0]], 1.0, tl.float32)
+    return xo, yo, inv
+
+
+@triton.jit
 def store_scaled(ptr, x, scale_ptr, mask, chunk_ok, FULL: tl.constexpr):
     """Store a prep tile x ([G, CHUNK, N] fp32, tf32-rounded in tf32 mode) of G chunks in ptr's
     dtype, and each chunk's inverse scale at scale_ptr ([G] pointers; chunk_ok [G] masks them).
@@ -247,21 +287,14 @@ def load_pair_matrices(ptrs):
 
 
 @triton.jit
-def store_state(ptr, scale_ptr, bh, NC, c, X, state_tile, vrow, K: tl.constexpr,
-                PREC: tl.constexpr):
-    """Store rows vrow of a chunk's state (or state gradient) X ([BV, K] fp32) as the gradient
-    kernel's products use it (tf32-rounded in tf32 mode) at ptr ([B*H, NC, K, K], chunk c of
-    sequence bh; state_tile: the rows' offsets in a [K, K] matrix), with one inverse scale per row
-    at scale_ptr ([B*H, NC, K] fp32). fp16 buffer: as ``store_scaled``, a power of two per row,
-    and rounded by the conversion itself, to nearest with ties to even (``store_rounded``);
-    fp32 buffer: ``tf32_even`` (the same values), scale 1."""
+def store_operand_rows(ptr, scale_ptr, bh, NC, c, X_o, inv, state_tile, vrow, K: tl.constexpr):
+    """Store a state's rows as ``row_operand`` made them (X_o [BV, K] and their inverse scales inv
+    [BV]) as chunk c's checkpoint of sequence bh: X_o in ptr's dtype at ptr ([B*H, NC, K, K];
+    state_tile: the rows' offsets in a [K, K] matrix), inv at scale_ptr ([B*H, NC, K] fp32). The
+    gradient kernel's products take the checkpoint as stored and multiply by inv, so they see the
+    values the scan's products saw (an fp32 buffer holds them as well, scaled)."""
     chunk = bh.to(tl.int64) * NC + c
-    if ptr.dtype.element_ty == tl.float16:
-        up, inv = _pow2_scales(tl.max(tl.abs(X), axis=1))
-        tl.store(ptr + chunk * K * K + state_tile, (X * up[:, None]).to(tl.float16))
-    else:
-        inv = tl.full(vrow.shape, 1.0, tl.float32)
-        tl.store(ptr + chunk * K * K + state_tile, tf32_even(X, PREC))
+    tl.store(ptr + chunk * K * K + state_tile, X_o.to(ptr.dtype.element_ty))
     tl.store(scale_ptr + chunk * K + vrow, inv)
 
 

@@ -18,8 +18,8 @@ So the forward is two kernels:
   reads instead of computing them again.
 * ``chunk_scan_fwd_kernel``: the serial part, reduced to five small products per chunk. A program
   owns BV value rows of S for one segment of chunks (rows of S are independent). It writes o, the
-  final state and, for the backward, the state entering every chunk (``store_state``: fp16
-  scaled per row with tf32 products, fp32 otherwise).
+  final state and, for the backward, the state entering every chunk as its products took it
+  (``row_operand``: fp16 scaled per row with tf32 products, fp32 otherwise).
 
 For few (batch, head) pairs the sequence is cut into segments (s.7): a LOCAL scan gives every
 segment's state from zero (rows 0..K-1) and its transition M (from S = I with v = 0, rows K..2K-1),
@@ -43,10 +43,11 @@ import triton
 import triton.language as tl
 
 from .chunk_common import (L_, PAIRS_, SCALE_B_, SCALE_KC_, SCALE_R2_, SCALE_W_, SCALES_,
-                           chunk_log2_decays, exp2_, load_f32, load_scales, prefetch_tile,
-                           scan_program, segment_start_state, sequence_span, store_cast,
-                           store_pair_matrices, store_rounded, store_scaled, store_state, tf32,
-                           tile_scales, unit_lower_inverse, zero_invalid)
+                           chunk_log2_decays, exp2_, joint_row_operands, load_f32, load_scales,
+                           prefetch_tile, row_operand, scan_program, segment_start_state,
+                           sequence_span, store_cast, store_pair_matrices, store_rounded,
+                           store_operand_rows, store_scaled, tf32, tile_scales, unit_lower_inverse,
+                           zero_invalid)
 
 
 @triton.jit(do_not_specialize=["T", "H", "BH", "NC"])
@@ -209,7 +210,7 @@ def chunk_scan_fwd_kernel(
     init: the state entering each segment at init + b * init_sb + h * init_sh + segment * init_ss
     ([K, K] row-major, any float dtype; zero without HAS_INIT). y: like v. ckpt: [B*H, NC, K, K],
     the state entering every chunk as the products use it (SAVE_CKPT), fp16 scaled per row in
-    tf32 mode (``store_state``; the rows' inverse scales in cks, fp32 [B*H, NC, K]) or fp32.
+    tf32 mode (``store_operand_rows``; the rows' inverse scales in cks, fp32 [B*H, NC, K]) or fp32.
     send / mend: end state (LOCAL: and M) at ptr + bh * send_sbh + segment * send_ss; without
     LOCAL only the last segment writes.
     VARLEN: packed sequences (cu, as in the prep kernel); y is written at the sequence's own steps
@@ -255,13 +256,6 @@ def chunk_scan_fwd_kernel(
     # 0.890 ms).
     if not SAVE_CKPT:
         s_wb_next, s_kc_next, s_r2_next = tile_scales(sc_next)
-    # the state entering chunk c is stored once the step of chunk c - 1 has made it (the first
-    # before the loop): stored at the top of the step, where the products take it, the loop
-    # needs 244 registers on sm_90 instead of 168. (The fp16 store rounds the state itself, so
-    # the next step's rounding for its products is the only one.)
-    if SAVE_CKPT:
-        if c_lo < c_end:
-            store_state(ckpt_ptr, cks_ptr, bh, NC, c_lo, S, state_tile, vrow, K, PREC)
     for c in range(c_lo, c_end):
         t0 = c * L_
         t_off = t0.to(tl.int64) * stride_t  # 64-bit: T * H * K may pass 2^31
@@ -276,9 +270,9 @@ def chunk_scan_fwd_kernel(
                 if WRITE_Y:
                     prefetch_tile(r2t_ptr, bh, NC, c_ahead, K)
                     prefetch_tile(qct_ptr, bh, NC, c_ahead, L_)
-        Wc = tl.load(wt_ptr + cbase + ktile).to(tl.float32)
-        Bc = tl.load(bt_ptr + cbase + ktile).to(tl.float32)
-        Kc = tl.load(kct_ptr + cbase + ktile).to(tl.float32)
+        Wc = tl.load(wt_ptr + cbase + ktile)
+        Bc = tl.load(bt_ptr + cbase + ktile)
+        Kc = tl.load(kct_ptr + cbase + ktile)
         dec = dec_next
         if SAVE_CKPT:
             s_wb, s_kc, s_r2 = tile_scales(sc_next)
@@ -295,21 +289,23 @@ def chunk_scan_fwd_kernel(
         if LOCAL:
             Vt = Vt * v_scale
 
-        S_r = tf32(S, PREC)
+        # the state as an operand: scaled per row (fp16 in tf32 mode, see row_operand)
+        S_o, s_inv = row_operand(S, PREC)
+        if SAVE_CKPT:
+            # the state entering chunk c, as the products take it (the gradient kernel's S0)
+            store_operand_rows(ckpt_ptr, cks_ptr, bh, NC, c, S_o, s_inv, state_tile, vrow, K)
         if WRITE_Y:
-            R2 = tl.load(r2t_ptr + cbase + ktile).to(tl.float32)
+            R2 = tl.load(r2t_ptr + cbase + ktile)
             Qc = tl.load(qct_ptr + (bh.to(tl.int64) * NC + c) * L_ * L_ + qtile)
-            Yt = tl.dot(S_r, tl.trans(R2), input_precision=PREC) * s_r2
+            Yt = tl.dot(S_o.to(R2.dtype), tl.trans(R2), input_precision=PREC) * (s_inv * s_r2)[:, None]
             Yt = tl.dot(Vt, tl.trans(Qc), Yt, input_precision=PREC)
             tl.store(y_ptr + vt_off + t_off, Yt.to(y_ptr.dtype.element_ty), mask=inb[None, :])
         # the scales are powers of two: every product below equals the unscaled tiles' exactly
-        X1 = tl.dot(S_r, tl.trans(Wc), input_precision=PREC) * s_wb
-        S = S * dec[None, :]
-        S = tl.dot(Vt * s_kc, Kc, S, input_precision=PREC)
-        S = tl.dot(tf32(X1, PREC), Bc, S, input_precision=PREC)
-        if SAVE_CKPT:
-            if c + 1 < c_end:
-                store_state(ckpt_ptr, cks_ptr, bh, NC, c + 1, S, state_tile, vrow, K, PREC)
+        X1 = tl.dot(S_o.to(Wc.dtype), tl.trans(Wc), input_precision=PREC) * (s_inv * s_wb)[:, None]
+        X_o, V_o, p_inv = joint_row_operands(X1, 1.0, Vt, s_kc, PREC)
+        P = tl.dot(V_o.to(Kc.dtype), Kc, input_precision=PREC)
+        P = tl.dot(X_o.to(Bc.dtype), Bc, P, input_precision=PREC)
+        S = S * dec[None, :] + P * p_inv[:, None]
 
     if WRITE_END:
         ep = bh.to(tl.int64) * send_sbh + seg.to(tl.int64) * send_ss + state_tile

@@ -86,10 +86,14 @@ def chunk_config(K: int, dtype: str, T: int, BH: int,
     # kernel up to K = 64. The gradient kernel at K = 128 loops over 32 value rows at a time on 4
     # warps (H200, B=8 T=4096 H=32 K=128: 16.7 ms, against 35.0 for 64 rows on 8 warps and 23.6
     # for 32 rows on 8 warps).
-    # forward scan: 32 value rows on 2 warps per program (twice the programs of 64 rows on 4
-    # warps; H200, shape S: 1.77 vs 1.86 ms with checkpoints, L: 3.55 vs 3.71 ms; H100, B=8 T=4096
-    # H=32 K=128: 2.57 vs 3.40 ms). State-gradient scan: 64 rows on 4 warps up to K = 64, 32 rows
-    # on 2 warps at K = 128 (227 registers on 4 warps there; H100, same shape: 2.82 vs 3.10 ms).
+    # forward scan with tf32 products: 64 value rows on 4 warps per program at K = 64 (its
+    # operands fp16 scaled per row, chunk_common.row_operand; H200, shape S: no_grad scan 0.70
+    # against 0.94 ms for 32 rows on 2 warps, 0.98 against 1.09 with checkpoints; L fwd 2.73
+    # against 3.55 ms). With the earlier tf32 operands 32 rows on 2 warps were faster (H200, S:
+    # 1.77 vs 1.86 ms with checkpoints; H100, B=8 T=4096 H=32 K=128: 2.57 vs 3.40 ms), which
+    # K = 128 and K = 32 keep (not re-measured). State-gradient scan: 64 rows on 4 warps up to
+    # K = 64, 32 rows on 2 warps at K = 128 (227 registers on 4 warps there; H100, same shape:
+    # 2.82 vs 3.10 ms).
     small = K <= 64
     # True fp32 products ("ieee", fp32 inputs) run on the FMA units and hold more per thread than
     # tf32 ones: with the tf32 tiles, ptxas (sm_90) gives the fp32 forward scan and gradient
@@ -104,10 +108,14 @@ def chunk_config(K: int, dtype: str, T: int, BH: int,
         bv_bwd = 32 if small else 16
     else:
         bv_bwd = K if small else 32
+    if ieee:
+        bv_fwd = min(K, 32) if small else 16
+    else:
+        bv_fwd = 64 if K == 64 else min(K, 32)
     return ChunkConfig(
         precision=precision,
-        bv_fwd=16 if ieee and not small else min(K, 32),
-        warps_fwd=2,
+        bv_fwd=bv_fwd,
+        warps_fwd=4 if bv_fwd == 64 else 2,
         # three stages of the forward scan's tile prefetch up to K = 64 (H100, shape S: scan 1.83
         # vs 2.00 ms, L fwd 4.28 vs 4.62 ms)
         stages_fwd=1 if ieee else 3 if small else 2,

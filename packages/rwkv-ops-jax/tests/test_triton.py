@@ -198,9 +198,8 @@ def test_whole_and_tail_chunks(T, mask):
 
 def test_fp16_storage_matches_fp32(monkeypatch):
     """bf16 inputs (tf32 products): the prep tiles and the checkpoints stored as fp16 scaled by
-    powers of two (configs.tile_dtype) give the outputs and gradients of fp32 storage, bit for
-    bit under the interpreter and up to the tensor cores' accumulation order when compiled
-    (``assert_same_storage_results``)."""
+    powers of two (configs.tile_dtype) give the outputs and gradients of fp32 storage up to the
+    order of the products' sums (``assert_same_storage_results``)."""
     x = make_inputs(2, 300 if GPU else 40, 2, 32, seed=SEED)
     do, ds = make_cotangents((2, x["r"].shape[1], 2, 32), (2, 2, 32, 32), seed=SEED)
     configs = triton_launcher._configs()
@@ -211,8 +210,7 @@ def test_fp16_storage_matches_fp32(monkeypatch):
         results.append([o, s, *g])
     names = ["o", "final_state"] + ["d" + n for n in NAMES] + ["dinitial_state"]
     for name, first, second in zip(names, *results):
-        assert_same_storage_results(name, first, second, exact=not GPU,
-                                    fp32=name in ("final_state", "dinitial_state"), seed=SEED)
+        assert_same_storage_results(name, first, second, fp32=name in ("final_state", "dinitial_state"), seed=SEED)
 
 
 def test_transformations():

@@ -201,8 +201,8 @@ def test_deterministic(request):
 def test_fp16_storage_matches_fp32(dtype, monkeypatch, request):
     """With tf32 products the prep tiles and the state checkpoints are stored as fp16 scaled by
     powers of two (configs.tile_dtype); stored as fp32 instead, every output and gradient comes
-    out bit for bit the same under the interpreter, and the same up to the accumulation order of
-    the GPU's tensor cores when compiled (``assert_same_storage_results`` says how close)."""
+    out the same up to the order of the products' sums (``assert_same_storage_results`` says how
+    close)."""
     seed = _seed(request)
     x = make_inputs(2, 300 if HAS_CUDA else 40, 2, 32, seed=seed)
     do, dsT = make_cotangents((2, x["r"].shape[1], 2, 32), (2, 2, 32, 32), seed=seed)
@@ -220,8 +220,7 @@ def test_fp16_storage_matches_fp32(dtype, monkeypatch, request):
         results.append([o, final, *grads])
     for name, first, second in zip(("y", "state") + GRAD_NAMES, *results):
         assert_same_storage_results(name, first.detach().double().cpu().numpy(),
-                                    second.detach().double().cpu().numpy(), exact=not HAS_CUDA,
-                                    fp32=name in ("state", "ds0"), seed=seed)
+                                    second.detach().double().cpu().numpy(), fp32=name in ("state", "ds0"), seed=seed)
 
 
 def test_empty_sequence():

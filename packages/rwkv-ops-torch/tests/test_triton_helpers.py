@@ -52,6 +52,22 @@ def _roundings_kernel(x_ptr, away_ptr, even_ptr, N: tl.constexpr):
     tl.store(even_ptr + offs, cc.tf32_even(x, "tf32"))
 
 
+@triton.jit
+def _row_operand_kernel(x_ptr, y_ptr, fy, xo_ptr, inv_ptr, jx_ptr, jy_ptr, jinv_ptr,
+                        R: tl.constexpr, N: tl.constexpr, PREC: tl.constexpr):
+    rows = tl.arange(0, R)
+    tile = rows[:, None] * N + tl.arange(0, N)[None, :]
+    x = tl.load(x_ptr + tile)
+    y = tl.load(y_ptr + tile)
+    xo, inv = cc.row_operand(x, PREC)
+    tl.store(xo_ptr + tile, xo.to(tl.float32))
+    tl.store(inv_ptr + rows, inv)
+    jx, jy, jinv = cc.joint_row_operands(x, 1.0, y, fy, PREC)
+    tl.store(jx_ptr + tile, jx.to(tl.float32))
+    tl.store(jy_ptr + tile, jy.to(tl.float32))
+    tl.store(jinv_ptr + rows, jinv)
+
+
 def _tf32_np(x: np.ndarray, ties_even: bool) -> np.ndarray:
     """x (float32) rounded to 10 mantissa bits in numpy: ties away from zero, or to even."""
     bits = x.view(np.uint32).astype(np.uint64)
@@ -121,3 +137,51 @@ def test_tf32_roundings(request):
     normal = (np.abs(x) >= 2.0 ** -14) & (np.abs(x) < 65504)
     as_fp16 = torch.tensor(x[normal]).to(torch.float16).to(torch.float32).numpy()
     assert np.array_equal(even[normal], as_fp16), f"seed={seed}: tf32_even against fp16"
+
+
+def test_row_operands(request):
+    """row_operand (tf32 mode) gives fp16 rows scaled by powers of two whose largest magnitude
+    lies in [2^14, 2^15), and times the inverse scale they are the tf32 rounding (ties to even)
+    of every entry within 2^28 of its row's largest, over rows 40 decades apart (an unscaled
+    fp16 conversion overflows or flushes most of them). joint_row_operands scales two operands
+    (the second times a factor) by one power of two per row. ieee mode: the values as they are."""
+    seed = _seed(request)
+    rng = np.random.default_rng(seed)
+    R, N = 16, 64
+    row_mag = 10.0 ** rng.uniform(-20, 20, (R, 1))
+    x = (rng.standard_normal((R, N)) * row_mag).astype(np.float32)
+    x[0, :8] = 0.0                     # zeros stay zeros
+    y = (rng.standard_normal((R, N)) * row_mag * 10.0 ** rng.uniform(-3, 3, (R, 1))).astype(
+        np.float32)
+    fy = 2.0 ** -7
+    for prec in ("tf32", "ieee"):
+        outs = [torch.full((R, N), float("nan"), device=DEVICE) for _ in range(3)]
+        invs = [torch.full((R,), float("nan"), device=DEVICE) for _ in range(2)]
+        _row_operand_kernel[(1,)](torch.tensor(x, device=DEVICE), torch.tensor(y, device=DEVICE),
+                                  fy, outs[0], invs[0], outs[1], outs[2], invs[1], R=R, N=N,
+                                  PREC=prec)
+        xo, jx, jy = (o.cpu().numpy() for o in outs)
+        inv, jinv = (i.cpu().numpy() for i in invs)
+        if prec == "ieee":
+            assert np.array_equal(xo, x) and np.all(inv == 1.0), f"seed={seed}: ieee row_operand"
+            assert np.array_equal(jx, x) and np.array_equal(jy, y * np.float32(fy))
+            assert np.all(jinv == 1.0), f"seed={seed}: ieee joint_row_operands"
+            continue
+        for name, op, scale, want, biggest in (
+                ("row_operand", xo, inv, x, np.abs(x).max(axis=1)),
+                ("joint x", jx, jinv, x, np.maximum(np.abs(x).max(axis=1),
+                                                    np.abs(y * fy).max(axis=1))),
+                ("joint y", jy, jinv, (y * np.float32(fy)).astype(np.float32),
+                 np.maximum(np.abs(x).max(axis=1), np.abs(y * fy).max(axis=1)))):
+            assert np.all(np.log2(inv) == np.round(np.log2(inv))), f"seed={seed}: {name} scale"
+            assert np.all(np.isfinite(op)), f"seed={seed}: {name} overflowed"
+            top = np.abs(op).max(axis=1)
+            if name.startswith("joint"):
+                top = np.maximum(np.abs(jx).max(axis=1), np.abs(jy).max(axis=1))
+            assert np.all((top >= 2.0 ** 14) & (top < 2.0 ** 15)), f"seed={seed}: {name} range"
+            kept = np.abs(want) >= biggest[:, None] * 2.0 ** -28
+            back = op.astype(np.float64) * scale[:, None]
+            assert np.array_equal(back[kept], _tf32_np(want, ties_even=True)[kept]), (
+                f"seed={seed}: {name} is not the tf32 rounding")
+            if name != "joint y":
+                assert np.all(back[0, :8] == 0.0), f"seed={seed}: {name} zeros"
