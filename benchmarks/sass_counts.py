@@ -39,13 +39,14 @@ COMMON = dict(K=64, PREC="tf32", VARLEN=False)
 KERNELS = {
     "prep": (chunk_fwd.chunk_prep_kernel, 1, 3,
              dict(G=1, HAS_MASK=False, PREC_INV="tf32", FULL=True, SAVE_PAIRS=True)),
-    "scan_fwd": (chunk_fwd.chunk_scan_fwd_kernel, 2, 3,
-                 dict(BV=32, HAS_INIT=True, LOCAL=False, WRITE_Y=True, SAVE_CKPT=True,
-                      WRITE_END=True, PREFETCH=SHAPE_S.prefetch_fwd)),
-    "scan_bwd": (chunk_bwd.chunk_scan_bwd_kernel, 4, 3,
-                 dict(BV=64, HAS_INIT=True, LOCAL=False, SAVE_CKPT=True, WRITE_END=True)),
-    "bwd": (chunk_bwd.chunk_bwd_kernel, 4, 1,
-            dict(BV=64, HAS_MASK=False, FULL=True, PREFETCH=SHAPE_S.prefetch_bwd)),
+    "scan_fwd": (chunk_fwd.chunk_scan_fwd_kernel, SHAPE_S.warps_fwd, SHAPE_S.stages_fwd,
+                 dict(BV=SHAPE_S.bv_fwd, HAS_INIT=True, LOCAL=False, WRITE_Y=True,
+                      SAVE_CKPT=True, WRITE_END=True, PREFETCH=SHAPE_S.prefetch_fwd)),
+    "scan_bwd": (chunk_bwd.chunk_scan_bwd_kernel, SHAPE_S.warps_state, SHAPE_S.stages_state,
+                 dict(BV=SHAPE_S.bv_state, HAS_INIT=True, LOCAL=False, SAVE_CKPT=True,
+                      WRITE_END=True)),
+    "bwd": (chunk_bwd.chunk_bwd_kernel, SHAPE_S.warps_bwd, SHAPE_S.stages_bwd,
+            dict(BV=SHAPE_S.bv_bwd, HAS_MASK=False, FULL=True, PREFETCH=SHAPE_S.prefetch_bwd)),
 }
 
 

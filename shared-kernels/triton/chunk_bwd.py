@@ -87,7 +87,7 @@ def chunk_scan_bwd_kernel(
         X2 = tl.dot(G_o.to(Bc.dtype), tl.trans(Bc), input_precision=PREC) * (g_inv * s_wb)[:, None]
         dec = tl.load(dect_ptr + (bh.to(tl.int64) * NC + c) * K + cols)
         dYt = tl.load(dy_ptr + vt_off + t_off, mask=inb[None, :], other=0.0).to(tl.float32)
-        X_o, D_o, p_inv = joint_row_operands(X2, 1.0, dYt, s_r2, PREC)
+        X_o, D_o, p_inv = joint_row_operands(X2, dYt, s_r2, PREC)
         R2 = tl.load(r2t_ptr + cbase + ktile)
         P = tl.dot(D_o.to(R2.dtype), R2, input_precision=PREC)
         Wc = tl.load(wt_ptr + cbase + ktile)

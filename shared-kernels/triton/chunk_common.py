@@ -212,19 +212,18 @@ def row_operand(x, PREC: tl.constexpr):
 
 
 @triton.jit
-def joint_row_operands(x, fx, y, fy, PREC: tl.constexpr):
-    """(x_op, y_op, inv): ``row_operand`` of x * fx and y * fy ([R, N] fp32 each; fx, fy fp32
-    scalars or [R, 1]) with one scale per row for both, so that x_op @ Bx + y_op @ By, accumulated
-    in one product, equals (x @ Bx * fx + y @ By * fy) * inv[:, None]."""
-    xs = x * fx
+def joint_row_operands(x, y, fy, PREC: tl.constexpr):
+    """(x_op, y_op, inv): ``row_operand`` of x and of y * fy ([R, N] fp32 each; fy an fp32 scalar)
+    with one scale per row for both, so that x_op @ Bx + y_op @ By, accumulated in one product,
+    equals (x @ Bx + y @ By * fy) * inv[:, None]."""
     ys = y * fy
     if PREC == "tf32":
-        biggest = tl.maximum(tl.max(tl.abs(xs), axis=1), tl.max(tl.abs(ys), axis=1))
+        biggest = tl.maximum(tl.max(tl.abs(x), axis=1), tl.max(tl.abs(ys), axis=1))
         up, inv = _pow2_scales(biggest)
-        xo = (xs * up[:, None]).to(tl.float16)
+        xo = (x * up[:, None]).to(tl.float16)
         yo = (ys * up[:, None]).to(tl.float16)
     else:
-        xo = xs
+        xo = x
         yo = ys
         inv = tl.full([x.shape[0]], 1.0, tl.float32)
     return xo, yo, inv

@@ -297,12 +297,13 @@ def chunk_scan_fwd_kernel(
         if WRITE_Y:
             R2 = tl.load(r2t_ptr + cbase + ktile)
             Qc = tl.load(qct_ptr + (bh.to(tl.int64) * NC + c) * L_ * L_ + qtile)
-            Yt = tl.dot(S_o.to(R2.dtype), tl.trans(R2), input_precision=PREC) * (s_inv * s_r2)[:, None]
+            Yt = (tl.dot(S_o.to(R2.dtype), tl.trans(R2), input_precision=PREC)
+                  * (s_inv * s_r2)[:, None])
             Yt = tl.dot(Vt, tl.trans(Qc), Yt, input_precision=PREC)
             tl.store(y_ptr + vt_off + t_off, Yt.to(y_ptr.dtype.element_ty), mask=inb[None, :])
         # the scales are powers of two: every product below equals the unscaled tiles' exactly
         X1 = tl.dot(S_o.to(Wc.dtype), tl.trans(Wc), input_precision=PREC) * (s_inv * s_wb)[:, None]
-        X_o, V_o, p_inv = joint_row_operands(X1, 1.0, Vt, s_kc, PREC)
+        X_o, V_o, p_inv = joint_row_operands(X1, Vt, s_kc, PREC)
         P = tl.dot(V_o.to(Kc.dtype), Kc, input_precision=PREC)
         P = tl.dot(X_o.to(Bc.dtype), Bc, P, input_precision=PREC)
         S = S * dec[None, :] + P * p_inv[:, None]

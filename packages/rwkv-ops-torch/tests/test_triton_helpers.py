@@ -62,7 +62,7 @@ def _row_operand_kernel(x_ptr, y_ptr, fy, xo_ptr, inv_ptr, jx_ptr, jy_ptr, jinv_
     xo, inv = cc.row_operand(x, PREC)
     tl.store(xo_ptr + tile, xo.to(tl.float32))
     tl.store(inv_ptr + rows, inv)
-    jx, jy, jinv = cc.joint_row_operands(x, 1.0, y, fy, PREC)
+    jx, jy, jinv = cc.joint_row_operands(x, y, fy, PREC)
     tl.store(jx_ptr + tile, jx.to(tl.float32))
     tl.store(jy_ptr + tile, jy.to(tl.float32))
     tl.store(jinv_ptr + rows, jinv)
