@@ -57,10 +57,13 @@ def run_case(seed, B, T, H, K, dtype=torch.float32, decays="model", mask=None, h
              initial_state=True, state_batch=None, output_final_state=True, dfinal=True,
              scales=None):
     """Kernel forward + backward vs the float64 reference; returns {name: relative error}.
-    scales: {input name: factor} applied to the drawn inputs."""
+    scales: {input name: factor} applied to the drawn inputs ("do" and "dfinal_state": to the
+    cotangents)."""
     x = make_inputs(B, T, H, K, seed=seed, decays=decays, initial_state=initial_state,
                     state_batch=state_batch, head_first=head_first, mask=mask)
-    for name, factor in (scales or {}).items():
+    scales = dict(scales or {})
+    do_scale, dfinal_scale = scales.pop("do", 1.0), scales.pop("dfinal_state", 1.0)
+    for name, factor in scales.items():
         x[name] = x[name] * factor
     ts = [torch.tensor(x[n], dtype=dtype, device=DEVICE, requires_grad=True) for n in NAMES]
     s0 = None
@@ -73,6 +76,7 @@ def run_case(seed, B, T, H, K, dtype=torch.float32, decays="model", mask=None, h
     y_ref, s_ref = generalized_delta_rule_reference(*rounded, x["initial_state"], True, head_first,
                                                     mask=x["mask"])
     do, dsT = make_cotangents(o.shape, (B, H, K, K), seed=seed)
+    do, dsT = do * do_scale, dsT * dfinal_scale
     errors = {"y": rel_error(o.detach().double().cpu().numpy(), y_ref)}
     assert o.dtype == dtype and o.shape == ts[0].shape
     if output_final_state:
@@ -118,13 +122,14 @@ def test_dtypes_and_decays(dtype, decays, poison_empty, request):
 
 @pytest.mark.parametrize("factor", [2.0 ** 16, 2.0 ** -20])
 def test_input_magnitudes(factor, poison_empty, request):
-    """r, k, a and the initial state scaled by the factor and b by its inverse: the prep tiles and
-    the state checkpoints (fp16 with tf32 products, scaled by a power of two per chunk or row)
-    then lie far outside fp16's range without their scales (above 65504, or in its
-    subnormals)."""
+    """r, k, a, v, the initial state and the cotangents scaled by the factor and b by its
+    inverse: the prep tiles, the state checkpoints and the scans' product operands (the state,
+    v, dy: fp16 with tf32 products, scaled by a power of two per chunk or row) then lie far
+    outside fp16's range without their scales (above 65504, or in its subnormals)."""
     seed = _seed(request)
     T = 300 if HAS_CUDA else 33
-    scales = dict(r=factor, k=factor, a=factor, b=1.0 / factor, initial_state=factor)
+    scales = dict(r=factor, k=factor, a=factor, v=factor, b=1.0 / factor, initial_state=factor,
+                  do=factor, dfinal_state=factor)
     check(run_case(seed, 2, T, 2, 32, torch.bfloat16, scales=scales),
           TOL[torch.bfloat16, "model"], seed)
 
