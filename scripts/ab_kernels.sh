@@ -44,7 +44,8 @@ compile_check() {
     log=$(mktemp)
     if (cd "$1" && PYTHONPATH=$(ls -d "$PWD"/packages/*/src | paste -sd:) \
             uv run --project "$ROOT" --with "triton==$GPU_TRITON" python -m pytest -q \
-            -p no:cacheprovider packages/rwkv-ops-torch/tests/test_kernel_builds.py) > "$log" 2>&1; then
+            -p no:cacheprovider packages/rwkv-ops-torch/tests/test_kernel_builds.py) \
+            > "$log" 2>&1; then
         rm -f "$log"
     else
         grep -E "FAIL|Error|error" "$log" | cut -c1-300 | head -20

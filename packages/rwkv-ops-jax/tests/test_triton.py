@@ -210,7 +210,8 @@ def test_fp16_storage_matches_fp32(monkeypatch):
         results.append([o, s, *g])
     names = ["o", "final_state"] + ["d" + n for n in NAMES] + ["dinitial_state"]
     for name, first, second in zip(names, *results):
-        assert_same_storage_results(name, first, second, fp32=name in ("final_state", "dinitial_state"), seed=SEED)
+        assert_same_storage_results(name, first, second,
+                                    fp32=name in ("final_state", "dinitial_state"), seed=SEED)
 
 
 def test_transformations():

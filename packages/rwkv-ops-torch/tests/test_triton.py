@@ -225,7 +225,8 @@ def test_fp16_storage_matches_fp32(dtype, monkeypatch, request):
         results.append([o, final, *grads])
     for name, first, second in zip(("y", "state") + GRAD_NAMES, *results):
         assert_same_storage_results(name, first.detach().double().cpu().numpy(),
-                                    second.detach().double().cpu().numpy(), fp32=name in ("state", "ds0"), seed=seed)
+                                    second.detach().double().cpu().numpy(),
+                                    fp32=name in ("state", "ds0"), seed=seed)
 
 
 def test_empty_sequence():

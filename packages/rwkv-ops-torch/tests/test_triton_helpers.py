@@ -167,17 +167,16 @@ def test_row_operands(request):
             assert np.array_equal(jx, x) and np.array_equal(jy, y * np.float32(fy))
             assert np.all(jinv == 1.0), f"seed={seed}: ieee joint_row_operands"
             continue
-        for name, op, scale, want, biggest in (
-                ("row_operand", xo, inv, x, np.abs(x).max(axis=1)),
-                ("joint x", jx, jinv, x, np.maximum(np.abs(x).max(axis=1),
-                                                    np.abs(y * fy).max(axis=1))),
-                ("joint y", jy, jinv, (y * np.float32(fy)).astype(np.float32),
-                 np.maximum(np.abs(x).max(axis=1), np.abs(y * fy).max(axis=1)))):
-            assert np.all(np.log2(inv) == np.round(np.log2(inv))), f"seed={seed}: {name} scale"
+        yf = (y * np.float32(fy)).astype(np.float32)
+        # the largest magnitude of each row, before and after scaling (joint: over both operands)
+        joint = np.maximum(np.abs(x).max(axis=1), np.abs(yf).max(axis=1))
+        joint_top = np.maximum(np.abs(jx).max(axis=1), np.abs(jy).max(axis=1))
+        for name, op, scale, want, biggest, top in (
+                ("row_operand", xo, inv, x, np.abs(x).max(axis=1), np.abs(xo).max(axis=1)),
+                ("joint x", jx, jinv, x, joint, joint_top),
+                ("joint y", jy, jinv, yf, joint, joint_top)):
+            assert np.all(np.log2(scale) == np.round(np.log2(scale))), f"seed={seed}: {name} scale"
             assert np.all(np.isfinite(op)), f"seed={seed}: {name} overflowed"
-            top = np.abs(op).max(axis=1)
-            if name.startswith("joint"):
-                top = np.maximum(np.abs(jx).max(axis=1), np.abs(jy).max(axis=1))
             assert np.all((top >= 2.0 ** 14) & (top < 2.0 ** 15)), f"seed={seed}: {name} range"
             kept = np.abs(want) >= biggest[:, None] * 2.0 ** -28
             back = op.astype(np.float64) * scale[:, None]
