@@ -4,7 +4,7 @@ cuobjdump).
 
     python3 benchmarks/sass_counts.py                    # the four kernels at K = 64, bf16, FULL
     python3 benchmarks/sass_counts.py prep G=2 warps=2   # one kernel, constexprs changed
-    python3 benchmarks/sass_counts.py bwd K=128 BV=64 warps=8 FULL=False
+    python3 benchmarks/sass_counts.py bwd K=128 KB=16 warps=8 FULL=False
     python3 benchmarks/sass_counts.py scan_fwd maxnreg=128  # a register cap (torch launch option)
 
 Kernels: prep, scan_fwd, scan_bwd, bwd. Arguments name=value set a constexpr of the kernel (or
@@ -46,7 +46,7 @@ KERNELS = {
                  dict(BV=SHAPE_S.bv_state, HAS_INIT=True, LOCAL=False, SAVE_CKPT=True,
                       WRITE_END=True)),
     "bwd": (chunk_bwd.chunk_bwd_kernel, SHAPE_S.warps_bwd, SHAPE_S.stages_bwd,
-            dict(BV=SHAPE_S.bv_bwd, HAS_MASK=False, FULL=True, PREFETCH=SHAPE_S.prefetch_bwd)),
+            dict(KB=SHAPE_S.kb_bwd, HAS_MASK=False, FULL=True, PREFETCH=SHAPE_S.prefetch_bwd)),
 }
 
 

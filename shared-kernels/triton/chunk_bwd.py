@@ -9,8 +9,7 @@ Its rows are independent, so ``chunk_scan_bwd_kernel`` walks the chunks in rever
 split over programs (like the forward scan) and stores G at the end of every chunk (fp32). With G and
 the forward's checkpoint S0 of every chunk known, the remaining gradients of a chunk depend on that
 chunk alone: ``chunk_bwd_kernel`` runs one program per (batch, head, chunk), all in parallel, with
-all V rows (a loop over V blocks, summing the K-side partials in registers: no atomics, a fixed
-order, bitwise deterministic).
+all V rows and the key channels in blocks (no atomics, a fixed order, bitwise deterministic).
 
 The segment algebra (s.7) applies to G as well: G_start = G_end M^T + G_loc, with the forward's M.
 
@@ -177,7 +176,7 @@ def chunk_bwd_kernel(
     dr_ptr, dw_ptr, dk_ptr, dv_ptr, da_ptr, db_ptr,
     T, H, BH, NC,
     stride_b, stride_t, stride_h,
-    K: tl.constexpr, BV: tl.constexpr,
+    K: tl.constexpr, KB: tl.constexpr,
     HAS_MASK: tl.constexpr, PREC: tl.constexpr, VARLEN: tl.constexpr, FULL: tl.constexpr,
     PREFETCH: tl.constexpr,
 ):
@@ -188,26 +187,28 @@ def chunk_bwd_kernel(
     scales in cks and gks [B*H, NC, K], or fp32): tf32-exact in tf32 mode, so this kernel's
     products read them as they are. pm: the pair matrices A_qk, A_qb, A_ak and N of every chunk
     as the prep kernel computed them for the forward ([B*H, NC, PAIR_MATRICES, 16, 16] fp32,
-    ``store_pair_matrices``). The row scales (powers of two) are applied to the smaller
-    operand or result of each product: the rows of a [BV, 16] result, or the contraction rows of
-    its [BV, 16] partner (H200, shape S: 9.14 against 9.41 ms scaling the [BV, K] tiles). Outputs:
-    like their inputs. VARLEN: packed sequences (cu, as in the forward); a chunk wholly past its
-    sequence's end stores nothing. FULL: every chunk is whole and every step valid
-    (``configs.whole_chunks``): no masks, loads or stores. PREFETCH > 0 (GPU only): each program
-    first asks L2 for the inputs of the program PREFETCH ahead of it
+    ``store_pair_matrices``). Outputs: like their inputs. VARLEN: packed sequences (cu, as in the
+    forward); a chunk wholly past its sequence's end stores nothing. FULL: every chunk is whole
+    and every step valid (``configs.whole_chunks``): no masks, loads or stores. PREFETCH > 0 (GPU
+    only): each program first asks L2 for the inputs of the program PREFETCH ahead of it
     (``configs.ChunkConfig.prefetch_bwd``: one program per SM ahead, half the programs resident
     on the GPU; H200, shape S: 5.86 against 6.60 ms at 132 ahead, 5.94 at 264, 7.0 at 396).
-    Layout: the V loop works on [BV, 16] V-side tiles and [K, 16] K-side sums, so every product
-    with a state operand has 64 rows; the factors it does not read are rebuilt after it from the
-    cached inputs instead of being kept live. The kernel is register-bound (255 registers at
-    K = 64 on sm_90, 2 programs per SM, 12.5% occupancy) and latency-bound. Its time followed its
-    instruction count once (sums over the steps as products instead of tl.cumsum: 15% fewer, 18%
-    less time; H200, shape S: 6.7 ms) but no longer does (5.6% fewer: 0.6% more time); hiding
-    its memory latency with the L2 prefetch gave 11% (5.86 ms). Earlier versions measured:
-    [16, .] tiles with the factors kept live 10.5 against 10.0 ms; 8 warps, 32-row V blocks and
-    a register cap (maxnreg 128 / 168) slower or within 3%.
+
+    Layout: the V-side tiles hold all K value rows and the 16 steps ([K, 16]). Every factor of
+    the chunk (decays, exponentials, q~, k^, a~, b^ and their gradients) belongs to one key
+    channel, so the channels are worked in blocks of KB, in two passes:
+
+    1. the products that sum over the state's key columns (S0 a_s^T, G b_bar^T, G k_bar^T), one
+       block of KB columns of the checkpoints and KB channels of factors at a time;
+    2. after the V-side chain (U, dU, dX, dv and the four [16, 16] pair gradients, which need
+       those sums whole), for each block of KB channels: its K-side sums (S0^T dy, S0^T dX,
+       G^T v, G^T U), its factors rebuilt from the (cached) inputs, and its five gradients.
+
+    Only one block's factors and state columns are live at a time (the earlier one-pass form kept
+    every channel's: 255 registers at K = 64, 2 programs per SM). The row scales of the
+    checkpoints (powers of two) multiply the [K, 16] V-side tiles, never the [K, K] states.
     """
-    NV: tl.constexpr = K // BV
+    NKB: tl.constexpr = K // KB
     pid = tl.program_id(0)
     c = pid % NC
     bh = pid // NC
@@ -215,7 +216,7 @@ def chunk_bwd_kernel(
     h = bh % H
 
     rows = tl.arange(0, L_)
-    cols = tl.arange(0, K)
+    vrow = tl.arange(0, K)
     incl = rows[:, None] >= rows[None, :]
     strict = rows[:, None] > rows[None, :]
     seq, T_n = sequence_span(cu_ptr, b, T, stride_b, stride_t, VARLEN)
@@ -230,127 +231,117 @@ def chunk_bwd_kernel(
         _prefetch_inputs(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, ckpt_ptr, gck_ptr,
                          pm_ptr, cu_ptr, pid + PREFETCH, T, H, NC, stride_b, stride_t, stride_h, K,
                          VARLEN)
-    # the pair matrices are read first: their loads wait while the factors are computed
-    pairs = load_pair_matrices(pm_ptr + (bh.to(tl.int64) * NC + c) * PAIRS_ * L_ * L_
-                               + rows[:, None] * L_ + rows[None, :])
-    q_t, k_h, a_t, b_h, q_r, k_r, a_r, b_r, e_in, e_ex, e_inv, to_mid, mid_to_end, decay_end, \
-        lam_raw = _chunk_factors(
-        r_ptr + base, w_ptr + base, k_ptr + base, a_ptr + base, b_ptr + base, t, T_n, cols,
-        stride_t, valid, PREC, FULL)
-    # the loop's K-side operands, rounded from the unrounded factors as the forward does (its
-    # exponentials are in log2 units, ``chunk_log2_decays``: a factor may differ in its last bit)
-    a_s = tf32(a_t * to_mid[None, :], PREC)
-    k_bar = tf32(k_h * mid_to_end[None, :], PREC)
-    b_bar = tf32(b_h * mid_to_end[None, :], PREC)
-    A_qk, A_qb, A_ak, N = pairs
-
-    # K-side partial sums over all V rows
-    dA_qk = tl.zeros([L_, L_], dtype=tl.float32)
-    dA_qb = tl.zeros([L_, L_], dtype=tl.float32)
-    dA_ak = tl.zeros([L_, L_], dtype=tl.float32)
-    dA_ab = tl.zeros([L_, L_], dtype=tl.float32)
-    d_end = tl.zeros([K], dtype=tl.float32)
+    A_qk, A_qb, A_ak, N = load_pair_matrices(
+        pm_ptr + (bh.to(tl.int64) * NC + c) * PAIRS_ * L_ * L_ + rows[:, None] * L_ + rows[None, :])
     st_base = (bh.to(tl.int64) * NC + c) * K * K
     sc_base = (bh.to(tl.int64) * NC + c) * K
-    # the V-side tiles as [BV, CHUNK] and the K-side sums as [K, CHUNK]: every product with a
-    # state operand has BV or K (not the 16 steps) as its M dimension
-    dr_s = tl.zeros([K, L_], dtype=tl.float32)
-    da_s = tl.zeros([K, L_], dtype=tl.float32)
-    dk_bar = tl.zeros([K, L_], dtype=tl.float32)
-    db_bar = tl.zeros([K, L_], dtype=tl.float32)
-    for vb in range(0, NV):
-        vcol = vb * BV + tl.arange(0, BV)
-        tile = vcol[:, None] * K + cols[None, :]
-        vt = base + vcol[:, None] + t.to(tl.int64)[None, :] * stride_t
-        inb = (t < T_n)[None, :]
-        vvT = load_operand(v_ptr + vt, inb, PREC, FULL)
-        dyT = load_operand(dy_ptr + vt, valid[None, :], PREC, FULL)
-        s_ck = tl.load(cks_ptr + sc_base + vcol)
-        s_gk = tl.load(gks_ptr + sc_base + vcol)
+    vt = base + vrow[:, None] + t.to(tl.int64)[None, :] * stride_t
+    inb = (t < T_n)[None, :]
+    vvT = load_operand(v_ptr + vt, inb, PREC, FULL)
+    dyT = load_operand(dy_ptr + vt, valid[None, :], PREC, FULL)
+    s_ck = tl.load(cks_ptr + sc_base + vrow)
+    s_gk = tl.load(gks_ptr + sc_base + vrow)
+
+    # pass 1: the sums over the state's key columns, KB columns at a time
+    XS = tl.zeros([K, L_], dtype=tl.float32)    # S0 a_s^T
+    GB = tl.zeros([K, L_], dtype=tl.float32)    # G b_bar^T
+    GK = tl.zeros([K, L_], dtype=tl.float32)    # G k_bar^T
+    for kb in range(0, NKB):
+        kcol = kb * KB + tl.arange(0, KB)
+        _, k_h, a_t, b_h, _, _, _, _, _, _, _, to_mid, mid_to_end, _, _ = _chunk_factors(
+            r_ptr + base, w_ptr + base, k_ptr + base, a_ptr + base, b_ptr + base, t, T_n, kcol,
+            stride_t, valid, PREC, FULL)
+        # rounded from the unrounded factors as the forward does (its exponentials are in log2
+        # units, ``chunk_log2_decays``: a factor may differ in its last bit)
+        a_s = tf32(a_t * to_mid[None, :], PREC)
+        k_bar = tf32(k_h * mid_to_end[None, :], PREC)
+        b_bar = tf32(b_h * mid_to_end[None, :], PREC)
+        tile = vrow[:, None] * K + kcol[None, :]
         S0 = tl.load(ckpt_ptr + st_base + tile).to(tl.float32)
         G = tl.load(gck_ptr + st_base + tile).to(tl.float32)
+        XS = tl.dot(S0, tl.trans(a_s), XS, input_precision=PREC)
+        GB = tl.dot(G, tl.trans(b_bar), GB, input_precision=PREC)
+        GK = tl.dot(G, tl.trans(k_bar), GK, input_precision=PREC)
 
-        XT = tl.dot(vvT, tl.trans(A_ak), input_precision=PREC)
-        XT += tl.dot(S0, tl.trans(a_s), input_precision=PREC) * s_ck[:, None]
-        UT = tf32(tl.dot(tf32(XT, PREC), tl.trans(N), input_precision=PREC), PREC)
-        dUT = tl.dot(dyT, A_qb, input_precision=PREC)
-        dUT += tl.dot(G, tl.trans(b_bar), input_precision=PREC) * s_gk[:, None]
-        dXT = tf32(tl.dot(tf32(dUT, PREC), N, input_precision=PREC), PREC)
+    # the V-side chain, all value rows at once
+    XT = tl.dot(vvT, tl.trans(A_ak), input_precision=PREC) + XS * s_ck[:, None]
+    UT = tf32(tl.dot(tf32(XT, PREC), tl.trans(N), input_precision=PREC), PREC)
+    dUT = tl.dot(dyT, A_qb, input_precision=PREC) + GB * s_gk[:, None]
+    dXT = tf32(tl.dot(tf32(dUT, PREC), N, input_precision=PREC), PREC)
+    dvT = tl.dot(dyT, A_qk, input_precision=PREC)
+    dvT = tl.dot(dXT, A_ak, dvT, input_precision=PREC)
+    dvT = zero_invalid(dvT + GK * s_gk[:, None], valid[None, :], FULL)
+    store_cast(dv_ptr + vt, dvT, inb, FULL)
+    dA_qk = tl.where(incl, tl.dot(tl.trans(dyT), vvT, input_precision=PREC), 0.0)
+    dA_qb = tl.where(incl, tl.dot(tl.trans(dyT), UT, input_precision=PREC), 0.0)
+    dA_ak = tl.where(strict, tl.dot(tl.trans(dXT), vvT, input_precision=PREC), 0.0)
+    dA_ab = tl.where(strict, tl.dot(tl.trans(dXT), UT, input_precision=PREC), 0.0)
+    # the V-side operands of the K-side sums, with the checkpoints' row scales (powers of two)
+    dy_s = dyT * s_ck[:, None]
+    dX_s = dXT * s_ck[:, None]
+    v_s = vvT * s_gk[:, None]
+    U_s = UT * s_gk[:, None]
+    s_cg = s_ck * s_gk
 
-        dvT = tl.dot(dyT, A_qk, input_precision=PREC)
-        dvT = tl.dot(dXT, A_ak, dvT, input_precision=PREC)
-        dvT += tl.dot(G, tl.trans(k_bar), input_precision=PREC) * s_gk[:, None]
-        dvT = zero_invalid(dvT, valid[None, :], FULL)
-        store_cast(dv_ptr + vt, dvT, inb, FULL)
-
-        dA_qk = tl.dot(tl.trans(dyT), vvT, dA_qk, input_precision=PREC)
-        dA_qb = tl.dot(tl.trans(dyT), UT, dA_qb, input_precision=PREC)
-        dA_ak = tl.dot(tl.trans(dXT), vvT, dA_ak, input_precision=PREC)
-        dA_ab = tl.dot(tl.trans(dXT), UT, dA_ab, input_precision=PREC)
+    # pass 2: each block of KB channels' K-side sums, factors and gradients
+    for kb in range(0, NKB):
+        kcol = kb * KB + tl.arange(0, KB)
         # the transposed states are read from memory (cached) rather than transposed in registers
-        # (H200, shape S: 10.0 vs 10.1 ms)
-        tile_t = cols[:, None] + vcol[None, :] * K
+        # (H200, shape S: 10.0 vs 10.1 ms in the one-pass form)
+        tile_t = kcol[:, None] + vrow[None, :] * K
         S0t = tl.load(ckpt_ptr + st_base + tile_t).to(tl.float32)
         Gt = tl.load(gck_ptr + st_base + tile_t).to(tl.float32)
-        dr_s = tl.dot(S0t, dyT * s_ck[:, None], dr_s, input_precision=PREC)
-        da_s = tl.dot(S0t, dXT * s_ck[:, None], da_s, input_precision=PREC)
-        dk_bar = tl.dot(Gt, vvT * s_gk[:, None], dk_bar, input_precision=PREC)
-        db_bar = tl.dot(Gt, UT * s_gk[:, None], db_bar, input_precision=PREC)
-        d_end += tl.sum(S0 * G * (s_ck * s_gk)[:, None], axis=0)
-    dr_s = tl.trans(dr_s)
-    da_s = tl.trans(da_s)
-    dk_bar = tl.trans(dk_bar)
-    db_bar = tl.trans(db_bar)
+        dr_s = tl.trans(tl.dot(S0t, dy_s, input_precision=PREC))
+        da_s = tl.trans(tl.dot(S0t, dX_s, input_precision=PREC))
+        dk_bar = tl.trans(tl.dot(Gt, v_s, input_precision=PREC))
+        db_bar = tl.trans(tl.dot(Gt, U_s, input_precision=PREC))
+        d_end = tl.sum(S0t * Gt * s_cg[None, :], axis=1)
+        q_t, k_h, a_t, b_h, q_r, k_r, a_r, b_r, e_in, e_ex, e_inv, to_mid, mid_to_end, \
+            decay_end, lam_raw = _chunk_factors(
+            r_ptr + base, w_ptr + base, k_ptr + base, a_ptr + base, b_ptr + base, t, T_n, kcol,
+            stride_t, valid, PREC, FULL)
+        a_s = tf32(a_t * to_mid[None, :], PREC)
+        k_bar = tf32(k_h * mid_to_end[None, :], PREC)
+        b_bar = tf32(b_h * mid_to_end[None, :], PREC)
+        # the pair gradients use the same tf32-exact factors as the products they differentiate:
+        # each pair term dA_ij q_i k_j then comes out identical (exact products, fp32 sums) in its
+        # row and in its column, and the telescoping sum of dlambda below cancels it exactly
+        dq_t = tl.dot(dA_qk, k_r, input_precision=PREC)
+        dq_t = tl.dot(dA_qb, b_r, dq_t, input_precision=PREC)
+        dk_h = tl.dot(tl.trans(dA_qk), q_r, input_precision=PREC)
+        dk_h = tl.dot(tl.trans(dA_ak), a_r, dk_h, input_precision=PREC)
+        da_t = tl.dot(dA_ak, k_r, input_precision=PREC)
+        da_t = tl.dot(dA_ab, b_r, da_t, input_precision=PREC)
+        db_h = tl.dot(tl.trans(dA_qb), q_r, input_precision=PREC)
+        db_h = tl.dot(tl.trans(dA_ab), a_r, db_h, input_precision=PREC)
 
-    # rebuilt after the loop from the (cached) inputs rather than kept live through it; the same
-    # instructions give the same values
-    q_t, k_h, a_t, b_h, q_r, k_r, a_r, b_r, e_in, e_ex, e_inv, to_mid, mid_to_end, decay_end, \
-        lam_raw = _chunk_factors(
-        r_ptr + base, w_ptr + base, k_ptr + base, a_ptr + base, b_ptr + base, t, T_n, cols,
-        stride_t, valid, PREC, FULL)
-    dA_qk = tl.where(incl, dA_qk, 0.0)
-    dA_qb = tl.where(incl, dA_qb, 0.0)
-    dA_ak = tl.where(strict, dA_ak, 0.0)
-    dA_ab = tl.where(strict, dA_ab, 0.0)
-    # the pair gradients use the same tf32-exact factors as the products they differentiate: each
-    # pair term dA_ij q_i k_j then comes out identical (exact products, fp32 sums) in its row and
-    # in its column, and the telescoping sum of dlambda below cancels it exactly
-    dq_t = tl.dot(dA_qk, k_r, input_precision=PREC)
-    dq_t = tl.dot(dA_qb, b_r, dq_t, input_precision=PREC)
-    dk_h = tl.dot(tl.trans(dA_qk), q_r, input_precision=PREC)
-    dk_h = tl.dot(tl.trans(dA_ak), a_r, dk_h, input_precision=PREC)
-    da_t = tl.dot(dA_ak, k_r, input_precision=PREC)
-    da_t = tl.dot(dA_ab, b_r, da_t, input_precision=PREC)
-    db_h = tl.dot(tl.trans(dA_qb), q_r, input_precision=PREC)
-    db_h = tl.dot(tl.trans(dA_ab), a_r, db_h, input_precision=PREC)
+        # d/dLam of every factor; the anchor Lam_mid cancels exactly (each pair product is free
+        # of it)
+        k_bar_t = dk_bar * k_bar + db_bar * b_bar
+        d_lin = dq_t * q_r + dr_s * (q_t * to_mid[None, :]) - dk_h * k_r - db_h * b_r - k_bar_t
+        d_lex = da_t * a_r + da_s * a_s
+        d_lend = tl.sum(k_bar_t, axis=0) + d_end * decay_end
+        # dlam_t = sum_{i >= t} d_lin_i + sum_{i > t} d_lex_i + d_lend
+        d_lam = step_sums(tl.where(incl, 0.0, 1.0), d_lex, PREC)
+        d_lam += step_sums(tl.where(strict, 0.0, 1.0), d_lin, PREC)
+        d_lam = d_lam + d_lend[None, :]
+        keep = valid[:, None]
+        # dlam/dw = lam (lambda = -exp(w)). Where the floor clamps lambda, the forward used the
+        # decay e^-FLOOR instead of d; dloss/dd is nearly the same at both, so chain it through
+        # the true dd/dw = lam * d: d_lam / e^-FLOOR * lam * d = d_lam * lam * exp(lam + FLOOR)
+        # (-> 0, and exactly 0 rather than -inf * 0 for huge w).
+        dlam_dw = tl.where(lam_raw >= -FLOOR_, lam_raw,
+                           tl.where(lam_raw > -100.0, lam_raw * exp_(lam_raw + FLOOR_), 0.0))
+        dw = zero_invalid(d_lam * dlam_dw, keep, FULL)
+        dr = zero_invalid((dq_t + dr_s * to_mid[None, :]) * e_in, keep, FULL)
+        da = zero_invalid((da_t + da_s * to_mid[None, :]) * e_ex, keep, FULL)
+        dk = zero_invalid((dk_h + dk_bar * mid_to_end[None, :]) * e_inv, keep, FULL)
+        db = zero_invalid((db_h + db_bar * mid_to_end[None, :]) * e_inv, keep, FULL)
 
-    # d/dLam of every factor; the anchor Lam_mid cancels exactly (each pair product is free of it)
-    k_bar_t = dk_bar * k_bar + db_bar * b_bar
-    d_lin = dq_t * q_r + dr_s * (q_t * to_mid[None, :]) - dk_h * k_r - db_h * b_r - k_bar_t
-    d_lex = da_t * a_r + da_s * a_s
-    d_lend = tl.sum(k_bar_t, axis=0) + d_end * decay_end
-    # dlam_t = sum_{i >= t} d_lin_i + sum_{i > t} d_lex_i + d_lend
-    d_lam = step_sums(tl.where(incl, 0.0, 1.0), d_lex, PREC)
-    d_lam += step_sums(tl.where(strict, 0.0, 1.0), d_lin, PREC)
-    d_lam = d_lam + d_lend[None, :]
-    keep = valid[:, None]
-    # dlam/dw = lam (lambda = -exp(w)). Where the floor clamps lambda, the forward used the decay
-    # e^-FLOOR instead of d; dloss/dd is nearly the same at both, so chain it through the true
-    # dd/dw = lam * d: d_lam / e^-FLOOR * lam * d = d_lam * lam * exp(lam + FLOOR) (-> 0, and
-    # exactly 0 rather than -inf * 0 for huge w).
-    dlam_dw = tl.where(lam_raw >= -FLOOR_, lam_raw,
-                       tl.where(lam_raw > -100.0, lam_raw * exp_(lam_raw + FLOOR_), 0.0))
-    dw = zero_invalid(d_lam * dlam_dw, keep, FULL)
-    dr = zero_invalid((dq_t + dr_s * to_mid[None, :]) * e_in, keep, FULL)
-    da = zero_invalid((da_t + da_s * to_mid[None, :]) * e_ex, keep, FULL)
-    dk = zero_invalid((dk_h + dk_bar * mid_to_end[None, :]) * e_inv, keep, FULL)
-    db = zero_invalid((db_h + db_bar * mid_to_end[None, :]) * e_inv, keep, FULL)
-
-    out = base + t.to(tl.int64)[:, None] * stride_t + cols[None, :]
-    inb = (t < T_n)[:, None]
-    store_cast(dr_ptr + out, dr, inb, FULL)
-    store_cast(dw_ptr + out, dw, inb, FULL)
-    store_cast(dk_ptr + out, dk, inb, FULL)
-    store_cast(da_ptr + out, da, inb, FULL)
-    store_cast(db_ptr + out, db, inb, FULL)
-
+        out = base + t.to(tl.int64)[:, None] * stride_t + kcol[None, :]
+        inb_k = (t < T_n)[:, None]
+        store_cast(dr_ptr + out, dr, inb_k, FULL)
+        store_cast(dw_ptr + out, dw, inb_k, FULL)
+        store_cast(dk_ptr + out, dk, inb_k, FULL)
+        store_cast(da_ptr + out, da, inb_k, FULL)
+        store_cast(db_ptr + out, db, inb_k, FULL)

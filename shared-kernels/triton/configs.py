@@ -36,8 +36,8 @@ class ChunkConfig:
 
     precision: ``input_precision`` of the tensor-core products ("tf32" for bf16/fp16 inputs, "ieee"
     for fp32: true fp32). bv_fwd / bv_state: value rows per program of the forward scan and of
-    the state-gradient scan; bv_bwd: value rows per step of the chunk-parallel gradient kernel's
-    loop. chunks_per_segment: chunks per segment of the serial passes (all of them: no segments).
+    the state-gradient scan; kb_bwd: key channels per block of the chunk-parallel gradient
+    kernel's two passes. chunks_per_segment: chunks per segment of the serial passes (all of them: no segments).
     prep_chunks: chunks per program of the prep kernel (one per warp with warps_prep of them).
     precision_inverse: products of the (I - A_ab)^-1 series for bf16/fp16 inputs (fp32: ieee).
     prefetch_bwd: programs ahead whose inputs each gradient-kernel program prefetches into L2;
@@ -47,7 +47,7 @@ class ChunkConfig:
     precision: str
     bv_fwd: int
     bv_state: int
-    bv_bwd: int
+    kb_bwd: int
     chunks_per_segment: int
     prep_chunks: int = 1
     precision_inverse: str = "tf32"
@@ -60,6 +60,7 @@ class ChunkConfig:
     stages_bwd: int = 1
     prefetch_bwd: int = 0
     prefetch_fwd: int = 0
+    maxnreg_bwd: Optional[int] = None
 
     def with_(self, **changes) -> "ChunkConfig":
         return replace(self, **changes)
@@ -83,9 +84,14 @@ def chunk_config(K: int, dtype: str, T: int, BH: int,
     if programs < SERIAL_PROGRAMS and n_chunks >= 2 * MIN_CHUNKS_PER_SEGMENT:
         n_seg = min(cdiv(SERIAL_PROGRAMS, programs), n_chunks // MIN_CHUNKS_PER_SEGMENT)
     # register budgets (no spills on sm_90): one warp holds a whole [16, K] chunk tile in the prep
-    # kernel up to K = 64. The gradient kernel at K = 128 loops over 32 value rows at a time on 4
-    # warps (H200, B=8 T=4096 H=32 K=128: 16.7 ms, against 35.0 for 64 rows on 8 warps and 23.6
-    # for 32 rows on 8 warps).
+    # kernel up to K = 64.
+    # The gradient kernel's key-channel blocks (chunk_bwd.chunk_bwd_kernel's two passes): all
+    # channels in one block up to K = 64, two blocks of 64 at K = 128 (H200, B=8 T=4096 H=32
+    # K=128: 11.0 ms against 12.8 for blocks of 32 and 13.6 for the one-pass kernel's loop over
+    # 32 value rows; B=8 T=4096 H=128 K=32: 7.2 against 9.4 ms; shape S: 5.82 against 5.85, and
+    # 8.1 / 15.0 ms for blocks of 32 / 16: each block recomputes the chunk's decays). fp32
+    # inputs: blocks of 32 (shape S: 27.8 ms against 30.7 for the one-pass kernel, 45.0 for one
+    # block of 64, 35.5 for 16), 16 at K = 128 (spills least: 1448 B against 1672 for 32).
     # forward scan with tf32 products: 64 value rows on 4 warps per program at K = 64 (its
     # operands fp16 scaled per row, chunk_common.row_operand; H200, shape S: no_grad scan 0.70
     # against 0.94 ms for 32 rows on 2 warps, 0.98 against 1.09 with checkpoints; L fwd 2.73
@@ -105,9 +111,9 @@ def chunk_config(K: int, dtype: str, T: int, BH: int,
     # kernel 58.1 against 69.3 with 16 rows); K = 32 36.8 against 37.6 with one stage.
     ieee = precision == "ieee"
     if ieee:
-        bv_bwd = 32 if small else 16
+        kb_bwd = 32 if small else 16
     else:
-        bv_bwd = K if small else 32
+        kb_bwd = 64
     if ieee:
         bv_fwd = min(K, 32) if small else 16
     else:
@@ -125,7 +131,7 @@ def chunk_config(K: int, dtype: str, T: int, BH: int,
         # through shared memory (H200, shape S: 0.99 ms against 1.21 with plain loads, 1.01 with
         # one chunk ahead)
         stages_state=3 if small else 1,
-        bv_bwd=bv_bwd,
+        kb_bwd=min(K, kb_bwd),
         chunks_per_segment=cdiv(n_chunks, n_seg),
         warps_prep=1 if K <= 64 else 4,
         warps_bwd=4,

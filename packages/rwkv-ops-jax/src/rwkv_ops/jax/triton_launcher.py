@@ -246,7 +246,7 @@ def _entries() -> dict:
     def rwkv_gdr_bwd(r, w, k, v, a, b, dy, mask, ckpt, cks, gck, gks, pm, cu,
                      T_p1, BH_p1, NC_p1,
                      dr, dw, dk, dv, da, db,
-                     H: tl.constexpr, K: tl.constexpr, BV: tl.constexpr,
+                     H: tl.constexpr, K: tl.constexpr, KB: tl.constexpr,
                      HEAD_FIRST: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr,
                      VARLEN: tl.constexpr, FULL: tl.constexpr, PREFETCH: tl.constexpr):
         T, BH, NC = T_p1 - 1, BH_p1 - 1, NC_p1 - 1
@@ -254,7 +254,7 @@ def _entries() -> dict:
         _chunk_bwd_kernel(r, w, k, v, a, b, dy, mask, ckpt, cks, gck, gks, pm, cu,
                           dr, dw, dk, dv, da, db,
                           T, H, BH, NC, stride_b, stride_t, stride_h,
-                          K=K, BV=BV, HAS_MASK=HAS_MASK, PREC=PREC, VARLEN=VARLEN, FULL=FULL,
+                          K=K, KB=KB, HAS_MASK=HAS_MASK, PREC=PREC, VARLEN=VARLEN, FULL=FULL,
                           PREFETCH=PREFETCH)
 
     _ENTRIES.update(prep=rwkv_gdr_prep, scan_fwd=rwkv_gdr_scan_fwd, combine=rwkv_gdr_combine,
@@ -501,7 +501,7 @@ def _backward_local(static, *arrays):
                  cfg.warps_bwd, cfg.stages_bwd)
     flags = dict(H=H, K=K, HEAD_FIRST=static.head_first, HAS_MASK=mask is not None, PREC=prec,
                  VARLEN=varlen, FULL=_configs().whole_chunks(T, 1, mask is not None, varlen))
-    grads = _launch("bwd", *grad_args, BV=cfg.bv_bwd, PREFETCH=cfg.prefetch_bwd, **flags)
+    grads = _launch("bwd", *grad_args, KB=cfg.kb_bwd, PREFETCH=cfg.prefetch_bwd, **flags)
     return tuple(grads) + ((ds0,) if need_ds0 else ())
 
 
