@@ -11,7 +11,8 @@ ptxas and cuobjdump):
 
 One launch: ``{"kernel": "rwkv_ops.torch._triton.chunk_bwd:chunk_bwd_kernel", "args": {argument:
 "*" + the dtype name it points to ("*bfloat16", "*int32", ...) for a pointer, else the value
-passed (an int or a float)}, "constexprs": {name: value}, "warps": 4, "stages": 1}``; a kernel
+passed (an int or a float)}, "constexprs": {name: value}, "warps": 4, "stages": 1, "maxnreg":
+168 or null}`` (maxnreg: the launch's register cap, optional); a kernel
 "rwkv_ops.jax.triton_launcher:NAME" is the JAX launcher's entry NAME. Values become Triton's
 types as its launcher types them (``signature``: i32 or i64 by range, fp32, and ints divisible
 by 16 declared so), and launches that differ only in values of the same type are compiled once.
@@ -135,7 +136,8 @@ def check(launch, arch):
     types, aligned = signature(launch["args"])
     try:
         compiled = compile_kernel(fn, types, launch["constexprs"], launch["warps"],
-                                  launch["stages"], arch, aligned=aligned)
+                                  launch["stages"], arch, maxnreg=launch.get("maxnreg"),
+                                  aligned=aligned)
     except Exception as error:  # the failure is the result
         lines = str(error).strip().splitlines()
         return f"FAIL {where}: {type(error).__name__}: {' | '.join(lines[-6:])[:600]}", False
@@ -146,8 +148,9 @@ def check(launch, arch):
     # not a failure, a slow build: ptxas sometimes answers a register demand far above 255 with
     # 32 registers and kilobytes of spill stack per thread (the fp32 kernels, docs/benchmarks.md)
     mark = "FAIL" if not ok else "WARN" if stack > SPILL_WARN else "ok  "
-    return (f"{mark} {where}, {launch['warps']} warps, {launch['stages']} "
-            f"stages: {regs} registers, {stack} B spill, {shared} B shared, {fits} per SM"), ok
+    cap = f", maxnreg {launch['maxnreg']}" if launch.get("maxnreg") else ""
+    return (f"{mark} {where}, {launch['warps']} warps, {launch['stages']} stages{cap}: "
+            f"{regs} registers, {stack} B spill, {shared} B shared, {fits} per SM"), ok
 
 
 def main(argv=None):

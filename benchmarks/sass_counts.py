@@ -48,6 +48,8 @@ KERNELS = {
     "bwd": (chunk_bwd.chunk_bwd_kernel, SHAPE_S.warps_bwd, SHAPE_S.stages_bwd,
             dict(KB=SHAPE_S.kb_bwd, HAS_MASK=False, FULL=True, PREFETCH=SHAPE_S.prefetch_bwd)),
 }
+# the register caps (Triton's maxnreg) the launchers give at shape S; maxnreg=None lifts one
+CAPS = {"bwd": SHAPE_S.maxnreg_bwd}
 
 
 # the prep tiles W, b_bar, Kc, R2 and the checkpoints: fp16 with tf32 products (configs.tile_dtype)
@@ -83,12 +85,12 @@ def sass_report(compiled, top=16):
 
 
 def parse_changes(args):
-    """{name: value} of arguments name=value (True / False / an int / a string)."""
+    """{name: value} of arguments name=value (True / False / None / an int / a string)."""
     changes = {}
     for arg in args:
         key, value = arg.split("=", 1)
-        changes[key] = {"True": True, "False": False}.get(value, int(value) if value.isdigit()
-                                                          else value)
+        changes[key] = {"True": True, "False": False, "None": None}.get(
+            value, int(value) if value.isdigit() else value)
     return changes
 
 
@@ -101,10 +103,13 @@ def main(argv):
         constexprs.update({k: v for k, v in changes.items() if k in fn.arg_names})
         warps = changes.get("warps", warps)
         stages = changes.get("stages", stages)
-        compiled = compile_sm90(fn, constexprs, warps, stages, changes.get("maxnreg"))
+        compiled = compile_sm90(fn, constexprs, warps, stages,
+                                changes.get("maxnreg", CAPS.get(name)))
         regs, stack, total, ops = sass_report(compiled)
         shared = compiled.metadata.shared
         shown = " ".join(f"{k}={v}" for k, v in sorted(constexprs.items()))
+        cap = changes.get("maxnreg", CAPS.get(name))
+        shown += f", maxnreg {cap}" if cap else ""
         print(f"{name} ({shown}, {warps} warps, {stages} stages): {regs} registers, "
               f"{stack} B spill stack, {total} SASS instructions per warp, {shared} B shared, "
               f"{programs_per_sm(regs, warps, shared)} programs per SM")

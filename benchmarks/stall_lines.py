@@ -47,7 +47,8 @@ def local_instructions(kernel, changes):
     constexprs = {**sass_counts.COMMON, **own}
     constexprs.update({k: v for k, v in changes.items() if k in fn.arg_names})
     compiled = sass_counts.compile_sm90(fn, constexprs, changes.get("warps", warps),
-                                        changes.get("stages", stages), changes.get("maxnreg"))
+                                        changes.get("stages", stages),
+                                        changes.get("maxnreg", sass_counts.CAPS.get(kernel)))
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])

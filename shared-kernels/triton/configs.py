@@ -17,7 +17,8 @@ SERIAL_PROGRAMS = 512
 # win in parallelism.
 MIN_CHUNKS_PER_SEGMENT = 32
 # The gradient kernel prefetches into L2 the inputs of the program this many programs per SM
-# ahead (times the GPU's SMs). 2 programs of 4 warps are resident per SM at K <= 64 (255
+# ahead (times the GPU's SMs), where it pays: K = 32, and fp32 inputs up to K = 64 (not under
+# the register cap at K = 64, see BWD_MAXNREG). Measured on the earlier one-pass kernel: 2 programs of 4 warps are resident per SM at K <= 64 (255
 # registers), so 1 per SM is half a resident set: the lines arrive well before their program
 # starts and stay in L2 until it does (H200, 132 SMs, shape S: gradient kernel 5.84-5.86 ms
 # anywhere from 33 to 198 programs ahead, 5.94 at 264 (a whole resident set), 6.81 at 330, 7.01
@@ -28,6 +29,13 @@ BWD_PROGRAMS_PER_SM = 1
 # state-gradient scan's would take 167 registers instead of 128 on sm_90: 3 programs per SM
 # instead of 4, and 512 no longer in one wave.
 FWD_PREFETCH_CHUNKS = 4
+# The gradient kernel's register cap with tf32 products up to K = 64 (Triton's ``maxnreg``): 3
+# programs of 4 warps per SM. At K = 64 it binds (152 B of spill stack against 226 registers
+# uncapped, 2 programs per SM), and the L2 prefetch then no longer pays (H200, shape S: 5.42 ms
+# without it, 5.90 at 132 programs ahead, 5.93-6.12 at 198-396; uncapped 5.82 with it; capped
+# at 128 registers, 4 per SM, 456 B of spill: 6.34). K = 32 fits in 168 registers anyway and
+# keeps the prefetch (B=8 T=4096 H=128 K=32: 7.18 ms with it, 8.38 without).
+BWD_MAXNREG = 168
 
 
 @dataclass(frozen=True)
@@ -42,6 +50,7 @@ class ChunkConfig:
     precision_inverse: products of the (I - A_ab)^-1 series for bf16/fp16 inputs (fp32: ieee).
     prefetch_bwd: programs ahead whose inputs each gradient-kernel program prefetches into L2;
     prefetch_fwd: chunks ahead whose tiles the forward scan with checkpoints prefetches (0: none).
+    maxnreg_bwd: the gradient kernel's register cap (Triton's ``maxnreg``; None: none).
     """
 
     precision: str
@@ -135,10 +144,12 @@ def chunk_config(K: int, dtype: str, T: int, BH: int,
         chunks_per_segment=cdiv(n_chunks, n_seg),
         warps_prep=1 if K <= 64 else 4,
         warps_bwd=4,
-        # the L2 prefetches: measured at K = 64 (they pay) and at 128 (the gradient kernel's
-        # costs); K = 32 has K = 64's
-        prefetch_bwd=BWD_PROGRAMS_PER_SM * sm_count if small and sm_count else 0,
+        # the L2 prefetches: measured at K = 64 (they pay, except the gradient kernel's under
+        # its register cap) and at 128 (the gradient kernel's costs); K = 32 has K = 64's
+        prefetch_bwd=(BWD_PROGRAMS_PER_SM * sm_count
+                      if small and (ieee or K < 64) and sm_count else 0),
         prefetch_fwd=FWD_PREFETCH_CHUNKS if small and sm_count else 0,
+        maxnreg_bwd=BWD_MAXNREG if small and not ieee and sm_count else None,
     )
 
 

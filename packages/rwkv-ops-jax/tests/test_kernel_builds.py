@@ -40,14 +40,16 @@ def _recorder(log):
     """A stand-in for ``launcher._launch`` that describes each launch (compile_check.py's format:
     pointers by dtype, scalars by value) and returns zeros."""
 
-    def launch(entry, arrays, scalars, outs, grid, warps, stages, **constexprs):
+    def launch(entry, arrays, scalars, outs, grid, warps, stages, maxnreg=None, **constexprs):
         kernel = launcher._entries()[entry]
+        constexprs = launcher._with_cap(kernel, entry, maxnreg, constexprs)
         names = [n for n in kernel.arg_names if n not in constexprs]
         scalars = [int(s) + 1 for s in scalars]  # as the real _launch passes them
         values = {name: value if isinstance(value, int) else "*" + jnp.dtype(value.dtype).name
                   for name, value in zip(names, [*arrays, *scalars, *outs])}
         log.append({"kernel": f"rwkv_ops.jax.triton_launcher:{entry}", "args": values,
-                    "constexprs": constexprs, "warps": warps, "stages": stages})
+                    "constexprs": constexprs, "warps": warps, "stages": stages,
+                    "maxnreg": maxnreg})
         return [jnp.zeros(o.shape, o.dtype) for o in outs]
 
     return launch
@@ -97,6 +99,8 @@ def test_every_launch_compiles_for_sm80_and_sm90(monkeypatch):
     assert launched == ENTRIES, launched
     assert any(launch["constexprs"].get("PREFETCH", 0) > 0 for launch in log
                if launch["kernel"].endswith(":bwd")), "no prefetching launch"
+    assert any(launch["maxnreg"] for launch in log
+               if launch["kernel"].endswith(":bwd")), "no launch with a register cap"
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "JAX_PLATFORMS")}
     proc = subprocess.run([sys.executable, str(CHECK), "--arch", "80,90"], input=json.dumps(log),
                           capture_output=True, text=True, env=env, timeout=1500)

@@ -58,7 +58,7 @@ class Recorder:
         self.log = log
 
     def __getitem__(self, grid):
-        def launch(*args, num_warps=4, num_stages=3, **kwargs):
+        def launch(*args, num_warps=4, num_stages=3, maxnreg=None, **kwargs):
             values, constexprs = {}, {}
             for name, value in [*zip(self.kernel.arg_names, args), *kwargs.items()]:
                 if _is_constexpr(self.parameters[name]):
@@ -68,7 +68,7 @@ class Recorder:
                 else:
                     values[name] = value
             self.log.append({"kernel": self.spec, "args": values, "constexprs": constexprs,
-                             "warps": num_warps, "stages": num_stages})
+                             "warps": num_warps, "stages": num_stages, "maxnreg": maxnreg})
         return launch
 
 
@@ -127,6 +127,8 @@ def test_every_launch_compiles_for_sm80_and_sm90(monkeypatch):
     assert launched == {name for names in KERNELS.values() for name in names}, launched
     assert any(launch["constexprs"].get("PREFETCH", 0) > 0 for launch in log
                if launch["kernel"].endswith(":chunk_bwd_kernel")), "no prefetching launch"
+    assert any(launch["maxnreg"] for launch in log
+               if launch["kernel"].endswith(":chunk_bwd_kernel")), "no launch with a register cap"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, str(CHECK), "--arch", "80,90"], input=json.dumps(log),
                           capture_output=True, text=True, env=env, timeout=1500)

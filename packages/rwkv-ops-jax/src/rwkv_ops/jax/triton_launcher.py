@@ -248,7 +248,9 @@ def _entries() -> dict:
                      dr, dw, dk, dv, da, db,
                      H: tl.constexpr, K: tl.constexpr, KB: tl.constexpr,
                      HEAD_FIRST: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr,
-                     VARLEN: tl.constexpr, FULL: tl.constexpr, PREFETCH: tl.constexpr):
+                     VARLEN: tl.constexpr, FULL: tl.constexpr, PREFETCH: tl.constexpr,
+                     MAXNREG: tl.constexpr):
+        # MAXNREG: the launch's register cap, read by the lowering (_register_cap_lowering)
         T, BH, NC = T_p1 - 1, BH_p1 - 1, NC_p1 - 1
         stride_b, stride_t, stride_h = layout_strides(T, H, K, HEAD_FIRST)
         _chunk_bwd_kernel(r, w, k, v, a, b, dy, mask, ckpt, cks, gck, gks, pm, cu,
@@ -289,17 +291,80 @@ def _sm_count():
 # launching one entry: jax-triton on a GPU, Triton's interpreter through a host callback otherwise
 
 
-def _launch(entry, arrays, scalars, outs, grid, warps, stages, **constexprs):
-    """Run entry kernel ``entry`` on ``arrays`` (then the int ``scalars``); returns its outputs."""
+def _launch(entry, arrays, scalars, outs, grid, warps, stages, maxnreg=None, **constexprs):
+    """Run entry kernel ``entry`` on ``arrays`` (then the int ``scalars``); returns its outputs.
+    maxnreg: the kernel's register cap (Triton's option of that name; None: none)."""
     kernel = _entries()[entry]
     scalars = [int(s) + 1 for s in scalars]  # the entries take sizes plus one (see _entries)
+    constexprs = _with_cap(kernel, entry, maxnreg, constexprs)
     if interpret_mode():
         return _launch_interpreted(kernel, arrays, scalars, outs, grid, constexprs)
     import jax_triton
 
+    if maxnreg is not None:
+        _register_cap_lowering()
     return jax_triton.triton_call(*arrays, *scalars, kernel=kernel, out_shape=list(outs), grid=grid,
                                   num_warps=warps, num_stages=stages, name=f"rwkv_ops_gdr_{entry}",
                                   **constexprs)
+
+
+def _with_cap(kernel, entry, maxnreg, constexprs):
+    """constexprs with the entry's MAXNREG set to maxnreg (an entry that takes a register cap
+    always gets one, None included: one compile-cache key per cap)."""
+    if "MAXNREG" in kernel.arg_names:
+        return dict(constexprs, MAXNREG=maxnreg)
+    if maxnreg is not None:
+        raise ValueError(f"entry {entry} takes no register cap")
+    return constexprs
+
+
+_CAP_LOCK = threading.Lock()
+_CAP_LOWERING = []
+
+
+def _register_cap_lowering():
+    """Give jax-triton's launches a register cap: its ``triton_call`` has no ``maxnreg`` option,
+    so its CUDA lowering is wrapped once per process. A launch whose parameters hold
+    ``MAXNREG`` (a constexpr of the entry that the kernel does not read; part of jax-triton's
+    compile-cache key) compiles with Triton's ``maxnreg`` set to it, as the PyTorch launcher's
+    launch option does; every other launch lowers exactly as before (jax-triton's own function
+    and backend). Raises KernelUnavailableError naming the version when jax-triton's internals
+    are not the ones this wraps (0.3.x), rather than launching without the cap."""
+    with _CAP_LOCK:
+        if _CAP_LOWERING:
+            return
+        from jax.interpreters import mlir
+
+        try:
+            from jax_triton import triton_lib
+            from triton.backends.compiler import GPUTarget
+            from triton.backends.nvidia.compiler import CUDABackend
+            lower = triton_lib.triton_kernel_call_lowering
+            plain = triton_lib.get_cuda_backend
+            primitive = triton_lib.triton_kernel_call_p
+        except (ImportError, AttributeError) as error:
+            import jax_triton
+            raise KernelUnavailableError(
+                f"the Triton path's register cap needs jax-triton 0.3's lowering "
+                f"(jax_triton.triton_lib); jax-triton {jax_triton.__version__} differs: "
+                f"{error}") from error
+
+        class CappedBackend(CUDABackend):
+            def __init__(self, target, maxnreg):
+                super().__init__(target)
+                self.maxnreg = maxnreg
+
+            def parse_options(self, options):
+                return super().parse_options({**options, "maxnreg": self.maxnreg})
+
+        def lowering(ctx, *args, **params):
+            cap = params.get("MAXNREG")
+            backend = plain if cap is None else (
+                lambda device, capability: CappedBackend(GPUTarget("cuda", capability, 32), cap))
+            return lower(backend, ctx, *args, **params)
+
+        mlir.register_lowering(primitive, lowering, platform="cuda")
+        _CAP_LOWERING.append(lowering)
 
 
 def _launch_interpreted(kernel, arrays, scalars, outs, grid, constexprs):
@@ -501,7 +566,8 @@ def _backward_local(static, *arrays):
                  cfg.warps_bwd, cfg.stages_bwd)
     flags = dict(H=H, K=K, HEAD_FIRST=static.head_first, HAS_MASK=mask is not None, PREC=prec,
                  VARLEN=varlen, FULL=_configs().whole_chunks(T, 1, mask is not None, varlen))
-    grads = _launch("bwd", *grad_args, KB=cfg.kb_bwd, PREFETCH=cfg.prefetch_bwd, **flags)
+    grads = _launch("bwd", *grad_args, maxnreg=cfg.maxnreg_bwd, KB=cfg.kb_bwd,
+                    PREFETCH=cfg.prefetch_bwd, **flags)
     return tuple(grads) + ((ds0,) if need_ds0 else ())
 
 
