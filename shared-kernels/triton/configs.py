@@ -18,8 +18,9 @@ SERIAL_PROGRAMS = 512
 MIN_CHUNKS_PER_SEGMENT = 32
 # The gradient kernel prefetches into L2 the inputs of the program this many programs per SM
 # ahead (times the GPU's SMs), where it pays: K = 32, and fp32 inputs up to K = 64 (not under
-# the register cap at K = 64, see BWD_MAXNREG). Measured on the earlier one-pass kernel: 2 programs of 4 warps are resident per SM at K <= 64 (255
-# registers), so 1 per SM is half a resident set: the lines arrive well before their program
+# the register cap at K = 64, see BWD_MAXNREG). Measured on the earlier one-pass kernel: 2
+# programs of 4 warps were resident per SM at K <= 64 (255 registers), so 1 per SM is half a
+# resident set: the lines arrive well before their program
 # starts and stay in L2 until it does (H200, 132 SMs, shape S: gradient kernel 5.84-5.86 ms
 # anywhere from 33 to 198 programs ahead, 5.94 at 264 (a whole resident set), 6.81 at 330, 7.01
 # at 396, 6.60 without; at K = 128, 264 ahead was slower, 14.19 against 13.58, so none there).
@@ -45,7 +46,8 @@ class ChunkConfig:
     precision: ``input_precision`` of the tensor-core products ("tf32" for bf16/fp16 inputs, "ieee"
     for fp32: true fp32). bv_fwd / bv_state: value rows per program of the forward scan and of
     the state-gradient scan; kb_bwd: key channels per block of the chunk-parallel gradient
-    kernel's two passes. chunks_per_segment: chunks per segment of the serial passes (all of them: no segments).
+    kernel's two passes. chunks_per_segment: chunks per segment of the serial passes (all of
+    them: no segments).
     prep_chunks: chunks per program of the prep kernel (one per warp with warps_prep of them).
     precision_inverse: products of the (I - A_ab)^-1 series for bf16/fp16 inputs (fp32: ieee).
     prefetch_bwd: programs ahead whose inputs each gradient-kernel program prefetches into L2;
