@@ -191,8 +191,9 @@ def chunk_bwd_kernel(
     forward); a chunk wholly past its sequence's end stores nothing. FULL: every chunk is whole
     and every step valid (``configs.whole_chunks``): no masks, loads or stores. PREFETCH > 0 (GPU
     only): each program first asks L2 for the inputs of the program PREFETCH ahead of it
-    (``configs.ChunkConfig.prefetch_bwd``: one program per SM ahead, half the programs resident
-    on the GPU; H200, shape S: 5.86 against 6.60 ms at 132 ahead, 5.94 at 264, 7.0 at 396).
+    (``configs.ChunkConfig.prefetch_bwd``: one program per SM ahead, where it pays: K = 32 and
+    fp32 inputs; at K = 64 the launchers cap the kernel at 168 registers instead, 3 programs per
+    SM, where the prefetch no longer pays, ``configs.BWD_MAXNREG``).
 
     Layout: the V-side tiles hold all K value rows and the 16 steps ([K, 16]). Every factor of
     the chunk (decays, exponentials, q~, k^, a~, b^ and their gradients) belongs to one key
@@ -204,9 +205,10 @@ def chunk_bwd_kernel(
        those sums whole), for each block of KB channels: its K-side sums (S0^T dy, S0^T dX,
        G^T v, G^T U), its factors rebuilt from the (cached) inputs, and its five gradients.
 
-    Only one block's factors and state columns are live at a time (the earlier one-pass form kept
-    every channel's: 255 registers at K = 64, 2 programs per SM). The row scales of the
-    checkpoints (powers of two) multiply the [K, 16] V-side tiles, never the [K, K] states.
+    Only one block's factors and state columns are live at a time. Small blocks cost more than
+    they save (each recomputes the chunk's decays; its products have N = KB): one block up to
+    K = 64 with tf32 products (``configs.chunk_config``). The row scales of the checkpoints
+    (powers of two) multiply the [K, 16] V-side tiles, never the [K, K] states.
     """
     NKB: tl.constexpr = K // KB
     pid = tl.program_id(0)

@@ -1,5 +1,6 @@
 """Launch configuration of the chunk kernels: one plain function of (K, dtype, T, B*H) and the
-GPU's SM count (which sets only the L2 prefetch distances).
+GPU's SM count (which sets the L2 prefetch distances, and whether a GPU launch, with its
+register cap, or Triton's interpreter runs the kernels).
 
 Both launchers (PyTorch and JAX) call :func:`chunk_config`, so they run the same kernels with the
 same tiles and the same segment split, and give bitwise-equal results. No ``triton.autotune``:
@@ -85,8 +86,9 @@ def chunk_config(K: int, dtype: str, T: int, BH: int,
                  sm_count: Optional[int] = None) -> ChunkConfig:
     """The configuration for head size K, input dtype name ("bfloat16", "float16", "float32"),
     sequence length T and B*H sequences on a GPU of sm_count multiprocessors. Only the L2
-    prefetches depend on sm_count; None (Triton's interpreter, which cannot run their inline PTX)
-    turns them off."""
+    prefetches and the gradient kernel's register cap depend on sm_count; None (Triton's
+    interpreter, which cannot run the prefetches' inline PTX and allocates no registers) turns
+    them off."""
     precision = "ieee" if dtype in ("float32", "float64") else "tf32"
     bv = min(K, 64)
     n_chunks = max(1, cdiv(T, CHUNK))
