@@ -107,3 +107,17 @@ def test_every_launch_compiles_for_sm80_and_sm90(monkeypatch):
     print(proc.stdout)
     assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-4000:]
     assert " 0 failed" in proc.stdout, proc.stdout[-4000:]
+
+
+def test_register_cap_reaches_the_compile_options():
+    """The JAX launcher's register cap (jax-triton's ``triton_call`` has none): a capped launch
+    lowers with the backend ``_capped_backend`` makes, whose compile options carry maxnreg; the
+    gradient entry always gets a MAXNREG constexpr (None when uncapped), and an entry without one
+    refuses a cap rather than ignoring it."""
+    options = launcher._capped_backend(168)(0, 90).parse_options({"num_warps": 4, "num_stages": 1})
+    assert options.maxnreg == 168 and options.num_warps == 4
+    entries = launcher._entries()
+    assert launcher._with_cap(entries["bwd"], "bwd", 168, {"K": 64}) == {"K": 64, "MAXNREG": 168}
+    assert launcher._with_cap(entries["bwd"], "bwd", None, {})["MAXNREG"] is None
+    with pytest.raises(ValueError, match="no register cap"):
+        launcher._with_cap(entries["prep"], "prep", 168, {})

@@ -337,8 +337,6 @@ def _register_cap_lowering():
 
         try:
             from jax_triton import triton_lib
-            from triton.backends.compiler import GPUTarget
-            from triton.backends.nvidia.compiler import CUDABackend
             lower = triton_lib.triton_kernel_call_lowering
             plain = triton_lib.get_cuda_backend
             primitive = triton_lib.triton_kernel_call_p
@@ -349,22 +347,26 @@ def _register_cap_lowering():
                 f"(jax_triton.triton_lib); jax-triton {jax_triton.__version__} differs: "
                 f"{error}") from error
 
-        class CappedBackend(CUDABackend):
-            def __init__(self, target, maxnreg):
-                super().__init__(target)
-                self.maxnreg = maxnreg
-
-            def parse_options(self, options):
-                return super().parse_options({**options, "maxnreg": self.maxnreg})
-
         def lowering(ctx, *args, **params):
             cap = params.get("MAXNREG")
-            backend = plain if cap is None else (
-                lambda device, capability: CappedBackend(GPUTarget("cuda", capability, 32), cap))
-            return lower(backend, ctx, *args, **params)
+            return lower(plain if cap is None else _capped_backend(cap), ctx, *args, **params)
 
         mlir.register_lowering(primitive, lowering, platform="cuda")
         _CAP_LOWERING.append(lowering)
+
+
+def _capped_backend(maxnreg):
+    """jax-triton's backend constructor ((device, compute capability) -> Triton's CUDA backend)
+    for a launch capped at maxnreg registers: the backend's options carry ``maxnreg``, which
+    Triton's compiler writes into the kernel (``.maxnreg`` for ptxas)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import CUDABackend
+
+    class CappedBackend(CUDABackend):
+        def parse_options(self, options):
+            return super().parse_options({**options, "maxnreg": maxnreg})
+
+    return lambda device, capability: CappedBackend(GPUTarget("cuda", capability, 32))
 
 
 def _launch_interpreted(kernel, arrays, scalars, outs, grid, constexprs):
