@@ -6,8 +6,8 @@ forward state at all, only the forward prep kernel's tiles (chunk_fwd.py)::
     G_prev = G diag(dec) + (G b_bar^T) W + dY^T R2        (= G M_c^T + dY^T R2)
 
 Its rows are independent, so ``chunk_scan_bwd_kernel`` walks the chunks in reverse with the V rows
-split over programs (like the forward scan) and stores G at the end of every chunk (fp32). With G and
-the forward's checkpoint S0 of every chunk known, the remaining gradients of a chunk depend on that
+split over programs (like the forward scan) and stores G at the end of every chunk. With G and the
+forward's checkpoint S0 of every chunk known, the remaining gradients of a chunk depend on that
 chunk alone: ``chunk_bwd_kernel`` runs one program per (batch, head, chunk), all in parallel, with
 all V rows and the key channels in blocks (no atomics, a fixed order, bitwise deterministic).
 

@@ -16,10 +16,11 @@ The same kernels, grids and launch configuration (``configs.chunk_config``) as t
 Three layers:
 
 1. ``jax.custom_vjp`` (``_gdr``): the plain call runs the forward without residuals; under
-   ``grad`` / ``vjp`` the forward keeps them for the backward. Works under ``jit`` and ``checkpoint``.
-2. ``custom_partitioning`` (``_fwd_cp``, ``_bwd_cp``): under ``jit`` with sharded inputs every device
-   runs the kernels on its own block of batch elements and heads; T and K are never split (a T or K
-   sharding is gathered first: the recurrence is sequential in T and mixes all of K).
+   ``grad`` / ``vjp`` the forward keeps them for the backward. Works under ``jit`` and
+   ``checkpoint``.
+2. ``custom_partitioning`` (``_fwd_cp``, ``_bwd_cp``): under ``jit`` with sharded inputs every
+   device runs the kernels on its own block of batch elements and heads; T and K are never split
+   (a T or K sharding is gathered first: the recurrence is sequential in T and mixes all of K).
 3. Entry kernels (``_entries``): jax-triton passes arrays, then scalars, then output pointers, while
    the shared kernels take outputs before scalars. Thin ``@triton.jit`` entries with jax-triton's
    order call the shared kernels (inlined by Triton) and derive their strides from the layout.
@@ -90,7 +91,8 @@ def unavailable_reason(head_size=None) -> tuple:
     if importlib.util.find_spec("triton") is None:
         return "Triton is not installed: pip install rwkv-ops-jax[gpu]", False
     if interpret_mode() and importlib.util.find_spec("torch") is None:
-        return "Triton's interpreter (TRITON_INTERPRET=1) runs on torch tensors: pip install torch", False
+        return ("Triton's interpreter (TRITON_INTERPRET=1) runs on torch tensors: "
+                "pip install torch"), False
     if head_size is not None:
         reason = check_head_size(int(head_size), SUPPORTED_HEAD_SIZES, KERNEL_TYPE)
         if reason is not None:
@@ -127,7 +129,8 @@ def _entries() -> dict:
     # makes an int argument equal to 1 a compile-time constant, i.e. one more compiled variant per
     # size that happens to be 1; biased, they never are (as the kernels' do_not_specialize).
     # Layout strides: stride_b = T*H*K in both layouts, in int64
-    # (T may come in as i32 or, when 1, as a constant); head_first: (t, h) = (K, T*K), else (H*K, K).
+    # (T may come in as i32 or, when 1, as a constant); head_first: (t, h) = (K, T*K),
+    # else (H*K, K).
     # INIT_MODE of the state entering a scan: 0 none, 1 [B, H, K, K], 2 [1, H, K, K] (broadcast),
     # 3 one per segment [B, H, NSEG, K, K]. Per-segment outputs are [B, H, NSEG, K, K].
     # VARLEN: B sequences packed as [1, total_T, H, K] (not head_first), boundaries in cu (int32
@@ -627,8 +630,9 @@ def _batch_head_axes(sharding, head_first):
     """Mesh axes of r's batch and head dimensions (None: not sharded)."""
     if not isinstance(sharding, NamedSharding):
         raise ValueError(
-            "rwkv-ops: the Triton kernels partition over batch and heads from a NamedSharding; got "
-            f"{type(sharding).__name__}. Shard the inputs with jax.sharding.NamedSharding (a Mesh).")
+            "rwkv-ops: the Triton kernels partition over batch and heads from a NamedSharding; "
+            f"got {type(sharding).__name__}. Shard the inputs with jax.sharding.NamedSharding "
+            "(a Mesh).")
     spec = tuple(sharding.spec) + (None,) * (4 - len(sharding.spec))
     return spec[0], spec[1] if head_first else spec[2]
 
@@ -668,7 +672,8 @@ def _def_partition(cp, roles_fn, local_fn):
                 + ", ".join(factors(r) for r in result_roles))
         # Shardy wants the special factors in the order the rule first names them
         order = dict.fromkeys(rule.replace(",", " ").replace("->", " ").split())
-        return rule, {"need_replication_factors": tuple(f for f in order if f in _REPLICATED_FACTORS)}
+        return rule, {"need_replication_factors": tuple(f for f in order
+                                                        if f in _REPLICATED_FACTORS)}
 
     cp.def_partition(partition=partition, infer_sharding_from_operands=infer_sharding_from_operands,
                      sharding_rule=sharding_rule)
