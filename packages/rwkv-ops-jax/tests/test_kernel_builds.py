@@ -112,12 +112,13 @@ def test_every_launch_compiles_for_sm80_and_sm90(monkeypatch):
 def test_register_cap_reaches_the_compile_options():
     """The JAX launcher's register cap (jax-triton's ``triton_call`` has none): a capped launch
     lowers with the backend ``_capped_backend`` makes, whose compile options carry maxnreg; the
-    gradient entry always gets a MAXNREG constexpr (None when uncapped), and an entry without one
+    gradient entry always gets the cap's constexpr (None when uncapped), and an entry without one
     refuses a cap rather than ignoring it."""
     options = launcher._capped_backend(168)(0, 90).parse_options({"num_warps": 4, "num_stages": 1})
     assert options.maxnreg == 168 and options.num_warps == 4
     entries = launcher._entries()
-    assert launcher._with_cap(entries["bwd"], "bwd", 168, {"K": 64}) == {"K": 64, "MAXNREG": 168}
-    assert launcher._with_cap(entries["bwd"], "bwd", None, {})["MAXNREG"] is None
+    cap = launcher.CAP_PARAM
+    assert launcher._with_cap(entries["bwd"], "bwd", 168, {"K": 64}) == {"K": 64, cap: 168}
+    assert launcher._with_cap(entries["bwd"], "bwd", None, {})[cap] is None
     with pytest.raises(ValueError, match="no register cap"):
         launcher._with_cap(entries["prep"], "prep", 168, {})

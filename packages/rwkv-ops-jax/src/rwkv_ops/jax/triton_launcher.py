@@ -252,8 +252,9 @@ def _entries() -> dict:
                      H: tl.constexpr, K: tl.constexpr, KB: tl.constexpr,
                      HEAD_FIRST: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr,
                      VARLEN: tl.constexpr, FULL: tl.constexpr, PREFETCH: tl.constexpr,
-                     MAXNREG: tl.constexpr):
-        # MAXNREG: the launch's register cap, read by the lowering (_register_cap_lowering)
+                     RWKV_OPS_MAXNREG: tl.constexpr):
+        # RWKV_OPS_MAXNREG (CAP_PARAM): the launch's register cap, read by the lowering
+        # (_register_cap_lowering), not by the kernel
         T, BH, NC = T_p1 - 1, BH_p1 - 1, NC_p1 - 1
         stride_b, stride_t, stride_h = layout_strides(T, H, K, HEAD_FIRST)
         _chunk_bwd_kernel(r, w, k, v, a, b, dy, mask, ckpt, cks, gck, gks, pm, cu,
@@ -312,15 +313,18 @@ def _launch(entry, arrays, scalars, outs, grid, warps, stages, maxnreg=None, **c
 
 
 def _with_cap(kernel, entry, maxnreg, constexprs):
-    """constexprs with the entry's MAXNREG set to maxnreg (an entry that takes a register cap
+    """constexprs with the entry's CAP_PARAM set to maxnreg (an entry that takes a register cap
     always gets one, None included: one compile-cache key per cap)."""
-    if "MAXNREG" in kernel.arg_names:
-        return dict(constexprs, MAXNREG=maxnreg)
+    if CAP_PARAM in kernel.arg_names:
+        return {**constexprs, CAP_PARAM: maxnreg}
     if maxnreg is not None:
         raise ValueError(f"entry {entry} takes no register cap")
     return constexprs
 
 
+# the entry constexpr that carries a launch's register cap to the lowering; a name no other
+# kernel lowered through jax-triton in the same process is likely to use
+CAP_PARAM = "RWKV_OPS_MAXNREG"
 _CAP_LOCK = threading.Lock()
 _CAP_LOWERING = []
 
@@ -328,7 +332,7 @@ _CAP_LOWERING = []
 def _register_cap_lowering():
     """Give jax-triton's launches a register cap: its ``triton_call`` has no ``maxnreg`` option,
     so its CUDA lowering is wrapped once per process. A launch whose parameters hold
-    ``MAXNREG`` (a constexpr of the entry that the kernel does not read; part of jax-triton's
+    ``CAP_PARAM`` (a constexpr of the entry that the kernel does not read; part of jax-triton's
     compile-cache key) compiles with Triton's ``maxnreg`` set to it, as the PyTorch launcher's
     launch option does; every other launch lowers exactly as before (jax-triton's own function
     and backend). Raises KernelUnavailableError naming the version when jax-triton's internals
@@ -351,7 +355,7 @@ def _register_cap_lowering():
                 f"{error}") from error
 
         def lowering(ctx, *args, **params):
-            cap = params.get("MAXNREG")
+            cap = params.get(CAP_PARAM)
             return lower(plain if cap is None else _capped_backend(cap), ctx, *args, **params)
 
         mlir.register_lowering(primitive, lowering, platform="cuda")
