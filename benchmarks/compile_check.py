@@ -17,8 +17,9 @@ passed (an int or a float)}, "constexprs": {name: value}, "warps": 4, "stages": 
 types as its launcher types them (``signature``: i32 or i64 by range, fp32, and ints divisible
 by 16 declared so), and launches that differ only in values of the same type are compiled once.
 It prints one line per launch and target (registers, spill stack, shared memory, programs per
-SM) and exits 1 if a launch does not compile or does not fit: more shared memory than a program may have, or no program per SM. A launch with more than
-SPILL_WARN bytes of spill stack per thread is marked WARN (slow, not wrong).
+SM) and exits 1 if a launch does not compile or does not fit: more shared memory than a program
+may have, or no program per SM. A launch with more than SPILL_WARN bytes of spill stack per
+thread is marked WARN (slow, not wrong).
 
 The compile assumes what the launchers give: pointers 16-byte aligned, and an int argument
 divisible by 16 known to be so (unless the kernel does not specialise it). Run it with the Triton

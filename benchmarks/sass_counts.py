@@ -103,12 +103,11 @@ def main(argv):
         constexprs.update({k: v for k, v in changes.items() if k in fn.arg_names})
         warps = changes.get("warps", warps)
         stages = changes.get("stages", stages)
-        compiled = compile_sm90(fn, constexprs, warps, stages,
-                                changes.get("maxnreg", CAPS.get(name)))
+        cap = changes.get("maxnreg", CAPS.get(name))
+        compiled = compile_sm90(fn, constexprs, warps, stages, cap)
         regs, stack, total, ops = sass_report(compiled)
         shared = compiled.metadata.shared
         shown = " ".join(f"{k}={v}" for k, v in sorted(constexprs.items()))
-        cap = changes.get("maxnreg", CAPS.get(name))
         shown += f", maxnreg {cap}" if cap else ""
         print(f"{name} ({shown}, {warps} warps, {stages} stages): {regs} registers, "
               f"{stack} B spill stack, {total} SASS instructions per warp, {shared} B shared, "

@@ -130,6 +130,16 @@ def _chunk_factors(r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, t, T, cols, stride_t, vali
 
 
 @triton.jit
+def _state_factors(a_t, k_h, b_h, to_mid, mid_to_end, PREC: tl.constexpr):
+    """(a_s, k_bar, b_bar): the factors that meet the state, anchored at the chunk's start (a)
+    and end (k, b), from the mid-anchored ones of ``_chunk_factors``; rounded from the unrounded
+    factors as the forward does (its exponentials are in log2 units, ``chunk_log2_decays``: a
+    factor may differ in its last bit)."""
+    return (tf32(a_t * to_mid[None, :], PREC), tf32(k_h * mid_to_end[None, :], PREC),
+            tf32(b_h * mid_to_end[None, :], PREC))
+
+
+@triton.jit
 def _prefetch_chunk(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, ckpt_ptr, gck_ptr, pm_ptr,
                     c, bh, H, NC, seq, T_n, stride_t, stride_h, K: tl.constexpr):
     """Prefetch into L2 what the gradient program of chunk c of sequence bh reads (its sequence
@@ -253,11 +263,7 @@ def chunk_bwd_kernel(
         _, k_h, a_t, b_h, _, _, _, _, _, _, _, to_mid, mid_to_end, _, _ = _chunk_factors(
             r_ptr + base, w_ptr + base, k_ptr + base, a_ptr + base, b_ptr + base, t, T_n, kcol,
             stride_t, valid, PREC, FULL)
-        # rounded from the unrounded factors as the forward does (its exponentials are in log2
-        # units, ``chunk_log2_decays``: a factor may differ in its last bit)
-        a_s = tf32(a_t * to_mid[None, :], PREC)
-        k_bar = tf32(k_h * mid_to_end[None, :], PREC)
-        b_bar = tf32(b_h * mid_to_end[None, :], PREC)
+        a_s, k_bar, b_bar = _state_factors(a_t, k_h, b_h, to_mid, mid_to_end, PREC)
         tile = vrow[:, None] * K + kcol[None, :]
         S0 = tl.load(ckpt_ptr + st_base + tile).to(tl.float32)
         G = tl.load(gck_ptr + st_base + tile).to(tl.float32)
@@ -302,9 +308,7 @@ def chunk_bwd_kernel(
             decay_end, lam_raw = _chunk_factors(
             r_ptr + base, w_ptr + base, k_ptr + base, a_ptr + base, b_ptr + base, t, T_n, kcol,
             stride_t, valid, PREC, FULL)
-        a_s = tf32(a_t * to_mid[None, :], PREC)
-        k_bar = tf32(k_h * mid_to_end[None, :], PREC)
-        b_bar = tf32(b_h * mid_to_end[None, :], PREC)
+        a_s, k_bar, b_bar = _state_factors(a_t, k_h, b_h, to_mid, mid_to_end, PREC)
         # the pair gradients use the same tf32-exact factors as the products they differentiate:
         # each pair term dA_ij q_i k_j then comes out identical (exact products, fp32 sums) in its
         # row and in its column, and the telescoping sum of dlambda below cancels it exactly
