@@ -111,6 +111,24 @@ def test_automatic_op_validates_with_library_messages():
         rt.generalized_delta_rule(*xs, torch.zeros(2, 2, 16, 8))
 
 
+def test_non_tensor_inputs_raise_type_error():
+    """NumPy arrays (what a user of the default backend may pass) are refused with a TypeError
+    that says what to do, by every torch entry point, instead of failing inside them."""
+    xs, s0 = inputs()
+    arrays = [x.numpy() for x in xs]
+    calls = {
+        "generalized_delta_rule": lambda: rt.generalized_delta_rule(*arrays),
+        "native": lambda: native.generalized_delta_rule(*arrays),
+        "initial_state": lambda: rt.generalized_delta_rule(*xs, s0.numpy()),
+        "single step": lambda: rt.rwkv7_op_rnn(*(x[:, :1] for x in arrays), s0.numpy()),
+        "varlen": lambda: rt.generalized_delta_rule_varlen(
+            *(x[:1] for x in arrays), cu_seqlens=torch.tensor([0, 21], dtype=torch.int32)),
+    }
+    for name, call in calls.items():
+        with pytest.raises(TypeError, match="takes torch.Tensor inputs, got numpy.ndarray"):
+            call()
+
+
 def test_missing_module_is_unavailable(monkeypatch):
     monkeypatch.setitem(api.KERNEL_MODULES, "triton", "rwkv_ops.torch.no_such_launcher")
     expected = ("not included in this build of rwkv-ops-torch", False)

@@ -27,7 +27,14 @@ GPU_KERNEL_TYPES = ("triton", "cuda")
 
 
 def tensor_info(x) -> TensorInfo:
-    """Describe a torch tensor for :func:`rwkv_ops.common.check_inputs`."""
+    """Describe a torch tensor for :func:`rwkv_ops.common.check_inputs`; TypeError for anything
+    else (a NumPy array, a list), which the torch operators do not convert."""
+    if not isinstance(x, torch.Tensor):
+        kind = type(x)
+        raise TypeError(
+            f"rwkv-ops: the torch operator takes torch.Tensor inputs, got "
+            f"{kind.__module__}.{kind.__qualname__}; convert with torch.as_tensor, or use another "
+            f"framework's operator (KERNEL_BACKEND=numpy, jax, tensorflow).")
     floating = x.is_floating_point()
     return TensorInfo(shape=tuple(x.shape), is_floating=floating,
                       dtype=str(x.dtype).replace("torch.", ""), device=str(x.device),
