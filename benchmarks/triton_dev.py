@@ -251,6 +251,11 @@ def main():
             **{f"bwd-kb64-r{n}-p{p}": dict(kb_bwd=64, maxnreg_bwd=n, prefetch_bwd=p)
                for n in (128, 168) for p in (0, 198, 264, 396)},
             "bwd-kb32-w8": dict(kb_bwd=32, warps_bwd=8),
+            "bwd-uncapped": dict(maxnreg_bwd=None),
+            "bwd-uncapped-p132": dict(maxnreg_bwd=None, prefetch_bwd=132),
+            **{f"bwd-w8-r{n}{f'-p{p}' if p else ''}": dict(warps_bwd=8, maxnreg_bwd=n, prefetch_bwd=p)
+               for n in (112, 128) for p in (0, 132)},
+            "bwd-w8-kb32-r128": dict(warps_bwd=8, kb_bwd=32, maxnreg_bwd=128),
             "fwd-bv32-w2": dict(bv_fwd=32, warps_fwd=2),
             "fwd-stages3": dict(stages_fwd=3),
             "state-stages2": dict(stages_state=2),

@@ -21,11 +21,13 @@ unchanged), and a gradient program of a chunk wholly past the end returns at onc
 import triton
 import triton.language as tl
 
-from .chunk_common import (FLOOR_, L_, PAIRS_, SCALES_, chunk_log_decays, exp_,
-                           joint_row_operands, load_operand, load_pair_matrices, load_scales,
+from .chunk_common import (FLOOR_, L_, PAIRS_, SCALE_B_, SCALE_KC_, SCALE_W_, SCALES_,
+                           chunk_log_decays, exp_, joint_row_operands, load_operand,
+                           load_pair_matrices, load_scales,
                            load_tile, prefetch_rows, prefetch_span, row_operand, scan_program,
                            segment_start_state, sequence_span, step_sums, step_validity,
-                           store_cast, store_operand_rows, tf32, tile_scales, zero_invalid)
+                           store_cast, store_operand_rows, tf32, tile_scale, tile_scales,
+                           zero_invalid)
 
 
 @triton.jit(do_not_specialize=["T", "H", "BH", "NC", "CPS"])
@@ -182,7 +184,7 @@ def _prefetch_inputs(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, ckpt_ptr,
 @triton.jit(do_not_specialize=["T", "H", "BH", "NC"])
 def chunk_bwd_kernel(
     r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, mask_ptr, ckpt_ptr, cks_ptr, gck_ptr, gks_ptr,
-    pm_ptr, cu_ptr,
+    pm_ptr, cu_ptr, wt_ptr, bt_ptr, kct_ptr, sct_ptr,
     dr_ptr, dw_ptr, dk_ptr, dv_ptr, da_ptr, db_ptr,
     T, H, BH, NC,
     stride_b, stride_t, stride_h,
@@ -197,7 +199,9 @@ def chunk_bwd_kernel(
     scales in cks and gks [B*H, NC, K], or fp32): tf32-exact in tf32 mode, so this kernel's
     products read them as they are. pm: the pair matrices A_qk, A_qb, A_ak and N of every chunk
     as the prep kernel computed them for the forward ([B*H, NC, PAIR_MATRICES, 16, 16] fp32,
-    ``store_pair_matrices``). Outputs: like their inputs. VARLEN: packed sequences (cu, as in the
+    ``store_pair_matrices``). wt, bt, kct, sct: the prep kernel's W, b_bar and Kc tiles of
+    every chunk and their inverse scales, as the forward scan used them. Outputs: like their
+    inputs. VARLEN: packed sequences (cu, as in the
     forward); a chunk wholly past its sequence's end stores nothing. FULL: every chunk is whole
     and every step valid (``configs.whole_chunks``): no masks, loads or stores. PREFETCH > 0 (GPU
     only): each program first asks L2 for the inputs of the program PREFETCH ahead of it
@@ -209,8 +213,10 @@ def chunk_bwd_kernel(
     the chunk (decays, exponentials, q~, k^, a~, b^ and their gradients) belongs to one key
     channel, so the channels are worked in blocks of KB, in two passes:
 
-    1. the products that sum over the state's key columns (S0 a_s^T, G b_bar^T, G k_bar^T), one
-       block of KB columns of the checkpoints and KB channels of factors at a time;
+    1. the products that sum over the state's key columns, from the prep's kept tiles, one
+       block of KB columns at a time: S0 W^T (U = S0 W^T + V Ak^T, Ak = N A_ak, the forward's
+       own form), G b_bar^T and G Kc^T (G k_bar^T = G Kc^T - G b_bar^T Ak); no factor of the
+       chunk is computed in this pass;
     2. after the V-side chain (U, dU, dX, dv and the four [16, 16] pair gradients, which need
        those sums whole), for each block of KB channels: its K-side sums (S0^T dy, S0^T dX,
        G^T v, G^T U), its factors rebuilt from the (cached) inputs, and its five gradients.
@@ -254,31 +260,41 @@ def chunk_bwd_kernel(
     s_ck = tl.load(cks_ptr + sc_base + vrow)
     s_gk = tl.load(gks_ptr + sc_base + vrow)
 
-    # pass 1: the sums over the state's key columns, KB columns at a time
-    XS = tl.zeros([K, L_], dtype=tl.float32)    # S0 a_s^T
-    GB = tl.zeros([K, L_], dtype=tl.float32)    # G b_bar^T
-    GK = tl.zeros([K, L_], dtype=tl.float32)    # G k_bar^T
+    # pass 1: the products with the state's key columns, from the prep's kept tiles (fp16 scaled
+    # per chunk, or fp32: the values the forward's products took), KB columns at a time:
+    # U = X N^T = S0 W^T + V Ak^T (W = N a_s, Ak = N A_ak), G b_bar^T, and
+    # G k_bar^T = G Kc^T - (G b_bar^T) Ak (Kc = k_bar + Ak^T b_bar)
+    sc = load_scales(sct_ptr + (bh.to(tl.int64) * NC + c) * SCALES_,
+                     tl.full([SCALES_], 1, tl.int1))
+    Ak = tf32(tl.dot(N, A_ak, input_precision=PREC), PREC)
+    SW = tl.zeros([K, L_], dtype=tl.float32)     # S0 W^T
+    GB = tl.zeros([K, L_], dtype=tl.float32)     # G b_bar^T
+    GKc = tl.zeros([K, L_], dtype=tl.float32)    # G Kc^T
+    cbase = (bh.to(tl.int64) * NC + c) * L_ * K
     for kb in range(0, NKB):
         kcol = kb * KB + tl.arange(0, KB)
-        _, k_h, a_t, b_h, _, _, _, _, _, _, _, to_mid, mid_to_end, _, _ = _chunk_factors(
-            r_ptr + base, w_ptr + base, k_ptr + base, a_ptr + base, b_ptr + base, t, T_n, kcol,
-            stride_t, valid, PREC, FULL)
-        a_s, k_bar, b_bar = _state_factors(a_t, k_h, b_h, to_mid, mid_to_end, PREC)
+        ktile = rows[:, None] * K + kcol[None, :]
+        Wc = tl.load(wt_ptr + cbase + ktile)
+        Bc = tl.load(bt_ptr + cbase + ktile)
+        Kc = tl.load(kct_ptr + cbase + ktile)
         tile = vrow[:, None] * K + kcol[None, :]
-        S0 = tl.load(ckpt_ptr + st_base + tile).to(tl.float32)
-        G = tl.load(gck_ptr + st_base + tile).to(tl.float32)
-        XS = tl.dot(S0, tl.trans(a_s), XS, input_precision=PREC)
-        GB = tl.dot(G, tl.trans(b_bar), GB, input_precision=PREC)
-        GK = tl.dot(G, tl.trans(k_bar), GK, input_precision=PREC)
+        S0 = tl.load(ckpt_ptr + st_base + tile)
+        G = tl.load(gck_ptr + st_base + tile)
+        SW = tl.dot(S0, tl.trans(Wc), SW, input_precision=PREC)
+        GB = tl.dot(G, tl.trans(Bc), GB, input_precision=PREC)
+        GKc = tl.dot(G, tl.trans(Kc), GKc, input_precision=PREC)
 
-    # the V-side chain, all value rows at once
-    XT = tl.dot(vvT, tl.trans(A_ak), input_precision=PREC) + XS * s_ck[:, None]
-    UT = tf32(tl.dot(tf32(XT, PREC), tl.trans(N), input_precision=PREC), PREC)
-    dUT = tl.dot(dyT, A_qb, input_precision=PREC) + GB * s_gk[:, None]
+    # the V-side chain, all value rows at once (the tile and row scales are powers of two)
+    UT = tl.dot(vvT, tl.trans(Ak), input_precision=PREC)
+    UT = tf32(UT + SW * (s_ck * tile_scale(sc, SCALE_W_))[:, None], PREC)
+    GB = GB * (s_gk * tile_scale(sc, SCALE_B_))[:, None]
+    dUT = tl.dot(dyT, A_qb, input_precision=PREC) + GB
+    GK = (GKc * (s_gk * tile_scale(sc, SCALE_KC_))[:, None]
+          - tl.dot(tf32(GB, PREC), Ak, input_precision=PREC))
     dXT = tf32(tl.dot(tf32(dUT, PREC), N, input_precision=PREC), PREC)
     dvT = tl.dot(dyT, A_qk, input_precision=PREC)
     dvT = tl.dot(dXT, A_ak, dvT, input_precision=PREC)
-    dvT = zero_invalid(dvT + GK * s_gk[:, None], valid[None, :], FULL)
+    dvT = zero_invalid(dvT + GK, valid[None, :], FULL)
     store_cast(dv_ptr + vt, dvT, inb, FULL)
     dA_qk = tl.where(incl, tl.dot(tl.trans(dyT), vvT, input_precision=PREC), 0.0)
     dA_qb = tl.where(incl, tl.dot(tl.trans(dyT), UT, input_precision=PREC), 0.0)

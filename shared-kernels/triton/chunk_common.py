@@ -306,16 +306,18 @@ def load_scales(scale_ptr, live):
 
 
 @triton.jit
+def tile_scale(sc, index: tl.constexpr):
+    """One of a chunk's inverse tile scales (``load_scales``; index SCALE_W_, SCALE_B_, ...)."""
+    return tl.sum(tl.where(tl.arange(0, SCALES_) == index, sc, 0.0), axis=0)
+
+
+@triton.jit
 def tile_scales(sc):
     """The inverse scales a scan applies for one chunk, from its four (``load_scales``): (W's
     times b_bar's, Kc's, R2's). The reduction waits for their load (where the forward scan does
     it, see chunk_scan_fwd_kernel)."""
-    j = tl.arange(0, SCALES_)
-    s_w = tl.sum(tl.where(j == SCALE_W_, sc, 0.0), axis=0)
-    s_b = tl.sum(tl.where(j == SCALE_B_, sc, 0.0), axis=0)
-    s_kc = tl.sum(tl.where(j == SCALE_KC_, sc, 0.0), axis=0)
-    s_r2 = tl.sum(tl.where(j == SCALE_R2_, sc, 0.0), axis=0)
-    return s_w * s_b, s_kc, s_r2
+    return (tile_scale(sc, SCALE_W_) * tile_scale(sc, SCALE_B_), tile_scale(sc, SCALE_KC_),
+            tile_scale(sc, SCALE_R2_))
 
 
 @triton.jit

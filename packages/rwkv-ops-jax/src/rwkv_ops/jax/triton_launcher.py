@@ -6,8 +6,8 @@ The same kernels, grids and launch configuration (``configs.chunk_config``) as t
 * forward: ``chunk_prep_kernel`` (chunk-parallel K-side tiles), [segments only]
   ``chunk_scan_fwd_kernel`` (LOCAL) + ``state_combine_kernel``, then ``chunk_scan_fwd_kernel``,
   which writes o, the final state and, when a gradient will be needed, the state entering every
-  chunk (those checkpoints, the prep tiles W, b_bar, R2, dec and the chunks' pair matrices are
-  the backward's residuals; the checkpoints and the tiles are fp16 scaled by powers of two with
+  chunk (those checkpoints, the prep tiles W, b_bar, Kc, R2, dec and the chunks' pair matrices
+  are the backward's residuals; the checkpoints and the tiles are fp16 scaled by powers of two with
   tf32 products, exactly, and fp32 otherwise: ``configs.tile_dtype``).
 * backward: [segments only] ``chunk_scan_bwd_kernel`` (LOCAL) + ``state_combine_kernel``
   (reverse), then ``chunk_scan_bwd_kernel`` (state gradient at every chunk end, and the initial
@@ -246,7 +246,7 @@ def _entries() -> dict:
                                SAVE_CKPT=SAVE_CKPT, WRITE_END=WRITE_END, PREC=PREC, VARLEN=VARLEN)
 
     @triton.jit
-    def rwkv_gdr_bwd(r, w, k, v, a, b, dy, mask, ckpt, cks, gck, gks, pm, cu,
+    def rwkv_gdr_bwd(r, w, k, v, a, b, dy, mask, ckpt, cks, gck, gks, pm, cu, wt, bt, kct, sct,
                      T_p1, BH_p1, NC_p1,
                      dr, dw, dk, dv, da, db,
                      H: tl.constexpr, K: tl.constexpr, KB: tl.constexpr,
@@ -257,8 +257,8 @@ def _entries() -> dict:
         # (_register_cap_lowering), not by the kernel
         T, BH, NC = T_p1 - 1, BH_p1 - 1, NC_p1 - 1
         stride_b, stride_t, stride_h = layout_strides(T, H, K, HEAD_FIRST)
-        _chunk_bwd_kernel(r, w, k, v, a, b, dy, mask, ckpt, cks, gck, gks, pm, cu,
-                          dr, dw, dk, dv, da, db,
+        _chunk_bwd_kernel(r, w, k, v, a, b, dy, mask, ckpt, cks, gck, gks, pm, cu, wt, bt, kct,
+                          sct, dr, dw, dk, dv, da, db,
                           T, H, BH, NC, stride_b, stride_t, stride_h,
                           K=K, KB=KB, HAS_MASK=HAS_MASK, PREC=PREC, VARLEN=VARLEN, FULL=FULL,
                           PREFETCH=PREFETCH)
@@ -462,7 +462,7 @@ def _forward_local(static, *arrays):
     ``has_mask``, then cu_seqlens (int32 [N + 1]) when ``max_len`` (packed sequences: B reads N).
     With ``save`` the residuals of the backward follow: the state entering every chunk
     [B, H, NC, K, K] and its rows' inverse scales [B, H, NC, K], the segment transitions
-    [B, H, n_seg, K, K] (only when ``n_seg > 1``), the prep kernel's tiles W, b_bar, R2
+    [B, H, n_seg, K, K] (only when ``n_seg > 1``), the prep kernel's tiles W, b_bar, Kc, R2
     [B, H, NC, 16, K], dec [B, H, NC, K], the tiles' inverse scales [B, H, NC, 4] and the chunks'
     pair matrices [B, H, NC, 4, 16, 16]. The checkpoints and the tiles are fp16 with tf32 products
     (scaled, exact: ``configs.tile_dtype``) and fp32 otherwise; the rest is fp32.
@@ -521,14 +521,15 @@ def _forward_local(static, *arrays):
         INIT_MODE=init_mode, LOCAL=False, WRITE_Y=True, SAVE_CKPT=save, WRITE_END=True, **common)
     if not save:
         return y, final
-    return (y, final, ckpt, cks) + ((seg_m,) if n_seg > 1 else ()) + (wt, bt, r2t, dect, sct, pm)
+    return ((y, final, ckpt, cks) + ((seg_m,) if n_seg > 1 else ())
+            + (wt, bt, kct, r2t, dect, sct, pm))
 
 
 def _backward_local(static, *arrays):
     """(dr, dw, dk, dv, da, db[, d_initial_state [B, H, K, K] fp32]) of local arrays.
 
     arrays: r, w, k, v, a, b, [uint8 mask], [int32 cu_seqlens], then the forward's residuals
-    (checkpoints, their scales, [segment transitions], W, b_bar, R2, dec, tile scales, pair
+    (checkpoints, their scales, [segment transitions], W, b_bar, Kc, R2, dec, tile scales, pair
     matrices), then do and d_final_state.
     """
     r, w, k, v, a, b = arrays[:6]
@@ -538,7 +539,7 @@ def _backward_local(static, *arrays):
     ckpt = rest.pop(0)
     cks = rest.pop(0)
     seg_m = rest.pop(0) if static.n_seg > 1 else None
-    wt, bt, r2t, dect, sct, pm, dy, dfinal = rest
+    wt, bt, kct, r2t, dect, sct, pm, dy, dfinal = rest
     B, T, H, K = _dims(r, static.head_first, cu, static.max_len)
     BH, NC = B * H, -(-T // CHUNK)
     cfg = select_config(K, r.dtype, T, BH, _sm_count())
@@ -570,7 +571,8 @@ def _backward_local(static, *arrays):
          _sds((B, H, K, K)) if need_ds0 else _UNUSED),
         (nv * BH * n_seg,), cfg.warps_state, cfg.stages_state,
         INIT_MODE=init_mode, LOCAL=False, SAVE_CKPT=True, WRITE_END=need_ds0, **common)
-    grad_args = ((r, w, k, v, a, b, dy, m, ckpt, cks, gck, gks, pm, c), (T, BH, NC),
+    grad_args = ((r, w, k, v, a, b, dy, m, ckpt, cks, gck, gks, pm, c, wt, bt, kct, sct),
+                 (T, BH, NC),
                  tuple(_sds(x.shape, x.dtype) for x in (r, w, k, v, a, b)), (NC * BH,),
                  cfg.warps_bwd, cfg.stages_bwd)
     flags = dict(H=H, K=K, HEAD_FIRST=static.head_first, HAS_MASK=mask is not None, PREC=prec,
@@ -603,13 +605,13 @@ def _fwd_roles(static):
     results = ["x", "s"]
     if static.save:
         results += ["c", "d"] + (["g"] if static.n_seg > 1 else [])
-        results += ["p", "p", "p", "d", "e", "q"]
+        results += ["p", "p", "p", "p", "d", "e", "q"]
     return args, results
 
 
 def _bwd_roles(static):
     args = ["x"] * 6 + (["m"] if static.has_mask else []) + ["c", "d"]
-    args += (["g"] if static.n_seg > 1 else []) + ["p", "p", "p", "d", "e", "q", "x", "s"]
+    args += (["g"] if static.n_seg > 1 else []) + ["p", "p", "p", "p", "d", "e", "q", "x", "s"]
     results = ["x"] * 6 + (["s"] if static.init_mode else [])
     return args, results
 

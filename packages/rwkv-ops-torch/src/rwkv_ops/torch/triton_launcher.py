@@ -12,7 +12,7 @@ Passes of one call (B*H sequences of T steps, NC = ceil(T / 16) chunks):
 * forward: ``chunk_prep_kernel`` (chunk-parallel K-side tiles), [segments only]
   ``chunk_scan_fwd_kernel`` (LOCAL) + ``state_combine_kernel``, then ``chunk_scan_fwd_kernel``,
   which writes o, the final state and, when a gradient will be needed, the state entering every
-  chunk (the prep tiles W, b_bar, R2, dec and the chunks' pair matrices are kept for the
+  chunk (the prep tiles W, b_bar, Kc, R2, dec and the chunks' pair matrices are kept for the
   backward too; the checkpoints and the tiles are fp16 scaled by powers of two with tf32
   products, exactly, and fp32 otherwise: ``configs.tile_dtype``).
 * backward: [segments only] ``chunk_scan_bwd_kernel`` (LOCAL) + ``state_combine_kernel``
@@ -113,10 +113,10 @@ def _compute_precision(*xs) -> str:
 
 def _kept_dtypes(prec: str) -> tuple:
     """dtypes of the forward op's outputs kept for the backward, in the op's order: checkpoints,
-    their scales, segment transitions, W, b_bar, R2, dec, tile scales, pair matrices (the tiles
-    and checkpoints in ``configs.tile_dtype``)."""
+    their scales, segment transitions, W, b_bar, Kc, R2, dec, tile scales, pair matrices (the
+    tiles and checkpoints in ``configs.tile_dtype``)."""
     tile, f32 = _TORCH_DTYPES[_kernels()[2].tile_dtype(prec)], torch.float32
-    return (tile, f32, f32, tile, tile, tile, f32, f32, f32)
+    return (tile, f32, f32, tile, tile, tile, tile, f32, f32, f32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,7 +206,7 @@ def _forward_impl(r, w, k, v, a, b, initial_state, mask, head_first, chunks_per_
         return y, final, None
     if seg_m is None:
         seg_m = torch.empty((0,), dtype=f32, device=dev)
-    return y, final, (ckpt, cks, seg_m, wt, bt, r2t, dect, sct, pm)
+    return y, final, (ckpt, cks, seg_m, wt, bt, kct, r2t, dect, sct, pm)
 
 
 def _forward_fake(r, w, k, v, a, b, initial_state, mask, head_first, chunks_per_segment, save,
@@ -217,7 +217,8 @@ def _forward_fake(r, w, k, v, a, b, initial_state, mask, head_first, chunks_per_
     configs = _kernels()[2]
     BH = B * H
     shapes = ((BH, NC, K, K), (BH, NC, K), (BH, n_seg, K, K) if n_seg > 1 else (0,),
-              (BH, NC, CHUNK, K), (BH, NC, CHUNK, K), (BH, NC, CHUNK, K), (BH, NC, K),
+              (BH, NC, CHUNK, K), (BH, NC, CHUNK, K), (BH, NC, CHUNK, K), (BH, NC, CHUNK, K),
+              (BH, NC, K),
               (BH, NC, configs.TILE_SCALES), (BH, NC, configs.PAIR_MATRICES, CHUNK, CHUNK))
     dtypes = _kept_dtypes(_compute_precision(r, w, k, v, a, b))
     return (r.new_empty(r.shape), r.new_empty((B, H, K, K), dtype=torch.float32),
@@ -232,7 +233,7 @@ def triton_gdr_fwd(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.T
                    save: bool, cu_seqlens: Optional[torch.Tensor],
                    max_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                           torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                          torch.Tensor, torch.Tensor, torch.Tensor]:
+                                          torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward custom op on contiguous inputs (T >= 1); mask as uint8 [B, T] or None.
 
     With ``cu_seqlens`` (int32 [N + 1], never with a mask or head_first) the inputs are N
@@ -243,7 +244,7 @@ def triton_gdr_fwd(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.T
     Returns (o, final_state fp32 [B, H, K, K], then what the backward needs, each empty unless
     ``save``: checkpoints [B*H, NC, K, K] (state entering every chunk; fp16 with tf32 products,
     scaled per row, else fp32) and their rows' inverse scales fp32 [B*H, NC, K], segment transitions
-    fp32 [B*H, n_segments, K, K] (empty without segments), the prep tiles W, b_bar, R2
+    fp32 [B*H, n_segments, K, K] (empty without segments), the prep tiles W, b_bar, Kc, R2
     [B*H, NC, 16, K] (fp16 with tf32 products, else fp32: ``configs.tile_dtype``), dec
     [B*H, NC, K] fp32, the tiles' inverse scales fp32 [B*H, NC, 4], and the chunks' pair
     matrices fp32 [B*H, NC, 4, 16, 16]).
@@ -264,8 +265,8 @@ triton_gdr_fwd.register_fake(_forward_fake)
 # backward
 
 
-def _backward_impl(r, w, k, v, a, b, initial_state, mask, ckpt, cks, seg_m, wt, bt, r2t, dect,
-                   sct, pm, do, dfinal, head_first, chunks_per_segment, cu_seqlens=None,
+def _backward_impl(r, w, k, v, a, b, initial_state, mask, ckpt, cks, seg_m, wt, bt, kct, r2t,
+                   dect, sct, pm, do, dfinal, head_first, chunks_per_segment, cu_seqlens=None,
                    max_len=0):
     chunk_fwd, chunk_bwd, configs = _kernels()
     (B, T, H, K), (sb, st, sh), BH, NC, n_seg, cfg, prec, _, m, cu = _launch_plan(
@@ -308,7 +309,7 @@ def _backward_impl(r, w, k, v, a, b, initial_state, mask, ckpt, cks, seg_m, wt, 
         PREC=prec, VARLEN=varlen, num_warps=cfg.warps_state, num_stages=cfg.stages_state)
     grads = [torch.empty(x.shape, dtype=x.dtype, device=dev) for x in (r, w, k, v, a, b)]
     chunk_bwd.chunk_bwd_kernel[(NC * BH,)](
-        r, w, k, v, a, b, do, m, ckpt, cks, gck, gks, pm, cu,
+        r, w, k, v, a, b, do, m, ckpt, cks, gck, gks, pm, cu, wt, bt, kct, sct,
         *grads,
         T, H, BH, NC, sb, st, sh,
         K=K, KB=cfg.kb_bwd, HAS_MASK=has_mask, PREC=prec, VARLEN=varlen,
@@ -323,22 +324,23 @@ def _backward_impl(r, w, k, v, a, b, initial_state, mask, ckpt, cks, seg_m, wt, 
 def triton_gdr_bwd(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    a: torch.Tensor, b: torch.Tensor, initial_state: Optional[torch.Tensor],
                    mask: Optional[torch.Tensor], ckpt: torch.Tensor, cks: torch.Tensor,
-                   seg_m: torch.Tensor, wt: torch.Tensor, bt: torch.Tensor, r2t: torch.Tensor,
-                   dect: torch.Tensor, sct: torch.Tensor, pm: torch.Tensor, do: torch.Tensor,
+                   seg_m: torch.Tensor, wt: torch.Tensor, bt: torch.Tensor, kct: torch.Tensor,
+                   r2t: torch.Tensor, dect: torch.Tensor, sct: torch.Tensor, pm: torch.Tensor,
+                   do: torch.Tensor,
                    dfinal: Optional[torch.Tensor], head_first: bool,
                    chunks_per_segment: int, cu_seqlens: Optional[torch.Tensor],
                    max_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                           torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward custom op: (dr, dw, dk, dv, da, db, d_initial_state fp32 [B, H, K, K] or empty);
     cu_seqlens / max_len as in the forward (B = N sequences)."""
-    return _backward_impl(r, w, k, v, a, b, initial_state, mask, ckpt, cks, seg_m, wt, bt, r2t,
-                          dect, sct, pm, do, dfinal, head_first, chunks_per_segment, cu_seqlens,
-                          max_len)
+    return _backward_impl(r, w, k, v, a, b, initial_state, mask, ckpt, cks, seg_m, wt, bt, kct,
+                          r2t, dect, sct, pm, do, dfinal, head_first, chunks_per_segment,
+                          cu_seqlens, max_len)
 
 
 @triton_gdr_bwd.register_fake
-def _(r, w, k, v, a, b, initial_state, mask, ckpt, cks, seg_m, wt, bt, r2t, dect, sct, pm, do,
-      dfinal, head_first, chunks_per_segment, cu_seqlens, max_len):
+def _(r, w, k, v, a, b, initial_state, mask, ckpt, cks, seg_m, wt, bt, kct, r2t, dect, sct, pm,
+      do, dfinal, head_first, chunks_per_segment, cu_seqlens, max_len):
     (B, T, H, K), _ = _layout(r, head_first, cu_seqlens, max_len)
     ds0 = r.new_empty((B, H, K, K) if initial_state is not None else (0,), dtype=torch.float32)
     return (*(x.new_empty(x.shape) for x in (r, w, k, v, a, b)), ds0)
@@ -357,7 +359,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, do, dfinal, *_unused):
-    (r, w, k, v, a, b, initial_state, mask, cu_seqlens, ckpt, cks, seg_m, wt, bt, r2t, dect,
+    (r, w, k, v, a, b, initial_state, mask, cu_seqlens, ckpt, cks, seg_m, wt, bt, kct, r2t, dect,
      sct, pm) = ctx.saved_tensors
     if do is None:
         do = torch.zeros_like(r)
@@ -365,8 +367,8 @@ def _backward(ctx, do, dfinal, *_unused):
     if dfinal is not None:
         dfinal = dfinal.contiguous()
     dr, dw, dk, dv, da, db, ds0 = triton_gdr_bwd(
-        r, w, k, v, a, b, initial_state, mask, ckpt, cks, seg_m, wt, bt, r2t, dect, sct, pm, do,
-        dfinal, ctx.head_first, ctx.chunks_per_segment, cu_seqlens, ctx.max_len)
+        r, w, k, v, a, b, initial_state, mask, ckpt, cks, seg_m, wt, bt, kct, r2t, dect, sct, pm,
+        do, dfinal, ctx.head_first, ctx.chunks_per_segment, cu_seqlens, ctx.max_len)
     d_init = None
     if initial_state is not None:
         if initial_state.shape[0] == 1 and ds0.shape[0] != 1:
@@ -399,7 +401,7 @@ def _plain_eager(*tensors) -> bool:
     """Whether a forward that keeps nothing for a backward may launch its kernels directly rather
     than through the custom op: plain tensors (or None), and nothing that must see the op: no
     torch.compile tracing, no functorch transform (vmap, grad), no dispatch or torch-function
-    mode (FakeTensorMode, export). The op's dispatch, its aliasing checks and its nine empty
+    mode (FakeTensorMode, export). The op's dispatch, its aliasing checks and its ten empty
     fixed outputs cost about 45 us of host time per call (``benchmarks/host_overhead.py --cpu``,
     [8, 512, 64, 64]: 122 against 167 us a dense call, 94 against 143 a packed one), where the
     GPU's work at that size takes 280 us on an H200, and the GPU machine's host is slower."""
