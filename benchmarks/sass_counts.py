@@ -46,7 +46,8 @@ KERNELS = {
                  dict(BV=SHAPE_S.bv_state, HAS_INIT=True, LOCAL=False, SAVE_CKPT=True,
                       WRITE_END=True)),
     "bwd": (chunk_bwd.chunk_bwd_kernel, SHAPE_S.warps_bwd, SHAPE_S.stages_bwd,
-            dict(KB=SHAPE_S.kb_bwd, HAS_MASK=False, FULL=True, PREFETCH=SHAPE_S.prefetch_bwd)),
+            dict(KB=SHAPE_S.kb_bwd, HAS_MASK=False, FULL=True, PREFETCH=SHAPE_S.prefetch_bwd,
+                 L1_PREFETCH=SHAPE_S.l1_prefetch_bwd)),
 }
 # the register caps (Triton's maxnreg) the launchers give at shape S; maxnreg=None lifts one
 CAPS = {"bwd": SHAPE_S.maxnreg_bwd}

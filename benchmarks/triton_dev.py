@@ -252,6 +252,7 @@ def main():
                for n in (128, 168) for p in (0, 198, 264, 396)},
             "bwd-kb32-w8": dict(kb_bwd=32, warps_bwd=8),
             "bwd-uncapped": dict(maxnreg_bwd=None),
+            "bwd-no-l1": dict(l1_prefetch_bwd=False),
             "bwd-uncapped-p132": dict(maxnreg_bwd=None, prefetch_bwd=132),
             **{f"bwd-w8-r{n}{f'-p{p}' if p else ''}": dict(warps_bwd=8, maxnreg_bwd=n, prefetch_bwd=p)
                for n in (112, 128) for p in (0, 132)},

@@ -190,7 +190,7 @@ def chunk_bwd_kernel(
     stride_b, stride_t, stride_h,
     K: tl.constexpr, KB: tl.constexpr,
     HAS_MASK: tl.constexpr, PREC: tl.constexpr, VARLEN: tl.constexpr, FULL: tl.constexpr,
-    PREFETCH: tl.constexpr,
+    PREFETCH: tl.constexpr, L1_PREFETCH: tl.constexpr,
 ):
     """Gradients of r, w, k, v, a, b for one (batch, head, chunk). Grid: (NC * BH,).
 
@@ -207,7 +207,10 @@ def chunk_bwd_kernel(
     only): each program first asks L2 for the inputs of the program PREFETCH ahead of it
     (``configs.ChunkConfig.prefetch_bwd``: one program per SM ahead, where it pays: K = 32 and
     fp32 inputs; at K = 64 the launchers cap the kernel at 168 registers instead, 3 programs per
-    SM, where the prefetch no longer pays, ``configs.BWD_MAXNREG``).
+    SM, where the prefetch no longer pays, ``configs.BWD_MAXNREG``). L1_PREFETCH (GPU only): each
+    program first asks its SM's L1 for its own seven input tiles (``configs.ChunkConfig``
+    .l1_prefetch_bwd): pass 2 reads five of them only after pass 1 and the V-side chain, one
+    after the other (each goes through shared memory for its layout), and they then hit L1.
 
     Layout: the V-side tiles hold all K value rows and the 16 steps ([K, 16]). Every factor of
     the chunk (decays, exponentials, q~, k^, a~, b^ and their gradients) belongs to one key
@@ -244,6 +247,15 @@ def chunk_bwd_kernel(
     base = seq + h.to(tl.int64) * stride_h
     t = c * L_ + rows
     valid = step_validity(mask_ptr + b.to(tl.int64) * T, t, T_n, HAS_MASK)
+    if L1_PREFETCH:
+        own = base + tl.minimum(t, T_n - 1).to(tl.int64) * stride_t
+        prefetch_rows(w_ptr, own, K, True)
+        prefetch_rows(r_ptr, own, K, True)
+        prefetch_rows(a_ptr, own, K, True)
+        prefetch_rows(k_ptr, own, K, True)
+        prefetch_rows(b_ptr, own, K, True)
+        prefetch_rows(v_ptr, own, K, True)
+        prefetch_rows(dy_ptr, own, K, True)
 
     if PREFETCH > 0:
         _prefetch_inputs(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, ckpt_ptr, gck_ptr,

@@ -54,6 +54,14 @@ def prefetch_l2(ptrs):
 
 
 @triton.jit
+def prefetch_l1(ptrs):
+    """``prefetch_l2`` into this SM's L1 as well (``prefetch.global.L1``): for lines that this
+    program itself reads later. GPU only, like prefetch_l2."""
+    tl.inline_asm_elementwise("prefetch.global.L1 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
+                              dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
 def prefetch_span(ptr, n: tl.constexpr):
     """prefetch_l2 of n contiguous elements at ptr (a 128-byte aligned start; n elements a power
     of two number of 128-byte lines)."""
@@ -62,12 +70,16 @@ def prefetch_span(ptr, n: tl.constexpr):
 
 
 @triton.jit
-def prefetch_rows(ptr, row_off, K: tl.constexpr):
-    """prefetch_l2 of the rows of K elements at ptr + row_off (row_off: [R] element offsets, each
-    row 128-byte aligned)."""
+def prefetch_rows(ptr, row_off, K: tl.constexpr, TO_L1: tl.constexpr = False):
+    """prefetch_l2 (TO_L1: prefetch_l1) of the rows of K elements at ptr + row_off (row_off: [R]
+    element offsets, each row 128-byte aligned)."""
     LINE: tl.constexpr = 1024 // ptr.dtype.element_ty.primitive_bitwidth
     NL: tl.constexpr = (K + LINE - 1) // LINE
-    prefetch_l2(ptr + row_off[:, None] + (tl.arange(0, NL) * LINE)[None, :])
+    ptrs = ptr + row_off[:, None] + (tl.arange(0, NL) * LINE)[None, :]
+    if TO_L1:
+        prefetch_l1(ptrs)
+    else:
+        prefetch_l2(ptrs)
 
 
 @triton.jit

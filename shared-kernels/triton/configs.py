@@ -54,6 +54,8 @@ class ChunkConfig:
     prefetch_bwd: programs ahead whose inputs each gradient-kernel program prefetches into L2;
     prefetch_fwd: chunks ahead whose tiles the forward scan with checkpoints prefetches (0: none).
     maxnreg_bwd: the gradient kernel's register cap (Triton's ``maxnreg``; None: none).
+    l1_prefetch_bwd: each gradient-kernel program prefetches its own seven input tiles into L1
+    at its start.
     """
 
     precision: str
@@ -73,6 +75,7 @@ class ChunkConfig:
     prefetch_bwd: int = 0
     prefetch_fwd: int = 0
     maxnreg_bwd: Optional[int] = None
+    l1_prefetch_bwd: bool = False
 
     def with_(self, **changes) -> "ChunkConfig":
         return replace(self, **changes)
@@ -154,6 +157,12 @@ def chunk_config(K: int, dtype: str, T: int, BH: int,
                       if small and (ieee or K < 64) and sm_count else 0),
         prefetch_fwd=FWD_PREFETCH_CHUNKS if small and sm_count else 0,
         maxnreg_bwd=BWD_MAXNREG if small and not ieee and sm_count else None,
+        # where the gradient kernel has no L2 prefetch (tf32, K >= 64): H200, fp32 state, its own
+        # seven tiles into L1 first, B=8 T=4096 H=32 K=64: 2.328 against 2.440 ms (shape S 4.666
+        # against 4.910); K = 128 7.118 against 7.156; K = 32 (with the L2 prefetch) 7.62 against
+        # 7.27, slower. Adding the kept tiles (7.17 / 2.372) or also the checkpoints and pair
+        # matrices (2.395) was slower than the seven inputs alone.
+        l1_prefetch_bwd=bool(K >= 64 and not ieee and sm_count),
     )
 
 

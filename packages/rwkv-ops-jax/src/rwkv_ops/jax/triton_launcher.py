@@ -252,7 +252,7 @@ def _entries() -> dict:
                      H: tl.constexpr, K: tl.constexpr, KB: tl.constexpr,
                      HEAD_FIRST: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr,
                      VARLEN: tl.constexpr, FULL: tl.constexpr, PREFETCH: tl.constexpr,
-                     RWKV_OPS_MAXNREG: tl.constexpr):
+                     L1_PREFETCH: tl.constexpr, RWKV_OPS_MAXNREG: tl.constexpr):
         # RWKV_OPS_MAXNREG (CAP_PARAM): the launch's register cap, read by the lowering
         # (_register_cap_lowering), not by the kernel
         T, BH, NC = T_p1 - 1, BH_p1 - 1, NC_p1 - 1
@@ -261,7 +261,7 @@ def _entries() -> dict:
                           sct, dr, dw, dk, dv, da, db,
                           T, H, BH, NC, stride_b, stride_t, stride_h,
                           K=K, KB=KB, HAS_MASK=HAS_MASK, PREC=PREC, VARLEN=VARLEN, FULL=FULL,
-                          PREFETCH=PREFETCH)
+                          PREFETCH=PREFETCH, L1_PREFETCH=L1_PREFETCH)
 
     _ENTRIES.update(prep=rwkv_gdr_prep, scan_fwd=rwkv_gdr_scan_fwd, combine=rwkv_gdr_combine,
                     scan_bwd=rwkv_gdr_scan_bwd, bwd=rwkv_gdr_bwd)
@@ -578,7 +578,7 @@ def _backward_local(static, *arrays):
     flags = dict(H=H, K=K, HEAD_FIRST=static.head_first, HAS_MASK=mask is not None, PREC=prec,
                  VARLEN=varlen, FULL=_configs().whole_chunks(T, 1, mask is not None, varlen))
     grads = _launch("bwd", *grad_args, maxnreg=cfg.maxnreg_bwd, KB=cfg.kb_bwd,
-                    PREFETCH=cfg.prefetch_bwd, **flags)
+                    PREFETCH=cfg.prefetch_bwd, L1_PREFETCH=cfg.l1_prefetch_bwd, **flags)
     return tuple(grads) + ((ds0,) if need_ds0 else ())
 
 

@@ -314,7 +314,7 @@ def _backward_impl(r, w, k, v, a, b, initial_state, mask, ckpt, cks, seg_m, wt, 
         T, H, BH, NC, sb, st, sh,
         K=K, KB=cfg.kb_bwd, HAS_MASK=has_mask, PREC=prec, VARLEN=varlen,
         FULL=configs.whole_chunks(T, 1, has_mask, varlen),
-        PREFETCH=cfg.prefetch_bwd,
+        PREFETCH=cfg.prefetch_bwd, L1_PREFETCH=cfg.l1_prefetch_bwd,
         num_warps=cfg.warps_bwd, num_stages=cfg.stages_bwd,
         **({} if cfg.maxnreg_bwd is None else dict(maxnreg=cfg.maxnreg_bwd)))
     return (*grads, ds0)
