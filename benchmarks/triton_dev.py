@@ -254,7 +254,8 @@ def main():
             "bwd-uncapped": dict(maxnreg_bwd=None),
             "bwd-no-l1": dict(l1_prefetch_bwd=False),
             "bwd-uncapped-p132": dict(maxnreg_bwd=None, prefetch_bwd=132),
-            **{f"bwd-w8-r{n}{f'-p{p}' if p else ''}": dict(warps_bwd=8, maxnreg_bwd=n, prefetch_bwd=p)
+            **{f"bwd-w8-r{n}{f'-p{p}' if p else ''}": dict(warps_bwd=8, maxnreg_bwd=n,
+                                                           prefetch_bwd=p)
                for n in (112, 128) for p in (0, 132)},
             "bwd-w8-kb32-r128": dict(warps_bwd=8, kb_bwd=32, maxnreg_bwd=128),
             "fwd-bv32-w2": dict(bv_fwd=32, warps_fwd=2),

@@ -201,8 +201,8 @@ def chunk_bwd_kernel(
     as the prep kernel computed them for the forward ([B*H, NC, PAIR_MATRICES, 16, 16] fp32,
     ``store_pair_matrices``). wt, bt, kct, sct: the prep kernel's W, b_bar and Kc tiles of
     every chunk and their inverse scales, as the forward scan used them. Outputs: like their
-    inputs. VARLEN: packed sequences (cu, as in the
-    forward); a chunk wholly past its sequence's end stores nothing. FULL: every chunk is whole
+    inputs. VARLEN: packed sequences (cu, as in the forward); a chunk wholly past its
+    sequence's end stores nothing. FULL: every chunk is whole
     and every step valid (``configs.whole_chunks``): no masks, loads or stores. PREFETCH > 0 (GPU
     only): each program first asks L2 for the inputs of the program PREFETCH ahead of it
     (``configs.ChunkConfig.prefetch_bwd``: one program per SM ahead, where it pays: K = 32 and
