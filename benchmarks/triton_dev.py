@@ -253,6 +253,9 @@ def main():
             "bwd-kb32-w8": dict(kb_bwd=32, warps_bwd=8),
             "bwd-uncapped": dict(maxnreg_bwd=None),
             "bwd-no-l1": dict(l1_prefetch_bwd=False),
+            "state-l1": dict(l1_prefetch_state=True),
+            **{f"fwd-prefetch-l1-{n}": dict(prefetch_fwd=n, prefetch_fwd_l1=True)
+               for n in (1, 2, 4)},
             "bwd-uncapped-p132": dict(maxnreg_bwd=None, prefetch_bwd=132),
             **{f"bwd-w8-r{n}{f'-p{p}' if p else ''}": dict(warps_bwd=8, maxnreg_bwd=n,
                                                            prefetch_bwd=p)

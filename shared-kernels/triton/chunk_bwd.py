@@ -40,7 +40,7 @@ def chunk_scan_bwd_kernel(
     gend_sbh, gend_ss,
     K: tl.constexpr, BV: tl.constexpr,
     HAS_INIT: tl.constexpr, LOCAL: tl.constexpr, SAVE_CKPT: tl.constexpr,
-    WRITE_END: tl.constexpr, PREC: tl.constexpr, VARLEN: tl.constexpr,
+    WRITE_END: tl.constexpr, PREC: tl.constexpr, VARLEN: tl.constexpr, L1_PREFETCH: tl.constexpr,
 ):
     """Reverse scan of the state gradient over one segment. Grid: (K // BV * BH * n_segments,).
 
@@ -53,6 +53,11 @@ def chunk_scan_bwd_kernel(
     checkpoints. gend: the gradient at the segment's start, at gend + bh * gend_sbh
     + segment * gend_ss; LOCAL writes it for every segment, otherwise only segment 0 (the
     initial-state gradient). VARLEN: packed sequences (cu, as in the forward kernels).
+    L1_PREFETCH (GPU only, ``configs.ChunkConfig.l1_prefetch_state``): each step asks its SM's
+    L1 for the next chunk's decays, a plain load that the software pipeliner does not stage and
+    that the state update waits on (a load ahead by hand raised the registers, see
+    chunk_fwd._scan_step_loads; the next dy rows prefetched as well took 132 registers on sm_90,
+    3 programs per SM instead of 4).
     """
     NV: tl.constexpr = K // BV
     _, bh, seg, b, h, vrow, state_tile, T_n, vt_off = scan_program(
@@ -74,6 +79,9 @@ def chunk_scan_bwd_kernel(
         t_off = t0.to(tl.int64) * stride_t  # 64-bit: T * H * K may pass 2^31
         inb = (t0 + rows) < T_n
         cbase = (bh.to(tl.int64) * NC + c) * L_ * K
+        if L1_PREFETCH:
+            c_next = tl.maximum(c - 1, c_lo)
+            prefetch_span(dect_ptr + (bh.to(tl.int64) * NC + c_next) * K, K, True)
         # G_prev = G M_c^T + dY^T R2, with M_c^T = diag(dec) + b_bar^T W. The tile scales (powers
         # of two) multiply the products with b_bar (by W's and its own) and R2, so they equal the
         # unscaled tiles' exactly; G, X2 and dY are operands scaled per row (``row_operand``).

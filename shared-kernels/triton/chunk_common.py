@@ -62,11 +62,15 @@ def prefetch_l1(ptrs):
 
 
 @triton.jit
-def prefetch_span(ptr, n: tl.constexpr):
-    """prefetch_l2 of n contiguous elements at ptr (a 128-byte aligned start; n elements a power
-    of two number of 128-byte lines)."""
+def prefetch_span(ptr, n: tl.constexpr, TO_L1: tl.constexpr = False):
+    """prefetch_l2 (TO_L1: prefetch_l1) of n contiguous elements at ptr (a 128-byte aligned
+    start; n elements a power of two number of 128-byte lines)."""
     LINE: tl.constexpr = 1024 // ptr.dtype.element_ty.primitive_bitwidth
-    prefetch_l2(ptr + tl.arange(0, n // LINE) * LINE)
+    ptrs = ptr + tl.arange(0, n // LINE) * LINE
+    if TO_L1:
+        prefetch_l1(ptrs)
+    else:
+        prefetch_l2(ptrs)
 
 
 @triton.jit
@@ -83,10 +87,10 @@ def prefetch_rows(ptr, row_off, K: tl.constexpr, TO_L1: tl.constexpr = False):
 
 
 @triton.jit
-def prefetch_tile(ptr, bh, NC, c, N: tl.constexpr):
-    """prefetch_l2 of chunk c's [CHUNK, N] tile of sequence bh in a contiguous [B*H, NC, CHUNK,
-    N] buffer of the prep kernel (fp16: 32 N bytes)."""
-    prefetch_span(ptr + (bh.to(tl.int64) * NC + c) * L_ * N, L_ * N)
+def prefetch_tile(ptr, bh, NC, c, N: tl.constexpr, TO_L1: tl.constexpr = False):
+    """``prefetch_span`` of chunk c's [CHUNK, N] tile of sequence bh in a contiguous [B*H, NC,
+    CHUNK, N] buffer of the prep kernel (fp16: 32 N bytes)."""
+    prefetch_span(ptr + (bh.to(tl.int64) * NC + c) * L_ * N, L_ * N, TO_L1)
 
 
 @triton.jit

@@ -200,7 +200,7 @@ def chunk_scan_fwd_kernel(
     K: tl.constexpr, BV: tl.constexpr,
     HAS_INIT: tl.constexpr, LOCAL: tl.constexpr,
     WRITE_Y: tl.constexpr, SAVE_CKPT: tl.constexpr, WRITE_END: tl.constexpr,
-    PREC: tl.constexpr, VARLEN: tl.constexpr, PREFETCH: tl.constexpr,
+    PREC: tl.constexpr, VARLEN: tl.constexpr, PREFETCH: tl.constexpr, PREFETCH_L1: tl.constexpr,
 ):
     """Serial scan of the state over one segment of chunks. Grid: (n_blocks * BH * n_segments,),
     n_blocks = K // BV (2 K // BV when LOCAL: the second half computes M's rows).
@@ -219,6 +219,8 @@ def chunk_scan_fwd_kernel(
     PREFETCH > 0 (GPU only, ``configs.ChunkConfig.prefetch_fwd``): with SAVE_CKPT each step asks
     L2 for the tiles of the chunk PREFETCH ahead (H200, shape S, 4 ahead: 1.237 against 1.264
     ms; under no_grad the same was slower, 0.927 against 0.869, so it is not done there).
+    PREFETCH_L1: that prefetch goes into the SM's L1 as well (``configs.ChunkConfig``
+    .prefetch_fwd_l1).
     """
     NV: tl.constexpr = K // BV
     NB: tl.constexpr = 2 * NV if LOCAL else NV
@@ -264,12 +266,12 @@ def chunk_scan_fwd_kernel(
         if SAVE_CKPT:
             if PREFETCH > 0:
                 c_ahead = tl.minimum(c + PREFETCH, c_end - 1)
-                prefetch_tile(wt_ptr, bh, NC, c_ahead, K)
-                prefetch_tile(bt_ptr, bh, NC, c_ahead, K)
-                prefetch_tile(kct_ptr, bh, NC, c_ahead, K)
+                prefetch_tile(wt_ptr, bh, NC, c_ahead, K, PREFETCH_L1)
+                prefetch_tile(bt_ptr, bh, NC, c_ahead, K, PREFETCH_L1)
+                prefetch_tile(kct_ptr, bh, NC, c_ahead, K, PREFETCH_L1)
                 if WRITE_Y:
-                    prefetch_tile(r2t_ptr, bh, NC, c_ahead, K)
-                    prefetch_tile(qct_ptr, bh, NC, c_ahead, L_)
+                    prefetch_tile(r2t_ptr, bh, NC, c_ahead, K, PREFETCH_L1)
+                    prefetch_tile(qct_ptr, bh, NC, c_ahead, L_, PREFETCH_L1)
         Wc = tl.load(wt_ptr + cbase + ktile)
         Bc = tl.load(bt_ptr + cbase + ktile)
         Kc = tl.load(kct_ptr + cbase + ktile)

@@ -55,7 +55,9 @@ class ChunkConfig:
     prefetch_fwd: chunks ahead whose tiles the forward scan with checkpoints prefetches (0: none).
     maxnreg_bwd: the gradient kernel's register cap (Triton's ``maxnreg``; None: none).
     l1_prefetch_bwd: each gradient-kernel program prefetches its own seven input tiles into L1
-    at its start.
+    at its start. l1_prefetch_state: the state-gradient scan prefetches the next chunk's decays
+    into L1 (not timed yet: off). prefetch_fwd_l1: the forward scan's prefetch
+    (prefetch_fwd) goes into L1 as well (not timed yet: off).
     """
 
     precision: str
@@ -76,6 +78,8 @@ class ChunkConfig:
     prefetch_fwd: int = 0
     maxnreg_bwd: Optional[int] = None
     l1_prefetch_bwd: bool = False
+    l1_prefetch_state: bool = False
+    prefetch_fwd_l1: bool = False
 
     def with_(self, **changes) -> "ChunkConfig":
         return replace(self, **changes)

@@ -203,7 +203,8 @@ def _entries() -> dict:
                           H: tl.constexpr, K: tl.constexpr, BV: tl.constexpr,
                           HEAD_FIRST: tl.constexpr, INIT_MODE: tl.constexpr, LOCAL: tl.constexpr,
                           WRITE_Y: tl.constexpr, SAVE_CKPT: tl.constexpr, WRITE_END: tl.constexpr,
-                          PREC: tl.constexpr, VARLEN: tl.constexpr, PREFETCH: tl.constexpr):
+                          PREC: tl.constexpr, VARLEN: tl.constexpr, PREFETCH: tl.constexpr,
+                          PREFETCH_L1: tl.constexpr):
         T, BH, NC, CPS, NSEG = T_p1 - 1, BH_p1 - 1, NC_p1 - 1, CPS_p1 - 1, NSEG_p1 - 1
         stride_b, stride_t, stride_h = layout_strides(T, H, K, HEAD_FIRST)
         init_sb, init_sh, init_ss = state_strides(NSEG, H, K, INIT_MODE)
@@ -214,7 +215,7 @@ def _entries() -> dict:
                                init_sb, init_sh, init_ss, send_sbh, send_ss,
                                K=K, BV=BV, HAS_INIT=INIT_MODE != 0, LOCAL=LOCAL, WRITE_Y=WRITE_Y,
                                SAVE_CKPT=SAVE_CKPT, WRITE_END=WRITE_END, PREC=PREC, VARLEN=VARLEN,
-                               PREFETCH=PREFETCH)
+                               PREFETCH=PREFETCH, PREFETCH_L1=PREFETCH_L1)
 
     @triton.jit
     def rwkv_gdr_combine(loc, m, init,
@@ -234,7 +235,7 @@ def _entries() -> dict:
                           H: tl.constexpr, K: tl.constexpr, BV: tl.constexpr,
                           HEAD_FIRST: tl.constexpr, INIT_MODE: tl.constexpr, LOCAL: tl.constexpr,
                           SAVE_CKPT: tl.constexpr, WRITE_END: tl.constexpr, PREC: tl.constexpr,
-                          VARLEN: tl.constexpr):
+                          VARLEN: tl.constexpr, L1_PREFETCH: tl.constexpr):
         T, BH, NC, CPS, NSEG = T_p1 - 1, BH_p1 - 1, NC_p1 - 1, CPS_p1 - 1, NSEG_p1 - 1
         stride_b, stride_t, stride_h = layout_strides(T, H, K, HEAD_FIRST)
         init_sb, init_sh, init_ss = state_strides(NSEG, H, K, INIT_MODE)
@@ -243,7 +244,8 @@ def _entries() -> dict:
                                T, H, BH, NC, CPS, stride_b, stride_t, stride_h,
                                init_sb, init_sh, init_ss, gend_sbh, gend_ss,
                                K=K, BV=BV, HAS_INIT=INIT_MODE != 0, LOCAL=LOCAL,
-                               SAVE_CKPT=SAVE_CKPT, WRITE_END=WRITE_END, PREC=PREC, VARLEN=VARLEN)
+                               SAVE_CKPT=SAVE_CKPT, WRITE_END=WRITE_END, PREC=PREC, VARLEN=VARLEN,
+                               L1_PREFETCH=L1_PREFETCH)
 
     @triton.jit
     def rwkv_gdr_bwd(r, w, k, v, a, b, dy, mask, ckpt, cks, gck, gks, pm, cu, wt, bt, kct, sct,
@@ -498,7 +500,7 @@ def _forward_local(static, *arrays):
     bv = cfg.bv_fwd
     nv = K // bv
     common = dict(H=H, K=K, BV=bv, HEAD_FIRST=static.head_first, PREC=prec, VARLEN=varlen,
-                  PREFETCH=cfg.prefetch_fwd)
+                  PREFETCH=cfg.prefetch_fwd, PREFETCH_L1=cfg.prefetch_fwd_l1)
     init, init_mode = (r, 0) if s0 is None else (s0, static.init_mode)
     tiles = (v, wt, bt, kct, r2t, qct, dect, sct)
     scalars = (T, BH, NC, cps, n_seg)
@@ -548,7 +550,8 @@ def _backward_local(static, *arrays):
     nv = K // bv
     prec = _precision(arrays[:6])
     varlen = cu is not None
-    common = dict(H=H, K=K, BV=bv, HEAD_FIRST=static.head_first, PREC=prec, VARLEN=varlen)
+    common = dict(H=H, K=K, BV=bv, HEAD_FIRST=static.head_first, PREC=prec, VARLEN=varlen,
+                  L1_PREFETCH=cfg.l1_prefetch_state)
     m = r if mask is None else mask
     c = r if cu is None else cu  # stand-ins for absent pointers
     tiles = (dy, wt, bt, r2t, dect, sct)

@@ -188,7 +188,7 @@ def _forward_impl(r, w, k, v, a, b, initial_state, mask, head_first, chunks_per_
             T, H, BH, NC, cps, sb, st, sh, 0, 0, 0, n_seg * K * K, K * K,
             K=K, BV=bv, HAS_INIT=False, LOCAL=True, WRITE_Y=False, SAVE_CKPT=False,
             WRITE_END=True, PREC=prec, VARLEN=varlen, PREFETCH=cfg.prefetch_fwd,
-            num_warps=cfg.warps_fwd, num_stages=cfg.stages_fwd)
+            PREFETCH_L1=cfg.prefetch_fwd_l1, num_warps=cfg.warps_fwd, num_stages=cfg.stages_fwd)
         starts = torch.empty((BH, n_seg, K, K), dtype=f32, device=dev)
         chunk_fwd.state_combine_kernel[(K // COMBINE_ROWS * BH,)](
             loc, trans, init, starts, H, BH, n_seg, init_sb, init_sh,
@@ -201,7 +201,7 @@ def _forward_impl(r, w, k, v, a, b, initial_state, mask, head_first, chunks_per_
         T, H, BH, NC, cps, sb, st, sh, init_sb, init_sh, init_ss, K * K, 0,
         K=K, BV=bv, HAS_INIT=has_init, LOCAL=False, WRITE_Y=True, SAVE_CKPT=save,
         WRITE_END=True, PREC=prec, VARLEN=varlen, PREFETCH=cfg.prefetch_fwd,
-        num_warps=cfg.warps_fwd, num_stages=cfg.stages_fwd)
+        PREFETCH_L1=cfg.prefetch_fwd_l1, num_warps=cfg.warps_fwd, num_stages=cfg.stages_fwd)
     if not save:
         return y, final, None
     if seg_m is None:
@@ -290,7 +290,8 @@ def _backward_impl(r, w, k, v, a, b, initial_state, mask, ckpt, cks, seg_m, wt, 
             gloc, gloc, gloc,
             T, H, BH, NC, cps, sb, st, sh, 0, 0, 0, n_seg * K * K, K * K,
             K=K, BV=bv, HAS_INIT=False, LOCAL=True, SAVE_CKPT=False, WRITE_END=True,
-            PREC=prec, VARLEN=varlen, num_warps=cfg.warps_state, num_stages=cfg.stages_state)
+            PREC=prec, VARLEN=varlen, L1_PREFETCH=cfg.l1_prefetch_state,
+            num_warps=cfg.warps_state, num_stages=cfg.stages_state)
         gend = torch.empty((BH, n_seg, K, K), dtype=f32, device=dev)
         chunk_fwd.state_combine_kernel[(K // COMBINE_ROWS * BH,)](
             gloc, seg_m, init, gend, H, BH, n_seg, init_sb, init_sh,
@@ -306,7 +307,8 @@ def _backward_impl(r, w, k, v, a, b, initial_state, mask, ckpt, cks, seg_m, wt, 
         gck, gks, ds0 if need_ds0 else gck,
         T, H, BH, NC, cps, sb, st, sh, init_sb, init_sh, init_ss, K * K, 0,
         K=K, BV=bv, HAS_INIT=has_init, LOCAL=False, SAVE_CKPT=True, WRITE_END=need_ds0,
-        PREC=prec, VARLEN=varlen, num_warps=cfg.warps_state, num_stages=cfg.stages_state)
+        PREC=prec, VARLEN=varlen, L1_PREFETCH=cfg.l1_prefetch_state,
+        num_warps=cfg.warps_state, num_stages=cfg.stages_state)
     grads = [torch.empty(x.shape, dtype=x.dtype, device=dev) for x in (r, w, k, v, a, b)]
     chunk_bwd.chunk_bwd_kernel[(NC * BH,)](
         r, w, k, v, a, b, do, m, ckpt, cks, gck, gks, pm, cu, wt, bt, kct, sct,
