@@ -13,6 +13,12 @@ With ``--grad`` it times fwd+bwd too (the protocol's random cotangents). With ``
 records a few calls with the JAX profiler and prints, for the last one,
 every host and device event (thunks, custom calls, kernel launches, kernels) with its start
 relative to the call's start and its duration: the place where the host time goes.
+
+It prints the size of every launch's serialized call (jax-triton compresses the kernel's PTX
+and TTIR into the custom call's backend config, and the runtime finds the kernel by that string
+at every launch). ``--strip-ttir`` (an experiment, run it against a plain run in the same call)
+builds the calls without their TTIR, to see whether a smaller call launches faster; nothing in
+the library does this.
 """
 
 import glob
@@ -89,14 +95,48 @@ def trace_last_call(f, args, calls=4, top=80):
         print(f"... {len(inside) - top} more events")
 
 
+def instrument_jax_triton(strip_ttir):
+    """Record the compressed size of every serialized kernel call jax-triton lowers (jax-triton
+    0.3: ``triton_lib`` compresses it with its module's zlib); with strip_ttir, give every kernel
+    an empty TTIR. Benchmark-only: the proxies replace two of triton_lib's module globals."""
+    import types
+    import zlib
+    from jax_triton import triton_lib
+    sizes = []
+
+    def compress(data, *a):
+        out = zlib.compress(data, *a)
+        sizes.append((len(data), len(out)))
+        return out
+
+    triton_lib.zlib = types.SimpleNamespace(compress=compress)
+    if strip_ttir:
+        real = triton_lib.triton_kernel_call_lib
+
+        class Calls(types.SimpleNamespace):
+            def __getattr__(self, name):
+                return getattr(real, name)
+
+        def kernel(name, num_warps, num_ctas, shared, binary, ttir, *rest):
+            return real.TritonKernel(name, num_warps, num_ctas, shared, binary, "", *rest)
+
+        triton_lib.triton_kernel_call_lib = Calls(TritonKernel=kernel)
+    return sizes
+
+
 def main():
+    sizes = instrument_jax_triton("--strip-ttir" in sys.argv[1:])
     adapter = JaxAdapter()
     x = make_inputs(8, 4096, 64, 64, seed=0)
     # the bench's own jitted calls (fwd; fwd+bwd with the protocol's random cotangents)
     f, args = adapter.jitted(launcher.generalized_delta_rule, x, "bfloat16", grads=False)
     tiny = jax.jit(lambda x: x + 1)
     x1 = jnp.ones((8,))
-    print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+    print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, strip TTIR: "
+          f"{'--strip-ttir' in sys.argv[1:]}")
+    jax.block_until_ready(f(*args))  # compiles: the launches are lowered (and sized) here
+    print("serialized kernel calls (bytes, raw -> compressed): "
+          + ", ".join(f"{raw} -> {packed}" for raw, packed in sizes))
     print(f"S fwd, per call, block_until_ready: {per_call(lambda: jax.block_until_ready(f(*args))):.3f} ms")
     print(f"S fwd, per call, polling is_ready:  {per_call(lambda: wait_ready(f(*args))):.3f} ms")
     print(f"S fwd, back to back:        {back_to_back(f, args):.3f} ms")
