@@ -36,7 +36,10 @@ FWD_PREFETCH_CHUNKS = 4
 # uncapped, 2 programs per SM), and the L2 prefetch then no longer pays (H200, shape S: 5.42 ms
 # without it, 5.90 at 132 programs ahead, 5.93-6.12 at 198-396; uncapped 5.82 with it; capped
 # at 128 registers, 4 per SM, 456 B of spill: 6.34). K = 32 fits in 168 registers anyway and
-# keeps the prefetch (B=8 T=4096 H=128 K=32: 7.18 ms with it, 8.38 without).
+# keeps the prefetch (B=8 T=4096 H=128 K=32: 7.18 ms with it, 8.38 without). With pass 1 from
+# the kept tiles (104 B of spill under the cap, 214 registers uncapped) the cap still wins: shape
+# S 4.89 ms, uncapped 6.34 (5.76 with the prefetch), capped at 200 6.30, at 128 (4 per SM, 400 B
+# of spill) 5.26, 8 warps capped at 128 (2 per SM, no spill) 7.92.
 BWD_MAXNREG = 168
 
 
