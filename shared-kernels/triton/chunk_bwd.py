@@ -81,7 +81,7 @@ def chunk_scan_bwd_kernel(
         cbase = (bh.to(tl.int64) * NC + c) * L_ * K
         if L1_PREFETCH:
             c_next = tl.maximum(c - 1, c_lo)
-            prefetch_span(dect_ptr + (bh.to(tl.int64) * NC + c_next) * K, K, True)
+            prefetch_span(dect_ptr + (bh.to(tl.int64) * NC + c_next) * K, K, TO_L1=True)
         # G_prev = G M_c^T + dY^T R2, with M_c^T = diag(dec) + b_bar^T W. The tile scales (powers
         # of two) multiply the products with b_bar (by W's and its own) and R2, so they equal the
         # unscaled tiles' exactly; G, X2 and dY are operands scaled per row (``row_operand``).
@@ -257,22 +257,23 @@ def chunk_bwd_kernel(
     valid = step_validity(mask_ptr + b.to(tl.int64) * T, t, T_n, HAS_MASK)
     if L1_PREFETCH:
         own = base + tl.minimum(t, T_n - 1).to(tl.int64) * stride_t
-        prefetch_rows(w_ptr, own, K, True)
-        prefetch_rows(r_ptr, own, K, True)
-        prefetch_rows(a_ptr, own, K, True)
-        prefetch_rows(k_ptr, own, K, True)
-        prefetch_rows(b_ptr, own, K, True)
-        prefetch_rows(v_ptr, own, K, True)
-        prefetch_rows(dy_ptr, own, K, True)
+        prefetch_rows(w_ptr, own, K, TO_L1=True)
+        prefetch_rows(r_ptr, own, K, TO_L1=True)
+        prefetch_rows(a_ptr, own, K, TO_L1=True)
+        prefetch_rows(k_ptr, own, K, TO_L1=True)
+        prefetch_rows(b_ptr, own, K, TO_L1=True)
+        prefetch_rows(v_ptr, own, K, TO_L1=True)
+        prefetch_rows(dy_ptr, own, K, TO_L1=True)
 
     if PREFETCH > 0:
         _prefetch_inputs(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, dy_ptr, ckpt_ptr, gck_ptr,
                          pm_ptr, cu_ptr, pid + PREFETCH, T, H, NC, stride_b, stride_t, stride_h, K,
                          VARLEN)
+    chunk = bh.to(tl.int64) * NC + c  # index of the chunk's entry in the per-chunk buffers
     A_qk, A_qb, A_ak, N = load_pair_matrices(
-        pm_ptr + (bh.to(tl.int64) * NC + c) * PAIRS_ * L_ * L_ + rows[:, None] * L_ + rows[None, :])
-    st_base = (bh.to(tl.int64) * NC + c) * K * K
-    sc_base = (bh.to(tl.int64) * NC + c) * K
+        pm_ptr + chunk * PAIRS_ * L_ * L_ + rows[:, None] * L_ + rows[None, :])
+    st_base = chunk * K * K
+    sc_base = chunk * K
     vt = base + vrow[:, None] + t.to(tl.int64)[None, :] * stride_t
     inb = (t < T_n)[None, :]
     vvT = load_operand(v_ptr + vt, inb, PREC, FULL)
@@ -284,13 +285,12 @@ def chunk_bwd_kernel(
     # per chunk, or fp32: the values the forward's products took), KB columns at a time:
     # U = X N^T = S0 W^T + V Ak^T (W = N a_s, Ak = N A_ak), G b_bar^T, and
     # G k_bar^T = G Kc^T - (G b_bar^T) Ak (Kc = k_bar + Ak^T b_bar)
-    sc = load_scales(sct_ptr + (bh.to(tl.int64) * NC + c) * SCALES_,
-                     tl.full([SCALES_], 1, tl.int1))
+    sc = load_scales(sct_ptr + chunk * SCALES_, tl.full([SCALES_], 1, tl.int1))
     Ak = tf32(tl.dot(N, A_ak, input_precision=PREC), PREC)
     SW = tl.zeros([K, L_], dtype=tl.float32)     # S0 W^T
     GB = tl.zeros([K, L_], dtype=tl.float32)     # G b_bar^T
     GKc = tl.zeros([K, L_], dtype=tl.float32)    # G Kc^T
-    cbase = (bh.to(tl.int64) * NC + c) * L_ * K
+    cbase = chunk * L_ * K
     for kb in range(0, NKB):
         kcol = kb * KB + tl.arange(0, KB)
         ktile = rows[:, None] * K + kcol[None, :]

@@ -44,46 +44,32 @@ def exp2_(x):
 
 
 @triton.jit
-def prefetch_l2(ptrs):
-    """Ask for the 128-byte lines at ptrs (a tensor of global pointers) to be brought into L2:
-    one ``prefetch.global.L2`` per element, a hint that nothing waits for. Inline PTX, so GPU
-    only: Triton's interpreter cannot run it (``configs.chunk_config`` turns prefetching off
-    there)."""
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
-                              dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
-def prefetch_l1(ptrs):
-    """``prefetch_l2`` into this SM's L1 as well (``prefetch.global.L1``): for lines that this
-    program itself reads later. GPU only, like prefetch_l2."""
-    tl.inline_asm_elementwise("prefetch.global.L1 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
-                              dtype=tl.int32, is_pure=False, pack=1)
+def prefetch(ptrs, TO_L1: tl.constexpr = False):
+    """Ask for the 128-byte lines at ptrs (a tensor of global pointers) to be brought into L2
+    (``prefetch.global.L2``), or with TO_L1 into this SM's L1 as well (``prefetch.global.L1``: for
+    lines that this program itself reads later): one instruction per element, a hint that nothing
+    waits for. Inline PTX, so GPU only: Triton's interpreter cannot run it
+    (``configs.chunk_config`` turns prefetching off there)."""
+    LEVEL: tl.constexpr = "L1" if TO_L1 else "L2"
+    tl.inline_asm_elementwise("prefetch.global." + LEVEL + " [$1];\n\tmov.u32 $0, 0;", "=r,l",
+                              [ptrs], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
 def prefetch_span(ptr, n: tl.constexpr, TO_L1: tl.constexpr = False):
-    """prefetch_l2 (TO_L1: prefetch_l1) of n contiguous elements at ptr (a 128-byte aligned
-    start; n elements a power of two number of 128-byte lines)."""
+    """``prefetch`` of n contiguous elements at ptr (a 128-byte aligned start; n elements a power
+    of two number of 128-byte lines)."""
     LINE: tl.constexpr = 1024 // ptr.dtype.element_ty.primitive_bitwidth
-    ptrs = ptr + tl.arange(0, n // LINE) * LINE
-    if TO_L1:
-        prefetch_l1(ptrs)
-    else:
-        prefetch_l2(ptrs)
+    prefetch(ptr + tl.arange(0, n // LINE) * LINE, TO_L1)
 
 
 @triton.jit
 def prefetch_rows(ptr, row_off, K: tl.constexpr, TO_L1: tl.constexpr = False):
-    """prefetch_l2 (TO_L1: prefetch_l1) of the rows of K elements at ptr + row_off (row_off: [R]
-    element offsets, each row 128-byte aligned)."""
+    """``prefetch`` of the rows of K elements at ptr + row_off (row_off: [R] element offsets, each
+    row 128-byte aligned)."""
     LINE: tl.constexpr = 1024 // ptr.dtype.element_ty.primitive_bitwidth
     NL: tl.constexpr = (K + LINE - 1) // LINE
-    ptrs = ptr + row_off[:, None] + (tl.arange(0, NL) * LINE)[None, :]
-    if TO_L1:
-        prefetch_l1(ptrs)
-    else:
-        prefetch_l2(ptrs)
+    prefetch(ptr + row_off[:, None] + (tl.arange(0, NL) * LINE)[None, :], TO_L1)
 
 
 @triton.jit
